@@ -1,0 +1,260 @@
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+//! Configuration of token-sidecar: the YAML schema users write ([`schema`]), the value types that
+//! parse while it is read ([`values`]), and the validated [`Config`] the rest of the sidecar uses.
+//!
+//! Every error names its place as `file:line:col: message`, like `nginx -t`.
+
+pub mod schema;
+pub mod values;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};
+pub use values::{parse_duration, parse_size, Secret};
+
+/// A config that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A problem at a known place.
+    #[error("{file}:{line}:{col}: {message}")]
+    At {
+        /// The file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A problem with no single place.
+    #[error("{file}: {message}")]
+    Invalid {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What the user wrote, with defaults filled in (printed by `check`, secrets redacted).
+    pub raw: RawConfig,
+    /// Where it was read from, if from a file.
+    pub source: Option<PathBuf>,
+    /// Data-plane address.
+    pub listen: SocketAddr,
+    /// Admin API address.
+    pub admin_listen: SocketAddr,
+    /// SIGTERM grace period.
+    pub shutdown_grace: Duration,
+    /// Providers by name.
+    pub providers: BTreeMap<String, Provider>,
+    /// Upstream routes in file order.
+    pub upstreams: Vec<Upstream>,
+    /// Replay and token-wait settings.
+    pub replay: Replay,
+    /// Logging.
+    pub log: RawLog,
+}
+
+/// One token provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    /// Its name in the file.
+    pub name: String,
+    /// How it gets tokens.
+    pub kind: ProviderKind,
+    /// Lifetime assumed when neither `expires_in` nor a JWT `exp` says.
+    pub default_ttl: Duration,
+    /// When to refresh.
+    pub refresh: RefreshPolicy,
+}
+
+/// How a provider obtains tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderKind {
+    /// OAuth2 client credentials grant.
+    ClientCredentials {
+        /// Token endpoint.
+        token_url: String,
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: Secret,
+        /// Basic or post.
+        client_auth: ClientAuth,
+        /// Scopes, joined by spaces when sent.
+        scopes: Vec<String>,
+        /// Extra form fields.
+        params: BTreeMap<String, String>,
+    },
+    /// A fixed token.
+    Static {
+        /// The token.
+        token: Secret,
+    },
+}
+
+/// Proactive refresh and failure backoff.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshPolicy {
+    /// Refresh once TTL drops below this (capped at half the lifetime).
+    pub before_expiry: Duration,
+    /// Fraction of `before_expiry` by which refreshes are spread.
+    pub jitter: f64,
+    /// Treat a token as expired this much early (capped at a quarter of the lifetime).
+    pub skew: Duration,
+    /// Minimum spacing of proactive refreshes.
+    pub min_interval: Duration,
+    /// Delays after consecutive failures; the last repeats.
+    pub backoff: Vec<Duration>,
+}
+
+/// One upstream route, parsed.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Name for logs and metrics.
+    pub name: String,
+    /// `https`?
+    pub tls: bool,
+    /// Host from the URL (no brackets for IPv6).
+    pub host: String,
+    /// Port from the URL or the scheme's default.
+    pub port: u16,
+    /// `Host` header value to send: host, plus the port when it is not the default.
+    pub authority: String,
+    /// Base path from the URL without a trailing slash (`""` for none).
+    pub base_path: String,
+    /// Provider name, if tokens are injected.
+    pub provider: Option<String>,
+    /// Path prefix that selects this route.
+    pub path_prefix: String,
+    /// Host that selects this route (lowercase, no port).
+    pub match_host: Option<String>,
+    /// Remove `path_prefix` before forwarding.
+    pub strip_prefix: bool,
+    /// Where the token goes.
+    pub inject: Inject,
+    /// What to do with a client's own `Authorization`.
+    pub client_authorization: ClientAuthorization,
+    /// Replays allowed on this route.
+    pub replay: bool,
+    /// TCP/TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Read timeout.
+    pub read_timeout: Duration,
+    /// Idle timeout of pooled connections.
+    pub idle_timeout: Duration,
+    /// CA bundle instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// SNI / certificate name override.
+    pub server_name: Option<String>,
+    /// Expired-token detection.
+    pub expiry: Expiry,
+}
+
+/// Where the token is put.
+#[derive(Debug, Clone)]
+pub struct Inject {
+    /// Header, if any.
+    pub header: Option<HeaderName>,
+    /// Scheme before the token (`Bearer`); empty for the bare token.
+    pub scheme: String,
+    /// Query parameter, if any.
+    pub query: Option<String>,
+}
+
+/// Expired-token detection (SPEC §6).
+#[derive(Debug, Clone)]
+pub struct Expiry {
+    /// Statuses that always mean expired.
+    pub statuses: Vec<u16>,
+    /// Lowercased patterns looked for in the body.
+    pub body_patterns: Vec<String>,
+    /// Statuses whose body is searched.
+    pub body_statuses: Vec<u16>,
+}
+
+/// Replay and token-wait settings.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Attempts in all.
+    pub max_attempts: u32,
+    /// Largest buffered body.
+    pub max_body: u64,
+    /// Methods that may be replayed.
+    pub idempotent_methods: Vec<Method>,
+    /// Header that makes any method replayable.
+    pub idempotency_header: HeaderName,
+    /// Wait bound for a usable token.
+    pub wait_for_token: Duration,
+    /// Requests that may wait at once.
+    pub max_waiting: usize,
+    /// Add `X-Sidecar-Replayed`.
+    pub debug_header: bool,
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &file)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Validates YAML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| match e.location() {
+            Some(loc) => ConfigError::At {
+                file: file.to_string(),
+                line: loc.line(),
+                col: loc.column(),
+                message: strip_location(&e.to_string()),
+            },
+            None => ConfigError::Invalid {
+                file: file.to_string(),
+                message: e.to_string(),
+            },
+        })?;
+        validate::validate(raw, text, file)
+    }
+
+    /// The resolved config as YAML with every secret shown as `<redacted>`.
+    pub fn redacted_yaml(&self) -> String {
+        serde_yaml::to_string(&self.raw).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// serde_yaml appends " at line L column C" to its messages; the location goes in front instead.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,487 @@
+//! The YAML schema: what users write. Unknown keys are rejected so typos surface at load time.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::values::{Dur, Percent, Secret, Size};
+
+fn secs(n: u64) -> Dur {
+    Dur(Duration::from_secs(n))
+}
+fn millis(n: u64) -> Dur {
+    Dur(Duration::from_millis(n))
+}
+fn yes() -> bool {
+    true
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Data-plane listen address.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Admin API listen address.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// How long SIGTERM waits for in-flight requests.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace: Dur,
+    /// Token providers by name.
+    #[serde(default)]
+    pub providers: BTreeMap<String, RawProvider>,
+    /// Upstream routes, matched in order of specificity.
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    /// Replay of requests that met an expired token.
+    #[serde(default)]
+    pub replay: RawReplay,
+    /// Retry of transient upstream failures.
+    #[serde(default)]
+    pub retry: RawRetry,
+    /// Logging.
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9901".into()
+}
+fn default_grace() -> Dur {
+    secs(5)
+}
+
+/// Provider types of SPEC §5 that this build supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderType {
+    /// RFC 6749 §4.4.
+    Oauth2ClientCredentials,
+    /// A fixed token.
+    Static,
+}
+
+/// How an OAuth2 client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with the client id and secret.
+    #[default]
+    ClientSecretBasic,
+    /// Id and secret as form fields.
+    ClientSecretPost,
+}
+
+/// One provider. Fields are flat so unknown keys are still caught; validation checks which
+/// fields a type needs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    /// Provider type.
+    #[serde(rename = "type")]
+    pub kind: ProviderType,
+    /// Token endpoint (OAuth2 types).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+    /// OAuth2 client id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// OAuth2 client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<Secret>,
+    /// OAuth2 client authentication method.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// Requested scopes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// Extra form fields sent to the token endpoint.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    /// The token of a `static` provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// Lifetime assumed when the answer carries none.
+    #[serde(default = "default_ttl")]
+    pub default_ttl: Dur,
+    /// Refresh policy.
+    #[serde(default)]
+    pub refresh: RawRefresh,
+}
+
+fn default_ttl() -> Dur {
+    secs(3600)
+}
+
+/// When to refresh.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRefresh {
+    /// Refresh once the remaining lifetime drops below this (capped at half the lifetime).
+    #[serde(default = "default_before")]
+    pub before_expiry: Dur,
+    /// Spread of proactive refreshes, as a fraction of `before_expiry`.
+    #[serde(default = "default_jitter")]
+    pub jitter: Percent,
+    /// Treat a token as expired this much early (capped at a quarter of the lifetime).
+    #[serde(default = "default_skew")]
+    pub skew: Dur,
+    /// Never two proactive refreshes closer than this.
+    #[serde(default = "default_min_interval")]
+    pub min_interval: Dur,
+    /// Delays after consecutive failed refreshes; the last repeats.
+    #[serde(default = "default_backoff")]
+    pub backoff: Vec<Dur>,
+}
+
+fn default_before() -> Dur {
+    secs(30 * 60)
+}
+fn default_jitter() -> Percent {
+    Percent(0.10)
+}
+fn default_skew() -> Dur {
+    secs(30)
+}
+fn default_min_interval() -> Dur {
+    secs(5)
+}
+fn default_backoff() -> Vec<Dur> {
+    vec![secs(30), secs(60), secs(120), secs(300)]
+}
+
+impl Default for RawRefresh {
+    fn default() -> Self {
+        RawRefresh {
+            before_expiry: default_before(),
+            jitter: default_jitter(),
+            skew: default_skew(),
+            min_interval: default_min_interval(),
+            backoff: default_backoff(),
+        }
+    }
+}
+
+/// What to do with an `Authorization` header the client sent itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthorization {
+    /// Replace it with the provider's token.
+    #[default]
+    Overwrite,
+    /// Forward the client's own and inject nothing.
+    Keep,
+    /// Refuse the request with 401 `client_authorization`.
+    Reject,
+}
+
+/// One upstream route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Name used in metrics and logs.
+    pub name: String,
+    /// `scheme://host[:port][/base-path]`.
+    pub url: String,
+    /// Provider whose token is injected; none means plain pass-through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Which requests this route takes.
+    #[serde(default, rename = "match")]
+    pub matcher: RawMatch,
+    /// Where the token goes.
+    #[serde(default)]
+    pub inject: RawInject,
+    /// Policy for a client's own `Authorization` header.
+    #[serde(default)]
+    pub client_authorization: ClientAuthorization,
+    /// `false`: never replay on this route.
+    #[serde(default = "yes")]
+    pub replay: bool,
+    /// Upstream timeouts.
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    /// Upstream TLS settings.
+    #[serde(default)]
+    pub tls: RawTls,
+    /// How an expired-token answer looks.
+    #[serde(default)]
+    pub expiry: RawExpiry,
+}
+
+/// Route match. Both set: both must match.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    /// Path prefix on segment boundaries (`/api` takes `/api` and `/api/x`, not `/apix`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// `Host` header (port ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Remove `path_prefix` before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+/// Where to put the token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInject {
+    /// Header name; `null` for none (query only).
+    #[serde(default = "default_inject_header")]
+    pub header: Option<String>,
+    /// Scheme written before the token in the header.
+    #[serde(default = "default_scheme")]
+    pub scheme: String,
+    /// Query parameter that also (or only) carries the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+fn default_inject_header() -> Option<String> {
+    Some("Authorization".into())
+}
+fn default_scheme() -> String {
+    "Bearer".into()
+}
+
+impl Default for RawInject {
+    fn default() -> Self {
+        RawInject {
+            header: default_inject_header(),
+            scheme: default_scheme(),
+            query: None,
+        }
+    }
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    /// TCP (and TLS) connect.
+    #[serde(default = "default_connect")]
+    pub connect: Dur,
+    /// Waiting for any read from the upstream.
+    #[serde(default = "default_read")]
+    pub read: Dur,
+    /// Idle pooled connections are closed after this.
+    #[serde(default = "default_idle")]
+    pub idle: Dur,
+}
+
+fn default_connect() -> Dur {
+    secs(5)
+}
+fn default_read() -> Dur {
+    secs(60)
+}
+fn default_idle() -> Dur {
+    secs(90)
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            connect: default_connect(),
+            read: default_read(),
+            idle: default_idle(),
+        }
+    }
+}
+
+/// Upstream TLS.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM bundle of CAs to trust instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// SNI and certificate name, when it differs from the URL host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// How an expired-token answer looks (SPEC §6).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExpiry {
+    /// Statuses that always mean "token expired".
+    #[serde(default = "default_expiry_statuses")]
+    pub statuses: Vec<u16>,
+    /// Case-insensitive texts looked for in the first 4 KiB of the body.
+    #[serde(default = "default_body_patterns")]
+    pub body_patterns: Vec<String>,
+    /// Statuses whose body is searched for `body_patterns`.
+    #[serde(default = "default_body_statuses")]
+    pub body_statuses: Vec<u16>,
+}
+
+fn default_expiry_statuses() -> Vec<u16> {
+    vec![401]
+}
+fn default_body_patterns() -> Vec<String> {
+    vec!["token is expired".into()]
+}
+fn default_body_statuses() -> Vec<u16> {
+    vec![401, 403]
+}
+
+impl Default for RawExpiry {
+    fn default() -> Self {
+        RawExpiry {
+            statuses: default_expiry_statuses(),
+            body_patterns: default_body_patterns(),
+            body_statuses: default_body_statuses(),
+        }
+    }
+}
+
+/// Replay settings (SPEC §6) and the wait for a token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplay {
+    /// Attempts in all, the first included.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Largest request body the sidecar buffers for a replay.
+    #[serde(default = "default_max_body")]
+    pub max_body: Size,
+    /// Methods that may be sent twice.
+    #[serde(default = "default_methods")]
+    pub idempotent_methods: Vec<String>,
+    /// A request carrying this header may be replayed whatever its method.
+    #[serde(default = "default_idem_header")]
+    pub idempotency_header: String,
+    /// How long a request waits for a usable token before 503.
+    #[serde(default = "default_wait")]
+    pub wait_for_token: Dur,
+    /// How many requests may wait for a token at once.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
+    /// Add `X-Sidecar-Replayed: N` to replayed answers (debugging).
+    #[serde(default)]
+    pub debug_header: bool,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_max_body() -> Size {
+    Size(1 << 20)
+}
+fn default_methods() -> Vec<String> {
+    ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+fn default_idem_header() -> String {
+    "Idempotency-Key".into()
+}
+fn default_wait() -> Dur {
+    secs(10)
+}
+fn default_max_waiting() -> usize {
+    100
+}
+
+impl Default for RawReplay {
+    fn default() -> Self {
+        RawReplay {
+            max_attempts: default_attempts(),
+            max_body: default_max_body(),
+            idempotent_methods: default_methods(),
+            idempotency_header: default_idem_header(),
+            wait_for_token: default_wait(),
+            max_waiting: default_max_waiting(),
+            debug_header: false,
+        }
+    }
+}
+
+/// Retry of transient failures (SPEC §8).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Statuses that count as transient.
+    #[serde(default = "default_retry_statuses")]
+    pub statuses: Vec<u16>,
+    /// Delays between attempts.
+    #[serde(default = "default_retry_backoff")]
+    pub backoff: Vec<Dur>,
+    /// Honour the upstream's `Retry-After`.
+    #[serde(default = "yes")]
+    pub respect_retry_after: bool,
+    /// Upper bound on a `Retry-After` the sidecar waits for.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after: Dur,
+}
+
+fn default_retry_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+fn default_retry_backoff() -> Vec<Dur> {
+    vec![millis(100), millis(500), secs(2)]
+}
+fn default_max_retry_after() -> Dur {
+    secs(30)
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            statuses: default_retry_statuses(),
+            backoff: default_retry_backoff(),
+            respect_retry_after: true,
+            max_retry_after: default_max_retry_after(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter directive.
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// One line per proxied request.
+    #[serde(default = "yes")]
+    pub access_log: bool,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: default_level(),
+            format: LogFormat::Text,
+            access_log: true,
+        }
+    }
+}

@@ -1,0 +1,180 @@
+use super::*;
+
+const FULL: &str = r#"
+listen: "127.0.0.1:8080"
+admin_listen: "127.0.0.1:9901"
+shutdown_grace: 5s
+providers:
+  main:
+    type: oauth2_client_credentials
+    token_url: "https://idp.example.com/oauth2/token"
+    client_id: "my-client"
+    client_secret: "${env:SIDECAR_TEST_CLIENT_SECRET}"
+    scopes: ["api.read"]
+    params: { audience: "https://api.example.com" }
+    refresh:
+      before_expiry: 30m
+      jitter: 10%
+      skew: 30s
+      min_interval: 5s
+      backoff: [30s, 60s, 120s, 300s]
+  fixed:
+    type: static
+    token: "abc"
+upstreams:
+  - name: api
+    url: "https://api.example.com/v2/"
+    provider: main
+    match: { path_prefix: "/api/", strip_prefix: true }
+    inject: { header: Authorization, scheme: Bearer }
+    client_authorization: overwrite
+    replay: true
+    timeouts: { connect: 5s, read: 60s, idle: 90s }
+    tls: { ca_file: null, server_name: null }
+    expiry:
+      statuses: [401]
+      body_patterns: ["Token Is Expired"]
+      body_statuses: [401, 403]
+  - name: hub
+    url: "http://127.0.0.1:9000"
+    provider: fixed
+    match: { host: "Hub.Local" }
+    inject: { header: null, query: access_token }
+replay:
+  max_attempts: 3
+  max_body: 1MiB
+  idempotent_methods: [GET, HEAD, OPTIONS, PUT, DELETE]
+  idempotency_header: Idempotency-Key
+  wait_for_token: 10s
+  max_waiting: 100
+retry:
+  statuses: [502, 503, 504]
+  backoff: [100ms, 500ms, 2s]
+  respect_retry_after: true
+  max_retry_after: 30s
+log: { level: info, format: json }
+"#;
+
+fn with_secret() {
+    std::env::set_var("SIDECAR_TEST_CLIENT_SECRET", "s3cr3t-value");
+}
+
+#[test]
+fn full_example_parses() {
+    with_secret();
+    let c = Config::parse(FULL, "sidecar.yaml").unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+    let main = &c.providers["main"];
+    match &main.kind {
+        ProviderKind::ClientCredentials {
+            client_secret,
+            params,
+            ..
+        } => {
+            assert_eq!(client_secret.expose(), "s3cr3t-value");
+            assert_eq!(params["audience"], "https://api.example.com");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(main.refresh.jitter, 0.10);
+    let api = &c.upstreams[0];
+    assert!(api.tls);
+    assert_eq!((api.host.as_str(), api.port), ("api.example.com", 443));
+    assert_eq!(api.authority, "api.example.com");
+    assert_eq!(api.base_path, "/v2");
+    assert_eq!(api.path_prefix, "/api");
+    assert_eq!(api.expiry.body_patterns, vec!["token is expired".to_string()]);
+    let hub = &c.upstreams[1];
+    assert!(hub.inject.header.is_none());
+    assert_eq!(hub.inject.query.as_deref(), Some("access_token"));
+    assert_eq!(hub.match_host.as_deref(), Some("hub.local"));
+    assert_eq!(hub.authority, "127.0.0.1:9000");
+    assert_eq!(c.replay.max_body, 1 << 20);
+    assert_eq!(c.log.format, LogFormat::Json);
+}
+
+#[test]
+fn defaults_fill_an_almost_empty_file() {
+    let c = Config::parse("upstreams: []\n", "x.yaml").unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9901");
+    assert_eq!(c.replay.max_attempts, 3);
+    assert_eq!(c.replay.wait_for_token, Duration::from_secs(10));
+    assert_eq!(c.replay.idempotent_methods.len(), 5);
+}
+
+#[test]
+fn redacted_output_hides_secrets() {
+    with_secret();
+    let c = Config::parse(FULL, "sidecar.yaml").unwrap();
+    let out = c.redacted_yaml();
+    assert!(!out.contains("s3cr3t-value"), "{out}");
+    assert!(!out.contains("abc"), "{out}");
+    assert!(out.contains("<redacted>"));
+    assert!(out.contains("api.example.com"));
+    // The printed config is itself a valid config (modulo the redaction).
+    let again: RawConfig = serde_yaml::from_str(&out).unwrap();
+    assert_eq!(again.upstreams.len(), 2);
+}
+
+fn err(text: &str) -> String {
+    Config::parse(text, "bad.yaml").unwrap_err().to_string()
+}
+
+#[test]
+fn unknown_key_is_located() {
+    let e = err("listen: \"127.0.0.1:1\"\nupstreams:\n  - name: a\n    url: http://x\n    provdier: p\n");
+    assert!(e.starts_with("bad.yaml:5:"), "{e}");
+    assert!(e.contains("provdier"), "{e}");
+}
+
+#[test]
+fn bad_duration_is_located() {
+    let e = err("shutdown_grace: 5 parsecs\n");
+    assert!(e.starts_with("bad.yaml:1:"), "{e}");
+    assert!(e.contains("invalid duration"), "{e}");
+}
+
+#[test]
+fn missing_env_reference_is_an_error() {
+    let e = err("providers:\n  s:\n    type: static\n    token: ${env:SIDECAR_SURELY_UNSET_123}\n");
+    // serde_yaml places errors from inside a mapping at the mapping itself.
+    assert!(e.starts_with("bad.yaml:3:") || e.starts_with("bad.yaml:4:"), "{e}");
+    assert!(e.contains("SIDECAR_SURELY_UNSET_123"), "{e}");
+}
+
+#[test]
+fn unknown_provider_reference_is_located() {
+    let e = err("upstreams:\n  - name: a\n    url: http://x\n    provider: nope\n");
+    assert!(e.starts_with("bad.yaml:2:"), "{e}");
+    assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+fn provider_missing_fields() {
+    let e = err("providers:\n  cc:\n    type: oauth2_client_credentials\n    client_id: x\n");
+    assert!(e.contains("token_url"), "{e}");
+    assert!(e.starts_with("bad.yaml:2:"), "{e}");
+    let e = err("providers:\n  cc:\n    type: kerberos\n");
+    assert!(e.contains("kerberos"), "{e}");
+}
+
+#[test]
+fn bad_upstreams() {
+    assert!(err("upstreams:\n  - name: a\n    url: ftp://x\n").contains("ftp"));
+    assert!(err("upstreams:\n  - name: a\n    url: http://x\n  - name: a\n    url: http://y\n")
+        .contains("twice"));
+    assert!(err("upstreams:\n  - name: a\n    url: http://x\n    inject: { header: null }\n")
+        .contains("inject"));
+    assert!(err("upstreams:\n  - name: a\n    url: http://x\n    expiry: { statuses: [99] }\n")
+        .contains("99"));
+    assert!(err("listen: nowhere\n").starts_with("bad.yaml:1:"));
+}
+
+#[test]
+fn secrets_do_not_leak_into_errors() {
+    std::env::set_var("SIDECAR_TEST_LEAKY", "leaky-secret-value");
+    let e = err("providers:\n  s:\n    type: static\n    token: ${env:SIDECAR_TEST_LEAKY}\n    token_url: http://x\n");
+    assert!(!e.contains("leaky-secret-value"), "{e}");
+}

@@ -1,0 +1,242 @@
+//! Scalar value types that parse while the YAML is deserialized, so a bad value is reported with
+//! the line and column serde_yaml knows.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// A duration written as `250ms`, `30s`, `5m`, `24h`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Dur(pub Duration);
+
+impl fmt::Debug for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// Parses `250ms`, `30s`, `1h 30m`; a bare `0` means zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("invalid duration {t:?} ({e}); write it like 250ms, 30s, 5m or 24h"))
+}
+
+/// A byte size written as `64KiB`, `1MiB`, `10MB` or a plain number of bytes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size like 64KiB or 1MiB")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                parse_size(v).map(Size).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        for (unit, n) in UNITS {
+            if self.0 >= n && self.0 % n == 0 {
+                return s.serialize_str(&format!("{}{unit}", self.0 / n));
+            }
+        }
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
+/// Parses `64KiB`, `1MiB`, `2GiB`, `10KB`, `100B` or `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {t:?}; write it like 64KiB or 1MiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("invalid size unit {other:?} in {t:?}; use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {t:?} is too large"))
+}
+
+/// A fraction written as a percentage, `10%`.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Percent(pub f64);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        let v: f64 = t
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| de::Error::custom(format!("invalid percentage {t:?}; write it like 10%")))?;
+        if !(0.0..=100.0).contains(&v) {
+            return Err(de::Error::custom(format!("percentage {t:?} must be between 0% and 100%")));
+        }
+        Ok(Percent(v / 100.0))
+    }
+}
+
+impl Serialize for Percent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}%", self.0 * 100.0))
+    }
+}
+
+/// A secret value. References `${env:NAME}` and `${file:/path}` are resolved while the config is
+/// read, so a missing one is a config error with its location. It never prints: `Debug` and the
+/// `check` output show `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value that is already resolved (tests, the demo).
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        resolve_references(&s).map(Secret).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Replaces every `${env:NAME}` and `${file:/path}` in `s`. A file's trailing newline is dropped.
+pub fn resolve_references(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated ${...} reference".to_string())?;
+        let reference = &after[..end];
+        let value = if let Some(name) = reference.strip_prefix("env:") {
+            std::env::var(name)
+                .map_err(|_| format!("environment variable {name} (from ${{env:{name}}}) is not set"))?
+        } else if let Some(path) = reference.strip_prefix("file:") {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {path} (from ${{file:{path}}}): {e}"))?;
+            text.strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text)
+                .to_string()
+        } else {
+            return Err(format!(
+                "unknown reference ${{{reference}}}; use ${{env:NAME}} or ${{file:/path}}"
+            ));
+        };
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("10KB").unwrap(), 10_000);
+        assert!(parse_size("1XB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn references_resolve_env_and_file() {
+        std::env::set_var("SIDECAR_CONFIG_TEST_REF", "s3cr3t");
+        assert_eq!(
+            resolve_references("a-${env:SIDECAR_CONFIG_TEST_REF}-b").unwrap(),
+            "a-s3cr3t-b"
+        );
+        let dir = std::env::temp_dir().join(format!("sidecar-ref-{}", std::process::id()));
+        std::fs::write(&dir, "from-file\n").unwrap();
+        let text = format!("${{file:{}}}", dir.display());
+        assert_eq!(resolve_references(&text).unwrap(), "from-file");
+        std::fs::remove_file(&dir).unwrap();
+        let err = resolve_references("${env:SIDECAR_DEFINITELY_UNSET_VAR}").unwrap_err();
+        assert!(err.contains("SIDECAR_DEFINITELY_UNSET_VAR"), "{err}");
+        assert!(resolve_references("${vault:x}").is_err());
+        assert!(resolve_references("${env:X").is_err());
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert_eq!(serde_yaml::to_string(&s).unwrap().trim(), "<redacted>");
+    }
+}

@@ -1,0 +1,26 @@
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+//! Mock servers for exercising token-sidecar without real infrastructure.
+//!
+//! * [`MockIdp`] is an OAuth2 token endpoint (`client_credentials` grant).
+//! * [`MockUpstream`] is an API that only accepts tokens the IdP issued.
+//! * [`TokenRegistry`] is the shared memory of issued tokens that links the two,
+//!   so tests can expire or revoke credentials from the outside.
+//!
+//! Every server binds an ephemeral port on `127.0.0.1`, runs on a task spawned
+//! onto the tokio runtime that started it and stops when its handle is dropped
+//! or `shutdown()` is called. These mocks are used by the integration tests and
+//! by `token-sidecar demo`.
+
+pub mod idp;
+mod registry;
+mod server;
+pub mod upstream;
+mod util;
+
+#[cfg(test)]
+mod tests;
+
+pub use idp::{Failure, IdpConfig, IdpRequest, MockIdp};
+pub use registry::TokenRegistry;
+pub use upstream::{MockUpstream, Recorded, Scripted, UpstreamConfig};
