@@ -6,8 +6,8 @@
 //! Every error names its place as `file:line:col: message`, like `nginx -t`.
 
 pub mod schema;
-pub mod values;
 mod validate;
+pub mod values;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

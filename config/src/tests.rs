@@ -84,7 +84,10 @@ fn full_example_parses() {
     assert_eq!(api.authority, "api.example.com");
     assert_eq!(api.base_path, "/v2");
     assert_eq!(api.path_prefix, "/api");
-    assert_eq!(api.expiry.body_patterns, vec!["token is expired".to_string()]);
+    assert_eq!(
+        api.expiry.body_patterns,
+        vec!["token is expired".to_string()]
+    );
     let hub = &c.upstreams[1];
     assert!(hub.inject.header.is_none());
     assert_eq!(hub.inject.query.as_deref(), Some("access_token"));
@@ -124,7 +127,9 @@ fn err(text: &str) -> String {
 
 #[test]
 fn unknown_key_is_located() {
-    let e = err("listen: \"127.0.0.1:1\"\nupstreams:\n  - name: a\n    url: http://x\n    provdier: p\n");
+    let e = err(
+        "listen: \"127.0.0.1:1\"\nupstreams:\n  - name: a\n    url: http://x\n    provdier: p\n",
+    );
     assert!(e.starts_with("bad.yaml:5:"), "{e}");
     assert!(e.contains("provdier"), "{e}");
 }
@@ -140,7 +145,10 @@ fn bad_duration_is_located() {
 fn missing_env_reference_is_an_error() {
     let e = err("providers:\n  s:\n    type: static\n    token: ${env:SIDECAR_SURELY_UNSET_123}\n");
     // serde_yaml places errors from inside a mapping at the mapping itself.
-    assert!(e.starts_with("bad.yaml:3:") || e.starts_with("bad.yaml:4:"), "{e}");
+    assert!(
+        e.starts_with("bad.yaml:3:") || e.starts_with("bad.yaml:4:"),
+        "{e}"
+    );
     assert!(e.contains("SIDECAR_SURELY_UNSET_123"), "{e}");
 }
 
@@ -163,12 +171,18 @@ fn provider_missing_fields() {
 #[test]
 fn bad_upstreams() {
     assert!(err("upstreams:\n  - name: a\n    url: ftp://x\n").contains("ftp"));
-    assert!(err("upstreams:\n  - name: a\n    url: http://x\n  - name: a\n    url: http://y\n")
-        .contains("twice"));
-    assert!(err("upstreams:\n  - name: a\n    url: http://x\n    inject: { header: null }\n")
-        .contains("inject"));
-    assert!(err("upstreams:\n  - name: a\n    url: http://x\n    expiry: { statuses: [99] }\n")
-        .contains("99"));
+    assert!(
+        err("upstreams:\n  - name: a\n    url: http://x\n  - name: a\n    url: http://y\n")
+            .contains("twice")
+    );
+    assert!(
+        err("upstreams:\n  - name: a\n    url: http://x\n    inject: { header: null }\n")
+            .contains("inject")
+    );
+    assert!(
+        err("upstreams:\n  - name: a\n    url: http://x\n    expiry: { statuses: [99] }\n")
+            .contains("99")
+    );
     assert!(err("listen: nowhere\n").starts_with("bad.yaml:1:"));
 }
 

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use http::{HeaderName, Method};
 
 use crate::schema::{ProviderType, RawConfig, RawProvider, RawUpstream};
-use crate::{Config, ConfigError, Expiry, Inject, Provider, ProviderKind, RefreshPolicy, Replay, Upstream};
+use crate::{
+    Config, ConfigError, Expiry, Inject, Provider, ProviderKind, RefreshPolicy, Replay, Upstream,
+};
 
 /// Builds errors that point at the first line mentioning a key or value; cross-field problems
 /// have no serde location, so the text is searched instead.
@@ -57,7 +59,8 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
 
     let mut providers = BTreeMap::new();
     for (name, p) in &raw.providers {
-        let provider = provider(name, p).map_err(|m| at.error(&["providers:", &format!("{name}:")], m))?;
+        let provider =
+            provider(name, p).map_err(|m| at.error(&["providers:", &format!("{name}:")], m))?;
         providers.insert(name.clone(), provider);
     }
 
@@ -117,9 +120,12 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     let t = s.trim();
-    let t = t.strip_prefix("localhost:").map_or_else(|| t.to_string(), |p| format!("127.0.0.1:{p}"));
-    t.parse()
-        .map_err(|_| format!("invalid listen address {s:?}; write it like 127.0.0.1:8080 or [::1]:8080"))
+    let t = t
+        .strip_prefix("localhost:")
+        .map_or_else(|| t.to_string(), |p| format!("127.0.0.1:{p}"));
+    t.parse().map_err(|_| {
+        format!("invalid listen address {s:?}; write it like 127.0.0.1:8080 or [::1]:8080")
+    })
 }
 
 fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> {
@@ -129,7 +135,9 @@ fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> {
             let parsed = url::Url::parse(token_url)
                 .map_err(|e| format!("provider {name:?}: token_url {token_url:?}: {e}"))?;
             if !matches!(parsed.scheme(), "http" | "https") {
-                return Err(format!("provider {name:?}: token_url must be http:// or https://"));
+                return Err(format!(
+                    "provider {name:?}: token_url must be http:// or https://"
+                ));
             }
             if p.token.is_some() {
                 return Err(format!("provider {name:?}: `token` belongs to type static"));
@@ -150,7 +158,9 @@ fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> {
                 ("client_secret", p.client_secret.is_some()),
             ] {
                 if set {
-                    return Err(format!("provider {name:?}: `{key}` does not apply to type static"));
+                    return Err(format!(
+                        "provider {name:?}: `{key}` does not apply to type static"
+                    ));
                 }
             }
             ProviderKind::Static {
@@ -159,10 +169,14 @@ fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> {
         }
     };
     if p.refresh.backoff.is_empty() {
-        return Err(format!("provider {name:?}: refresh.backoff needs at least one delay"));
+        return Err(format!(
+            "provider {name:?}: refresh.backoff needs at least one delay"
+        ));
     }
     if p.default_ttl.0.is_zero() {
-        return Err(format!("provider {name:?}: default_ttl must be more than 0"));
+        return Err(format!(
+            "provider {name:?}: default_ttl must be more than 0"
+        ));
     }
     Ok(Provider {
         name: name.to_string(),
@@ -184,21 +198,30 @@ fn required<'a, T>(provider: &str, key: &str, v: Option<&'a T>) -> Result<&'a T,
 
 fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
     let name = &u.name;
-    let url = url::Url::parse(&u.url).map_err(|e| format!("upstream {name:?}: url {:?}: {e}", u.url))?;
+    let url =
+        url::Url::parse(&u.url).map_err(|e| format!("upstream {name:?}: url {:?}: {e}", u.url))?;
     let tls = match url.scheme() {
         "https" => true,
         "http" => false,
-        other => return Err(format!("upstream {name:?}: scheme {other:?} is not http or https")),
+        other => {
+            return Err(format!(
+                "upstream {name:?}: scheme {other:?} is not http or https"
+            ))
+        }
     };
     if !url.username().is_empty() || url.password().is_some() || url.query().is_some() {
-        return Err(format!("upstream {name:?}: url must be scheme://host[:port][/base-path] only"));
+        return Err(format!(
+            "upstream {name:?}: url must be scheme://host[:port][/base-path] only"
+        ));
     }
     let host = match url.host() {
         Some(url::Host::Ipv6(ip)) => ip.to_string(),
         Some(h) => h.to_string(),
         None => return Err(format!("upstream {name:?}: url has no host")),
     };
-    let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
     let authority = match url.port() {
         Some(p) => format!("{}:{p}", url.host_str().unwrap_or(&host)),
         None => url.host_str().unwrap_or(&host).to_string(),
@@ -207,7 +230,9 @@ fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
 
     let path_prefix = u.matcher.path_prefix.clone().unwrap_or_else(|| "/".into());
     if !path_prefix.starts_with('/') {
-        return Err(format!("upstream {name:?}: match.path_prefix must start with /"));
+        return Err(format!(
+            "upstream {name:?}: match.path_prefix must start with /"
+        ));
     }
     let header = match &u.inject.header {
         Some(h) => Some(
@@ -251,7 +276,12 @@ fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
         server_name: u.tls.server_name.clone(),
         expiry: Expiry {
             statuses: u.expiry.statuses.clone(),
-            body_patterns: u.expiry.body_patterns.iter().map(|p| p.to_lowercase()).collect(),
+            body_patterns: u
+                .expiry
+                .body_patterns
+                .iter()
+                .map(|p| p.to_lowercase())
+                .collect(),
             body_statuses: u.expiry.body_statuses.clone(),
         },
     })

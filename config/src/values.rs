@@ -91,9 +91,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "KB" | "kB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        other => return Err(format!("invalid size unit {other:?} in {t:?}; use B, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {t:?}; use B, KiB, MiB or GiB"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {t:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {t:?} is too large"))
 }
 
 /// A fraction written as a percentage, `10%`.
@@ -107,9 +112,13 @@ impl<'de> Deserialize<'de> for Percent {
         let v: f64 = t
             .strip_suffix('%')
             .and_then(|n| n.trim().parse().ok())
-            .ok_or_else(|| de::Error::custom(format!("invalid percentage {t:?}; write it like 10%")))?;
+            .ok_or_else(|| {
+                de::Error::custom(format!("invalid percentage {t:?}; write it like 10%"))
+            })?;
         if !(0.0..=100.0).contains(&v) {
-            return Err(de::Error::custom(format!("percentage {t:?} must be between 0% and 100%")));
+            return Err(de::Error::custom(format!(
+                "percentage {t:?} must be between 0% and 100%"
+            )));
         }
         Ok(Percent(v / 100.0))
     }
@@ -148,7 +157,9 @@ impl fmt::Debug for Secret {
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        resolve_references(&s).map(Secret).map_err(de::Error::custom)
+        resolve_references(&s)
+            .map(Secret)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -170,8 +181,9 @@ pub fn resolve_references(s: &str) -> Result<String, String> {
             .ok_or_else(|| "unterminated ${...} reference".to_string())?;
         let reference = &after[..end];
         let value = if let Some(name) = reference.strip_prefix("env:") {
-            std::env::var(name)
-                .map_err(|_| format!("environment variable {name} (from ${{env:{name}}}) is not set"))?
+            std::env::var(name).map_err(|_| {
+                format!("environment variable {name} (from ${{env:{name}}}) is not set")
+            })?
         } else if let Some(path) = reference.strip_prefix("file:") {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read {path} (from ${{file:{path}}}): {e}"))?;

@@ -1,0 +1,570 @@
+//! [`TokenSource`]: one provider's current token, its state machine, the single-flight refresh
+//! and the background refresher.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::Serialize;
+use sidecar_config::Provider as ProviderConfig;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::provider::{build_provider, Provider, ProviderError};
+use crate::schedule::Schedule;
+use crate::token::{jwt_exp, Token};
+
+/// Why a refresh started; a label of `sidecar_token_refresh_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The first token.
+    Initial,
+    /// Ahead of expiry, in the background.
+    Proactive,
+    /// A request found no usable token.
+    Expired,
+    /// The upstream rejected the current token.
+    Unauthorized,
+    /// An `ensure` call or a long operation needed more TTL.
+    Ensure,
+    /// `POST /v1/token/refresh`.
+    Manual,
+}
+
+impl Trigger {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Initial => "initial",
+            Trigger::Proactive => "proactive",
+            Trigger::Expired => "expired",
+            Trigger::Unauthorized => "unauthorized",
+            Trigger::Ensure => "ensure",
+            Trigger::Manual => "manual",
+        }
+    }
+}
+
+/// Token state of SPEC §5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// No token yet and no refresh failed yet.
+    Initial,
+    /// A usable token.
+    Valid,
+    /// A refresh is in flight.
+    Refreshing,
+    /// The last refresh failed; the old token is still usable.
+    Error,
+    /// No usable token.
+    Expired,
+}
+
+impl State {
+    /// All states, for the `token_state` gauge.
+    pub const ALL: [State; 5] = [
+        State::Initial,
+        State::Valid,
+        State::Refreshing,
+        State::Error,
+        State::Expired,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Initial => "initial",
+            State::Valid => "valid",
+            State::Refreshing => "refreshing",
+            State::Error => "error",
+            State::Expired => "expired",
+        }
+    }
+}
+
+/// A refresh that failed, as every caller who joined it sees it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("provider {provider}: {error}")]
+pub struct RefreshError {
+    /// The provider's name.
+    pub provider: String,
+    /// What went wrong.
+    pub error: ProviderError,
+}
+
+/// No usable token could be had in time.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no usable token from provider {provider} within {waited:?}{}", last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+pub struct Unavailable {
+    /// The provider.
+    pub provider: String,
+    /// How long the caller waited.
+    pub waited: Duration,
+    /// The last refresh error, if any.
+    pub last_error: Option<String>,
+}
+
+/// What `/v1/token/status` shows of one provider. Never the token.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Provider name.
+    pub provider: String,
+    /// State.
+    pub state: State,
+    /// Generation of the current token (0: none yet).
+    pub generation: u64,
+    /// RFC 3339 expiry of the current token.
+    pub expires_at: Option<String>,
+    /// Seconds until it expires (negative: expired).
+    pub ttl_seconds: Option<f64>,
+    /// RFC 3339 time of the last successful refresh.
+    pub last_refresh_at: Option<String>,
+    /// The last refresh error, cleared by a success.
+    pub last_error: Option<String>,
+    /// Successful refreshes.
+    pub refresh_ok: u64,
+    /// Failed refreshes.
+    pub refresh_failed: u64,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// First 8 hex of the token's SHA-256.
+    pub fingerprint: Option<String>,
+}
+
+type RefreshFuture = Shared<BoxFuture<'static, Result<Arc<Token>, RefreshError>>>;
+
+/// Bookkeeping behind a short std mutex; never held across an await.
+#[derive(Default)]
+struct Book {
+    inflight: Option<RefreshFuture>,
+    generation: u64,
+    last_refresh_at: Option<SystemTime>,
+    last_attempt_at: Option<Instant>,
+    last_error: Option<String>,
+    ok: u64,
+    failed: u64,
+    consecutive_failures: u32,
+    retry_at: Option<Instant>,
+}
+
+struct Inner {
+    name: String,
+    provider: Box<dyn Provider>,
+    schedule: Schedule,
+    default_ttl: Duration,
+    current: ArcSwapOption<Token>,
+    book: Mutex<Book>,
+    /// Bumped after every finished refresh attempt, to wake waiters and the refresher.
+    changed: watch::Sender<u64>,
+    /// Where identity-provider calls run, whatever runtime asked for them.
+    handle: tokio::runtime::Handle,
+    refresher: Mutex<Option<AbortHandle>>,
+}
+
+/// One provider's tokens. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct TokenSource {
+    inner: Arc<Inner>,
+}
+
+/// After this many failures in a row a refresh failure is logged at error level.
+const ESCALATE_AFTER: u32 = 3;
+
+impl TokenSource {
+    /// A source for a configured provider. Identity-provider calls run on `handle`.
+    pub fn new(config: &ProviderConfig, handle: tokio::runtime::Handle) -> TokenSource {
+        TokenSource::with_provider(config, build_provider(&config.kind), handle)
+    }
+
+    /// A source with a provider built elsewhere (tests).
+    pub fn with_provider(
+        config: &ProviderConfig,
+        provider: Box<dyn Provider>,
+        handle: tokio::runtime::Handle,
+    ) -> TokenSource {
+        let (changed, _) = watch::channel(0);
+        let source = TokenSource {
+            inner: Arc::new(Inner {
+                name: config.name.clone(),
+                provider,
+                schedule: Schedule::new(config.refresh.clone()),
+                default_ttl: config.default_ttl,
+                current: ArcSwapOption::empty(),
+                book: Mutex::new(Book::default()),
+                changed,
+                handle,
+                refresher: Mutex::new(None),
+            }),
+        };
+        source.publish_state();
+        source
+    }
+
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The current token if requests may still use it. One atomic load: the request fast path.
+    pub fn usable(&self) -> Option<Arc<Token>> {
+        let token = self.inner.current.load_full()?;
+        (Instant::now() < token.usable_until).then_some(token)
+    }
+
+    /// The current token, usable or not.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.inner.current.load_full()
+    }
+
+    /// Obtains a new token, joining a refresh already in flight. With `stale = Some(g)` (a
+    /// request whose token of generation `g` was rejected) no refresh starts when a newer token
+    /// than `g` is already held: that one is returned.
+    pub async fn refresh(
+        &self,
+        trigger: Trigger,
+        stale: Option<u64>,
+    ) -> Result<Arc<Token>, RefreshError> {
+        let flight = {
+            let mut book = lock(&self.inner.book);
+            if let (Some(g), Some(cur)) = (stale, self.inner.current.load_full()) {
+                if cur.generation > g {
+                    return Ok(cur);
+                }
+            }
+            match &book.inflight {
+                Some(f) => f.clone(),
+                None => {
+                    let inner = self.inner.clone();
+                    let task = self
+                        .inner
+                        .handle
+                        .spawn(async move { run_refresh(inner, trigger).await });
+                    let name = self.inner.name.clone();
+                    let f = async move {
+                        task.await.unwrap_or_else(|_| {
+                            Err(RefreshError {
+                                provider: name,
+                                error: ProviderError::Network("refresh task stopped".into()),
+                            })
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    book.inflight = Some(f.clone());
+                    f
+                }
+            }
+        };
+        self.publish_state();
+        flight.await
+    }
+
+    /// A usable token, waiting up to `timeout` for one. Starts a refresh when none is in flight
+    /// and the failure backoff allows; otherwise waits for the refresher.
+    pub async fn wait_usable(&self, timeout: Duration) -> Result<Arc<Token>, Unavailable> {
+        let deadline = Instant::now() + timeout;
+        let mut changes = self.inner.changed.subscribe();
+        loop {
+            if let Some(t) = self.usable() {
+                return Ok(t);
+            }
+            let (may_start, retry_at) = {
+                let book = lock(&self.inner.book);
+                let now = Instant::now();
+                let open = book.retry_at.is_none_or(|r| now >= r);
+                (book.inflight.is_some() || open, book.retry_at)
+            };
+            if may_start {
+                let trigger = if self.current().is_none() {
+                    Trigger::Initial
+                } else {
+                    Trigger::Expired
+                };
+                match tokio::time::timeout_at(deadline, self.refresh(trigger, None)).await {
+                    Ok(Ok(token)) => return Ok(token),
+                    Ok(Err(_)) => {}
+                    Err(_) => return Err(self.unavailable(timeout)),
+                }
+            } else {
+                let until = retry_at.map_or(deadline, |r| r.min(deadline));
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(self.unavailable(timeout));
+            }
+        }
+    }
+
+    /// A token with at least `min_ttl` left, refreshing once if the current one has less.
+    pub async fn ensure(
+        &self,
+        min_ttl: Duration,
+        timeout: Duration,
+    ) -> Result<Arc<Token>, Unavailable> {
+        let enough =
+            |t: &Arc<Token>| t.expires_at.saturating_duration_since(Instant::now()) >= min_ttl;
+        if let Some(t) = self.usable().filter(enough) {
+            return Ok(t);
+        }
+        let stale = self.current().map(|t| t.generation);
+        match tokio::time::timeout(timeout, self.refresh(Trigger::Ensure, stale)).await {
+            Ok(Ok(t)) if enough(&t) => Ok(t),
+            Ok(Ok(_)) => Err(Unavailable {
+                provider: self.inner.name.clone(),
+                waited: timeout,
+                last_error: Some(format!(
+                    "the identity provider issues tokens shorter than {}",
+                    humantime::format_duration(min_ttl)
+                )),
+            }),
+            _ => Err(self.unavailable(timeout)),
+        }
+    }
+
+    fn unavailable(&self, waited: Duration) -> Unavailable {
+        Unavailable {
+            provider: self.inner.name.clone(),
+            waited,
+            last_error: lock(&self.inner.book).last_error.clone(),
+        }
+    }
+
+    /// The state machine's current state.
+    pub fn state(&self) -> State {
+        let book = lock(&self.inner.book);
+        self.state_locked(&book)
+    }
+
+    fn state_locked(&self, book: &Book) -> State {
+        let usable = self.usable().is_some();
+        match (
+            book.inflight.is_some(),
+            usable,
+            book.consecutive_failures > 0,
+        ) {
+            (true, _, _) => State::Refreshing,
+            (false, true, false) => State::Valid,
+            (false, true, true) => State::Error,
+            (false, false, _) if book.generation == 0 && book.failed == 0 => State::Initial,
+            (false, false, _) => State::Expired,
+        }
+    }
+
+    /// What `/v1/token/status` shows.
+    pub fn status(&self) -> Status {
+        let book = lock(&self.inner.book);
+        let token = self.current();
+        let now = Instant::now();
+        Status {
+            provider: self.inner.name.clone(),
+            state: self.state_locked(&book),
+            generation: token.as_ref().map_or(0, |t| t.generation),
+            expires_at: token.as_ref().map(|t| rfc3339(t.expires_at_wall)),
+            ttl_seconds: token.as_ref().map(|t| {
+                if t.expires_at >= now {
+                    t.expires_at.duration_since(now).as_secs_f64()
+                } else {
+                    -now.duration_since(t.expires_at).as_secs_f64()
+                }
+            }),
+            last_refresh_at: book.last_refresh_at.map(rfc3339),
+            last_error: book.last_error.clone(),
+            refresh_ok: book.ok,
+            refresh_failed: book.failed,
+            consecutive_failures: book.consecutive_failures,
+            fingerprint: token.as_ref().map(|t| t.fingerprint.clone()),
+        }
+    }
+
+    /// Starts the background refresher on the source's runtime: it obtains the first token, then
+    /// refreshes ahead of expiry and retries failures after their backoff.
+    pub fn start(&self) {
+        let me = self.clone();
+        let task = self.inner.handle.spawn(async move { me.refresher().await });
+        if let Some(old) = lock(&self.inner.refresher).replace(task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// Stops the background refresher (the source is being replaced or the process stops).
+    pub fn stop(&self) {
+        if let Some(task) = lock(&self.inner.refresher).take() {
+            task.abort();
+        }
+    }
+
+    async fn refresher(self) {
+        let mut changes = self.inner.changed.subscribe();
+        loop {
+            let due = self.next_refresh_due();
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {
+                    let trigger = match self.current() {
+                        None => Trigger::Initial,
+                        Some(_) if self.usable().is_some() => Trigger::Proactive,
+                        Some(_) => Trigger::Expired,
+                    };
+                    let _ = self.refresh(trigger, None).await;
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+            changes.borrow_and_update();
+        }
+    }
+
+    fn next_refresh_due(&self) -> Instant {
+        let book = lock(&self.inner.book);
+        let now = Instant::now();
+        if book.consecutive_failures > 0 {
+            return book.retry_at.unwrap_or(now);
+        }
+        match self.current() {
+            None => now,
+            Some(t) => {
+                let due = self
+                    .inner
+                    .schedule
+                    .refresh_at(t.issued_at, t.expires_at, spread_of(&t));
+                let spacing = self.inner.schedule.min_interval(t.lifetime());
+                match book.last_attempt_at {
+                    Some(last) => due.max(last + spacing),
+                    None => due,
+                }
+            }
+        }
+    }
+
+    fn publish_state(&self) {
+        let state = self.state();
+        for s in State::ALL {
+            metrics::gauge!("sidecar_token_state", "provider" => self.inner.name.clone(), "state" => s.as_str())
+                .set(if s == state { 1.0 } else { 0.0 });
+        }
+    }
+}
+
+/// A per-token point in `[-1, 1]` for the refresh jitter, taken from its fingerprint so it is
+/// stable for one token and differs between tokens.
+fn spread_of(t: &Token) -> f64 {
+    let n = u32::from_str_radix(&t.fingerprint, 16).unwrap_or(0);
+    f64::from(n) / f64::from(u32::MAX) * 2.0 - 1.0
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One refresh, run as its own task so that callers that give up do not cancel it.
+async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, RefreshError> {
+    let started = Instant::now();
+    lock(&inner.book).last_attempt_at = Some(started);
+    let result = inner.provider.fetch().await;
+    let elapsed = started.elapsed();
+    let outcome = {
+        let mut book = lock(&inner.book);
+        book.inflight = None;
+        match result {
+            Ok(fetched) => {
+                let ttl = fetched
+                    .expires_in
+                    .or_else(|| {
+                        jwt_exp(&fetched.access_token).map(|exp| {
+                            let exp = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
+                            exp.duration_since(SystemTime::now())
+                                .unwrap_or(Duration::ZERO)
+                        })
+                    })
+                    .unwrap_or(inner.default_ttl);
+                book.generation += 1;
+                let mut token = Token::new(fetched.access_token, book.generation, ttl);
+                token.usable_until = inner
+                    .schedule
+                    .usable_until(token.issued_at, token.expires_at);
+                let token = Arc::new(token);
+                if !token.is_header_safe() {
+                    book.generation -= 1;
+                    Err(ProviderError::Malformed(
+                        "token contains characters not allowed in a header".into(),
+                    ))
+                } else {
+                    inner.current.store(Some(token.clone()));
+                    book.ok += 1;
+                    book.consecutive_failures = 0;
+                    book.retry_at = None;
+                    book.last_error = None;
+                    book.last_refresh_at = Some(SystemTime::now());
+                    Ok(token)
+                }
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|error| {
+            book.failed += 1;
+            book.consecutive_failures += 1;
+            let spread = rand::random::<f64>() * 2.0 - 1.0;
+            let wait = inner.schedule.backoff(book.consecutive_failures, spread);
+            book.retry_at = Some(Instant::now() + wait);
+            book.last_error = Some(error.to_string());
+            (error, book.consecutive_failures, wait)
+        })
+    };
+    let provider = inner.name.clone();
+    let result_label = if outcome.is_ok() {
+        "success"
+    } else {
+        "failure"
+    };
+    metrics::counter!("sidecar_token_refresh_total", "provider" => provider.clone(), "trigger" => trigger.as_str(), "result" => result_label).increment(1);
+    metrics::histogram!("sidecar_token_refresh_duration_seconds", "provider" => provider.clone())
+        .record(elapsed.as_secs_f64());
+    let result = match outcome {
+        Ok(token) => {
+            metrics::gauge!("sidecar_token_ttl_seconds", "provider" => provider.clone())
+                .set(token.lifetime().as_secs_f64());
+            tracing::info!(
+                provider = %provider,
+                trigger = trigger.as_str(),
+                generation = token.generation,
+                fingerprint = %token.fingerprint,
+                ttl_s = token.lifetime().as_secs(),
+                took_ms = elapsed.as_millis() as u64,
+                "token refreshed"
+            );
+            Ok(token)
+        }
+        Err((error, failures, wait)) => {
+            let retry_in =
+                humantime::format_duration(Duration::from_millis(wait.as_millis() as u64))
+                    .to_string();
+            if failures >= ESCALATE_AFTER {
+                tracing::error!(provider = %provider, trigger = trigger.as_str(), failures, retry_in = %retry_in, error = %error, "token refresh keeps failing");
+            } else {
+                tracing::warn!(provider = %provider, trigger = trigger.as_str(), failures, retry_in = %retry_in, error = %error, "token refresh failed");
+            }
+            Err(RefreshError { provider, error })
+        }
+    };
+    let source = TokenSource {
+        inner: inner.clone(),
+    };
+    source.publish_state();
+    inner.changed.send_modify(|n| *n += 1);
+    result
+}
+
+#[cfg(test)]
+mod tests;
