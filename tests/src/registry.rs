@@ -40,9 +40,7 @@ impl TokenRegistry {
         let now = Instant::now();
         let expiry = now.checked_add(ttl);
         let mut inner = lock(&self.inner);
-        inner
-            .tokens
-            .retain(|_, exp| exp.is_none_or(|at| at > now));
+        inner.tokens.retain(|_, exp| exp.is_none_or(|at| at > now));
         inner.tokens.insert(token.clone(), expiry);
         inner.issued += 1;
         token

@@ -20,6 +20,11 @@ use tokio::sync::watch;
 /// Returns true while the server should drop requests unanswered.
 pub(crate) type DownGate = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// Resolves once `shutdown` turns true or its sender is gone.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Binds an ephemeral loopback port.
 pub(crate) async fn bind_loopback() -> io::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
@@ -46,7 +51,7 @@ async fn accept_loop(
 ) {
     loop {
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stopped(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     tokio::spawn(serve_connection(
@@ -94,7 +99,7 @@ async fn serve_connection(
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
-        _ = shutdown.wait_for(|stop| *stop) => {
+        _ = stopped(&mut shutdown) => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
