@@ -1,1 +1,15 @@
 #![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+//! token-sidecar's process: the Pingora proxy service that injects tokens, the admin API, the
+//! command line, logging, shutdown, and the `demo` command.
+//!
+//! Decisions live in `sidecar-filters`; this crate only wires them to Pingora's hooks.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod demo;
+pub mod errors;
+pub mod logging;
+pub mod service;
+pub mod shutdown;

@@ -203,6 +203,11 @@ impl TokenSource {
         source
     }
 
+    /// Whether both handles share one source (a reload kept it).
+    pub fn same_as(&self, other: &TokenSource) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The provider's name.
     pub fn name(&self) -> &str {
         &self.inner.name

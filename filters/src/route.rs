@@ -1,0 +1,278 @@
+//! Route matching and forbidden targets.
+
+use http::Method;
+use sidecar_config::Upstream;
+
+/// What the router needs to know of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// Request method.
+    pub method: &'a Method,
+    /// Path of the request target (no query).
+    pub path: &'a str,
+    /// Authority of an absolute-form target (`GET http://host/x`), if the client sent one.
+    pub absolute_authority: Option<&'a str>,
+    /// `Host` header (or `:authority`).
+    pub host: Option<&'a str>,
+}
+
+/// The router's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Forward to `upstreams[index]` with this path (before the query).
+    Upstream {
+        /// Index into the configured upstreams.
+        index: usize,
+        /// Path to send upstream; `None` keeps the client's path unchanged.
+        path: Option<String>,
+    },
+    /// A target the sidecar must never reach for (SPEC §10 `forbidden_target`).
+    Forbidden(&'static str),
+    /// No route takes the path (SPEC §10 `no_route`).
+    NoRoute,
+}
+
+struct Compiled {
+    prefix: String,
+    host: Option<String>,
+    strip: bool,
+    base_path: String,
+}
+
+/// The compiled route table; built once per config.
+pub struct Routes {
+    routes: Vec<Compiled>,
+    /// Hosts (lowercase, no port) an absolute-form target may name.
+    known_hosts: Vec<String>,
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+/// `prefix` matches `path` on a segment boundary; the empty prefix is `/`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix.is_empty()
+        || (path.starts_with(prefix)
+            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+}
+
+impl Routes {
+    /// Compiles the upstream list.
+    pub fn new(upstreams: &[Upstream]) -> Routes {
+        let mut known_hosts = Vec::new();
+        for u in upstreams {
+            known_hosts.push(u.host.to_ascii_lowercase());
+            if let Some(h) = &u.match_host {
+                known_hosts.push(h.clone());
+            }
+        }
+        Routes {
+            routes: upstreams
+                .iter()
+                .map(|u| Compiled {
+                    prefix: u.path_prefix.clone(),
+                    host: u.match_host.clone(),
+                    strip: u.strip_prefix,
+                    base_path: u.base_path.clone(),
+                })
+                .collect(),
+            known_hosts,
+        }
+    }
+
+    /// Picks the route: host matches win over path-only routes, then the longest prefix, then
+    /// file order.
+    pub fn route(&self, req: &RequestView<'_>) -> Route {
+        if req.method == Method::CONNECT {
+            return Route::Forbidden("CONNECT is not supported: the sidecar is not an open proxy");
+        }
+        let host = match req.absolute_authority {
+            Some(authority) => {
+                let h = strip_port(authority).to_ascii_lowercase();
+                if !self.known_hosts.contains(&h) {
+                    return Route::Forbidden(
+                        "the absolute-form target is not a configured upstream",
+                    );
+                }
+                Some(h)
+            }
+            None => req.host.map(|h| strip_port(h).to_ascii_lowercase()),
+        };
+        let mut best: Option<(usize, (bool, usize))> = None;
+        for (i, r) in self.routes.iter().enumerate() {
+            let host_ok = match &r.host {
+                Some(want) => host.as_deref() == Some(want.as_str()),
+                None => true,
+            };
+            if !host_ok || !prefix_matches(&r.prefix, req.path) {
+                continue;
+            }
+            let rank = (r.host.is_some(), r.prefix.len());
+            if best.is_none_or(|(_, b)| rank > b) {
+                best = Some((i, rank));
+            }
+        }
+        let Some((index, _)) = best else {
+            return Route::NoRoute;
+        };
+        let r = &self.routes[index];
+        let rest = if r.strip {
+            &req.path[r.prefix.len()..]
+        } else {
+            req.path
+        };
+        let path = if r.base_path.is_empty() && !r.strip {
+            None
+        } else {
+            let rest = if rest.is_empty() { "/" } else { rest };
+            Some(if r.base_path.is_empty() {
+                rest.to_string()
+            } else {
+                format!("{}{}", r.base_path, rest)
+            })
+        };
+        Route::Upstream { index, path }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidecar_config::Config;
+
+    fn routes() -> Routes {
+        let yaml = r#"
+upstreams:
+  - { name: root, url: "http://127.0.0.1:1" }
+  - { name: api, url: "http://127.0.0.1:2/v1/", match: { path_prefix: /api, strip_prefix: true } }
+  - { name: apikeep, url: "http://127.0.0.1:3", match: { path_prefix: /api/keep } }
+  - { name: hub, url: "http://10.0.0.9:4", match: { host: hub.local } }
+"#;
+        Routes::new(&Config::parse(yaml, "t.yaml").unwrap().upstreams)
+    }
+
+    fn view<'a>(method: &'a Method, path: &'a str, host: Option<&'a str>) -> RequestView<'a> {
+        RequestView {
+            method,
+            path,
+            absolute_authority: None,
+            host,
+        }
+    }
+
+    #[test]
+    fn longest_prefix_and_strip() {
+        let r = routes();
+        let get = Method::GET;
+        assert_eq!(
+            r.route(&view(&get, "/x", None)),
+            Route::Upstream {
+                index: 0,
+                path: None
+            }
+        );
+        assert_eq!(
+            r.route(&view(&get, "/api/items/1", None)),
+            Route::Upstream {
+                index: 1,
+                path: Some("/v1/items/1".into())
+            }
+        );
+        assert_eq!(
+            r.route(&view(&get, "/api", None)),
+            Route::Upstream {
+                index: 1,
+                path: Some("/v1/".into())
+            }
+        );
+        assert_eq!(
+            r.route(&view(&get, "/api/keep/x", None)),
+            Route::Upstream {
+                index: 2,
+                path: None
+            }
+        );
+        // Segment boundary: /apix is not under /api.
+        assert_eq!(
+            r.route(&view(&get, "/apix", None)),
+            Route::Upstream {
+                index: 0,
+                path: None
+            }
+        );
+    }
+
+    #[test]
+    fn host_match_wins_and_ignores_port_and_case() {
+        let r = routes();
+        let get = Method::GET;
+        assert_eq!(
+            r.route(&view(&get, "/api/x", Some("Hub.Local:8080"))),
+            Route::Upstream {
+                index: 3,
+                path: None
+            }
+        );
+        assert_eq!(
+            r.route(&view(&get, "/x", Some("127.0.0.1:8080"))),
+            Route::Upstream {
+                index: 0,
+                path: None
+            }
+        );
+    }
+
+    #[test]
+    fn connect_and_foreign_absolute_targets_are_forbidden() {
+        let r = routes();
+        assert!(matches!(
+            r.route(&view(&Method::CONNECT, "/", None)),
+            Route::Forbidden(_)
+        ));
+        let get = Method::GET;
+        let foreign = RequestView {
+            absolute_authority: Some("evil.example.com:80"),
+            ..view(&get, "/x", None)
+        };
+        assert!(matches!(r.route(&foreign), Route::Forbidden(_)));
+        let known = RequestView {
+            absolute_authority: Some("hub.local"),
+            ..view(&get, "/x", None)
+        };
+        assert_eq!(
+            r.route(&known),
+            Route::Upstream {
+                index: 3,
+                path: None
+            }
+        );
+    }
+
+    #[test]
+    fn no_route_without_catch_all() {
+        let yaml = "upstreams:\n  - { name: a, url: \"http://127.0.0.1:1\", match: { path_prefix: /a } }\n";
+        let r = Routes::new(&Config::parse(yaml, "t.yaml").unwrap().upstreams);
+        assert_eq!(r.route(&view(&Method::GET, "/b", None)), Route::NoRoute);
+        assert_eq!(
+            r.route(&view(&Method::GET, "/a/b", None)),
+            Route::Upstream {
+                index: 0,
+                path: None
+            }
+        );
+    }
+
+    #[test]
+    fn ports_and_ipv6_are_stripped() {
+        assert_eq!(strip_port("a.b:80"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("a.b"), "a.b");
+    }
+}

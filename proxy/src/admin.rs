@@ -1,0 +1,190 @@
+//! The admin API (SPEC §9) on `admin_listen`: health, readiness, token status and control,
+//! Prometheus metrics. Answers never contain a token.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use sidecar_token::{Status, Trigger};
+
+use crate::app::App;
+
+/// The admin application.
+pub struct Admin {
+    app: Arc<App>,
+    metrics: Option<PrometheusHandle>,
+}
+
+impl Admin {
+    /// Serves `app`; `/metrics` renders `metrics` when given.
+    pub fn new(app: Arc<App>, metrics: Option<PrometheusHandle>) -> Admin {
+        Admin { app, metrics }
+    }
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
+    let body = value.to_string().into_bytes();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("content-length", body.len())
+        .body(body)
+        .unwrap_or_default()
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response<Vec<u8>> {
+    json(
+        status,
+        serde_json::json!({ "error": code, "message": message }),
+    )
+}
+
+fn query(q: Option<&str>) -> HashMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Admin {
+    fn statuses(&self) -> Vec<Status> {
+        let live = self.app.live.load();
+        let mut all: Vec<Status> = live.providers.values().map(|s| s.status()).collect();
+        all.sort_by(|a, b| a.provider.cmp(&b.provider));
+        all
+    }
+
+    async fn token_action(
+        &self,
+        params: &HashMap<String, String>,
+        ensure: bool,
+    ) -> Response<Vec<u8>> {
+        let live = self.app.live.load_full();
+        let Some(name) = params.get("provider") else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "provider=NAME is required".into(),
+            );
+        };
+        let Some(source) = live.providers.get(name) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_provider",
+                format!("no provider named {name}"),
+            );
+        };
+        let wait = live.config.replay.wait_for_token;
+        if ensure {
+            let min_ttl = match params
+                .get("min_ttl")
+                .map(|v| sidecar_config::parse_duration(v))
+            {
+                Some(Ok(d)) => d,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "min_ttl=DURATION is required".into(),
+                    )
+                }
+            };
+            return match source.ensure(min_ttl, wait).await {
+                Ok(_) => json(
+                    StatusCode::OK,
+                    serde_json::to_value(source.status()).unwrap_or_default(),
+                ),
+                Err(e) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "token_unavailable",
+                    e.to_string(),
+                ),
+            };
+        }
+        let stale = source.current().map(|t| t.generation);
+        match tokio::time::timeout(
+            wait.max(Duration::from_secs(1)),
+            source.refresh(Trigger::Manual, stale),
+        )
+        .await
+        {
+            Ok(Ok(_)) => json(
+                StatusCode::OK,
+                serde_json::to_value(source.status()).unwrap_or_default(),
+            ),
+            Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string()),
+            Err(_) => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "refresh_timeout",
+                "refresh did not finish in time".into(),
+            ),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let method = req.method.clone();
+        let path = req.uri.path().to_string();
+        let params = query(req.uri.query());
+        match (method, path.as_str()) {
+            (Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+            (Method::GET, "/readyz") => {
+                let not_ready: Vec<serde_json::Value> = self
+                    .app
+                    .live
+                    .load()
+                    .providers
+                    .values()
+                    .filter(|s| s.usable().is_none())
+                    .map(|s| {
+                        let st = s.status();
+                        serde_json::json!({"provider": st.provider, "state": st.state, "last_error": st.last_error})
+                    })
+                    .collect();
+                if not_ready.is_empty() {
+                    json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+                } else {
+                    json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        serde_json::json!({"status": "not_ready", "providers": not_ready}),
+                    )
+                }
+            }
+            (Method::GET, "/v1/token/status") => json(
+                StatusCode::OK,
+                serde_json::json!({ "providers": self.statuses() }),
+            ),
+            (Method::POST, "/v1/token/refresh") => self.token_action(&params, false).await,
+            (Method::POST, "/v1/token/ensure") => self.token_action(&params, true).await,
+            (Method::GET, "/metrics") => {
+                let body = self
+                    .metrics
+                    .as_ref()
+                    .map(|m| m.render())
+                    .unwrap_or_default()
+                    .into_bytes();
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "text/plain; version=0.0.4")
+                    .header("content-length", body.len())
+                    .body(body)
+                    .unwrap_or_default()
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no admin endpoint {path}"),
+            ),
+        }
+    }
+}

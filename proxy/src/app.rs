@@ -1,0 +1,211 @@
+//! Shared state: the live config with its compiled routes, peers and token sources, swapped
+//! atomically on reload; counters of in-flight and waiting requests.
+
+use std::collections::HashMap;
+use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::{parse_x509, WrappedX509};
+use sidecar_config::{Config, Upstream};
+use sidecar_filters::Routes;
+use sidecar_token::TokenSource;
+use tokio::sync::Notify;
+
+/// Everything a request needs, built once per config.
+pub struct Live {
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// Compiled routes.
+    pub routes: Routes,
+    /// Per upstream, in config order.
+    pub upstreams: Vec<UpstreamRt>,
+    /// Token sources by provider name.
+    pub providers: HashMap<String, TokenSource>,
+}
+
+/// An upstream ready for requests.
+pub struct UpstreamRt {
+    /// Its config.
+    pub config: Upstream,
+    /// Cloned for every request: address, TLS, timeouts resolved once.
+    pub peer: HttpPeer,
+    /// `Host` header to send.
+    pub host_header: HeaderValue,
+    /// Its provider, if tokens are injected.
+    pub tokens: Option<TokenSource>,
+}
+
+/// Why a config could not be put to work.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// An upstream host that does not resolve, or a CA file that cannot be read.
+    #[error("upstream {upstream}: {message}")]
+    Upstream {
+        /// Name.
+        upstream: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl Live {
+    /// Builds routes and peers; token sources are taken from `providers` (kept across reloads
+    /// when their settings did not change) or created and started on `handle`.
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Live>,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<Live, BuildError> {
+        let mut providers = HashMap::new();
+        for (name, p) in &config.providers {
+            let reused = previous.and_then(|prev| {
+                let same = prev.config.providers.get(name) == Some(p);
+                same.then(|| prev.providers.get(name).cloned()).flatten()
+            });
+            let source = reused.unwrap_or_else(|| {
+                let s = TokenSource::new(p, handle.clone());
+                s.start();
+                s
+            });
+            providers.insert(name.clone(), source);
+        }
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        for u in &config.upstreams {
+            upstreams.push(UpstreamRt {
+                peer: peer_for(u)?,
+                host_header: HeaderValue::from_str(&u.authority).map_err(|e| {
+                    BuildError::Upstream {
+                        upstream: u.name.clone(),
+                        message: format!("bad host: {e}"),
+                    }
+                })?,
+                tokens: u.provider.as_ref().and_then(|p| providers.get(p).cloned()),
+                config: u.clone(),
+            });
+        }
+        Ok(Live {
+            routes: Routes::new(&config.upstreams),
+            upstreams,
+            providers,
+            config,
+        })
+    }
+
+    /// Stops the refreshers of providers that `next` no longer uses.
+    pub fn retire(&self, next: &Live) {
+        for (name, source) in &self.providers {
+            let kept = next.providers.get(name).is_some_and(|n| n.same_as(source));
+            if !kept {
+                source.stop();
+            }
+        }
+    }
+}
+
+fn peer_for(u: &Upstream) -> Result<HttpPeer, BuildError> {
+    let err = |message: String| BuildError::Upstream {
+        upstream: u.name.clone(),
+        message,
+    };
+    let addr = (u.host.as_str(), u.port)
+        .to_socket_addrs()
+        .map_err(|e| err(format!("cannot resolve {}: {e}", u.host)))?
+        .next()
+        .ok_or_else(|| err(format!("{} resolves to no address", u.host)))?;
+    let sni = u.server_name.clone().unwrap_or_else(|| u.host.clone());
+    let mut peer = HttpPeer::new(addr, u.tls, sni);
+    let o = &mut peer.options;
+    o.connection_timeout = Some(u.connect_timeout);
+    o.total_connection_timeout = Some(u.connect_timeout);
+    o.read_timeout = Some(u.read_timeout);
+    o.write_timeout = Some(u.read_timeout);
+    o.idle_timeout = Some(u.idle_timeout);
+    if u.tls {
+        o.alpn = pingora::protocols::ALPN::H2H1;
+        if let Some(path) = &u.ca_file {
+            o.ca = Some(Arc::from(load_ca(path).map_err(err)?));
+        }
+    }
+    Ok(peer)
+}
+
+fn load_ca(path: &std::path::Path) -> Result<Vec<WrappedX509>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+    let mut certs = Vec::new();
+    let mut rest = text.as_str();
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    while let Some(start) = rest.find(BEGIN) {
+        let after = &rest[start + BEGIN.len()..];
+        let end = after
+            .find(END)
+            .ok_or_else(|| format!("ca_file {}: unterminated certificate", path.display()))?;
+        let b64: String = after[..end].split_whitespace().collect();
+        use base64::Engine;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        certs.push(WrappedX509::new(der, parse_x509));
+        rest = &after[end + END.len()..];
+    }
+    if certs.is_empty() {
+        return Err(format!(
+            "ca_file {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The process-wide state the proxy and admin services share.
+pub struct App {
+    /// The current config and everything built from it.
+    pub live: ArcSwap<Live>,
+    /// Where identity-provider calls and refreshers run.
+    pub token_runtime: tokio::runtime::Handle,
+    /// Requests being proxied now (for graceful shutdown).
+    pub inflight: AtomicUsize,
+    /// Wakes the shutdown wait when `inflight` drops to zero.
+    pub idle: Notify,
+    /// Requests waiting for a token now (bounded by `replay.max_waiting`).
+    pub waiting: AtomicUsize,
+}
+
+impl App {
+    /// Builds the first live state.
+    pub fn new(
+        config: Config,
+        token_runtime: tokio::runtime::Handle,
+    ) -> Result<Arc<App>, BuildError> {
+        let live = Live::build(Arc::new(config), None, &token_runtime)?;
+        Ok(Arc::new(App {
+            live: ArcSwap::from_pointee(live),
+            token_runtime,
+            inflight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            waiting: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        InflightGuard(self.clone())
+    }
+}
+
+/// Decrements the in-flight count when a request ends, however it ends.
+pub struct InflightGuard(Arc<App>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The command line (SPEC §3) and the `run` path shared with `demo`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::listening::Service;
+use sidecar_config::Config;
+
+use crate::admin::Admin;
+use crate::app::{App, Live};
+use crate::service::Sidecar;
+use crate::shutdown::Signals;
+
+/// An authenticating egress sidecar: point your API base URL at it and it injects, refreshes
+/// and (when safe) replays bearer tokens.
+#[derive(Debug, Parser)]
+#[command(name = "token-sidecar", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve with a config file.
+    Run {
+        /// Config file.
+        #[arg(short, long, env = "TOKEN_SIDECAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print it resolved, secrets redacted.
+    Check {
+        /// Config file.
+        #[arg(short, long, env = "TOKEN_SIDECAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Start a mock identity provider and API on loopback with the sidecar in front, show what
+    /// it does, then keep serving.
+    Demo {
+        /// Data-plane address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_listen: String,
+        /// Exit after the scripted run instead of serving on.
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Print a fresh random 32-byte key (base64) for the token store.
+    Keygen,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => match Config::load(&config) {
+            Ok(c) => serve(c, None),
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+        },
+        Command::Demo {
+            listen,
+            admin_listen,
+            exit,
+        } => crate::demo::run(&listen, &admin_listen, exit),
+        Command::Keygen => {
+            let key: [u8; 32] = rand::random();
+            println!("{}", base64::engine::general_purpose::STANDARD.encode(key));
+            0
+        }
+    }
+}
+
+fn check(path: &Path) -> i32 {
+    match Config::load(path) {
+        Ok(c) => {
+            print!("{}", c.redacted_yaml());
+            eprintln!("{}: configuration is valid", path.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn metrics_recorder() -> Option<PrometheusHandle> {
+    let buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
+    ];
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(&buckets)
+        .ok()?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).ok()?;
+    Some(handle)
+}
+
+/// Re-reads the config file and swaps it in; the running config stays when the new one is
+/// invalid.
+pub fn reload(app: &App, path: &Path) {
+    let result = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            let old = app.live.load_full();
+            if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen
+            {
+                tracing::warn!("listen addresses changed; that takes effect only after a restart");
+            }
+            let next = Live::build(Arc::new(config), Some(&old), &app.token_runtime)
+                .map_err(|e| e.to_string())?;
+            old.retire(&next);
+            app.live.store(Arc::new(next));
+            Ok(())
+        });
+    match result {
+        Ok(()) => {
+            metrics::counter!("sidecar_config_reloads_total", "result" => "success").increment(1);
+            tracing::info!(file = %path.display(), "configuration reloaded");
+        }
+        Err(e) => {
+            metrics::counter!("sidecar_config_reloads_total", "result" => "error").increment(1);
+            tracing::error!(error = %e, "configuration reload failed; keeping the running one");
+        }
+    }
+}
+
+/// Serves `config` until a signal stops it; returns the exit code. `on_ready` runs once the
+/// state is built (the demo uses it to start its scripted client).
+pub fn serve(config: Config, on_ready: Option<Box<dyn FnOnce(Arc<App>) + Send>>) -> i32 {
+    crate::logging::init(&config.log);
+    let metrics = metrics_recorder();
+    let token_rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("token-refresh")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the token runtime: {e}");
+            return 1;
+        }
+    };
+    let listen = config.listen.to_string();
+    let admin_listen = config.admin_listen.to_string();
+    let source = config.source.clone();
+    let app = match App::new(config, token_rt.handle().clone()) {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+
+    let conf = ServerConf {
+        threads: 1,
+        // Grace is handled by our own SIGTERM drain (Pingora would sleep its full grace period
+        // even when idle).
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Sidecar::new(app.clone()),
+        "token-sidecar proxy",
+    );
+    proxy.add_tcp(&listen);
+    let mut admin = Service::new(
+        "token-sidecar admin".to_string(),
+        HttpServer::new_app(Admin::new(app.clone(), metrics)),
+    );
+    admin.add_tcp(&admin_listen);
+    server.add_service(proxy);
+    server.add_service(admin);
+
+    tracing::info!(listen = %listen, admin = %admin_listen, "token-sidecar serving");
+    if let Some(f) = on_ready {
+        f(app.clone());
+    }
+    let reload_app = app.clone();
+    let reload: Box<dyn Fn() + Send + Sync> = match source {
+        Some(path) => Box::new(move || reload(&reload_app, &path)),
+        None => Box::new(|| tracing::info!("SIGHUP: no config file to reload")),
+    };
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals::new(app.clone(), reload)),
+    });
+    for source in app.live.load().providers.values() {
+        source.stop();
+    }
+    token_rt.shutdown_background();
+    0
+}

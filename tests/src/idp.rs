@@ -1,0 +1,373 @@
+//! A mock OAuth2 identity provider (token endpoint only).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::Engine as _;
+use tokio::sync::watch;
+
+use crate::registry::TokenRegistry;
+use crate::server::{self, DownGate};
+use crate::util::{final_status, form_decode, json_response, lock, parse_form};
+
+/// Largest token request body the mock reads.
+const MAX_BODY: usize = 1 << 20;
+
+/// Settings for [`MockIdp::start`].
+///
+/// The default accepts `demo-client` / `demo-secret`, issues tokens for an
+/// hour, answers immediately and uses a fresh [`TokenRegistry`].
+#[derive(Clone, Debug)]
+pub struct IdpConfig {
+    /// The only client id accepted.
+    pub client_id: String,
+    /// The secret that goes with `client_id`.
+    pub client_secret: String,
+    /// Lifetime of issued tokens (changeable later with [`MockIdp::set_ttl`]).
+    pub ttl: Duration,
+    /// Delay before every answer (changeable with [`MockIdp::set_latency`]).
+    pub latency: Duration,
+    /// Where issued tokens are recorded; share it with a [`MockUpstream`](crate::MockUpstream).
+    pub registry: TokenRegistry,
+}
+
+impl Default for IdpConfig {
+    fn default() -> Self {
+        Self {
+            client_id: "demo-client".to_owned(),
+            client_secret: "demo-secret".to_owned(),
+            ttl: Duration::from_secs(3600),
+            latency: Duration::ZERO,
+            registry: TokenRegistry::new(),
+        }
+    }
+}
+
+/// A failure the IdP can be told to simulate with [`MockIdp::set_failure`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Answer this status with `{"error":"server_error","error_description":"injected failure"}`
+    /// (invalid or 1xx codes become 500).
+    Status(u16),
+    /// Answer 200 with the non-JSON body `<html>oops`.
+    Garbage,
+    /// Close every connection without answering, so clients see a
+    /// connection error; the same URL works again after `set_failure(None)`.
+    /// Requests dropped this way are not recorded.
+    Down,
+}
+
+/// One request received by the token endpoint, as recorded by [`MockIdp`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdpRequest {
+    /// The `grant_type` form field (empty if missing).
+    pub grant_type: String,
+    /// The `scope` form field, if sent.
+    pub scope: Option<String>,
+    /// How the client authenticated: `"basic"` (Authorization header),
+    /// `"post"` (form fields) or `"none"`.
+    pub auth_method: String,
+    /// The client id presented, by whichever method.
+    pub client_id: Option<String>,
+    /// Every other form field (e.g. `audience`), without `grant_type`,
+    /// `scope`, `client_id` and `client_secret`.
+    pub params: HashMap<String, String>,
+}
+
+struct Settings {
+    ttl: Duration,
+    latency: Duration,
+    failure: Option<Failure>,
+}
+
+struct Shared {
+    client_id: String,
+    client_secret: String,
+    registry: TokenRegistry,
+    settings: Mutex<Settings>,
+    requests: Mutex<Vec<IdpRequest>>,
+}
+
+/// A mock OAuth2 token endpoint (`POST /oauth2/token`, `client_credentials`
+/// grant, client auth by HTTP Basic or form fields) on an ephemeral loopback
+/// port.
+///
+/// Use it wherever the sidecar needs an IdP; its knobs inject latency,
+/// errors, garbage and outages, and it records every token request.
+/// Dropping the handle stops the server.
+pub struct MockIdp {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl MockIdp {
+    /// Starts the IdP on `127.0.0.1:0` on the current tokio runtime.
+    ///
+    /// # Panics
+    /// If no loopback port can be bound; see [`MockIdp::try_start`].
+    pub async fn start(cfg: IdpConfig) -> MockIdp {
+        Self::try_start(cfg)
+            .await
+            .expect("mock IdP: cannot bind 127.0.0.1:0")
+    }
+
+    /// Like [`MockIdp::start`], but reports bind errors.
+    pub async fn try_start(cfg: IdpConfig) -> io::Result<MockIdp> {
+        let (listener, addr) = server::bind_loopback().await?;
+        let shared = Arc::new(Shared {
+            client_id: cfg.client_id,
+            client_secret: cfg.client_secret,
+            registry: cfg.registry,
+            settings: Mutex::new(Settings {
+                ttl: cfg.ttl,
+                latency: cfg.latency,
+                failure: None,
+            }),
+            requests: Mutex::new(Vec::new()),
+        });
+        let router = Router::new()
+            .route("/oauth2/token", post(token_endpoint))
+            .with_state(Arc::clone(&shared));
+        let gate_state = Arc::clone(&shared);
+        let down: DownGate =
+            Arc::new(move || lock(&gate_state.settings).failure == Some(Failure::Down));
+        let (shutdown, rx) = watch::channel(false);
+        server::spawn(listener, router, rx, Some(down));
+        Ok(MockIdp {
+            addr,
+            shared,
+            shutdown,
+        })
+    }
+
+    /// Base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The token endpoint, `{url}/oauth2/token`.
+    pub fn token_url(&self) -> String {
+        format!("{}/oauth2/token", self.url())
+    }
+
+    /// The bound socket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Number of token requests received (failed ones included).
+    pub fn calls(&self) -> usize {
+        lock(&self.shared.requests).len()
+    }
+
+    /// Every token request received so far, oldest first.
+    pub fn requests(&self) -> Vec<IdpRequest> {
+        lock(&self.shared.requests).clone()
+    }
+
+    /// Changes the lifetime of tokens issued from now on.
+    pub fn set_ttl(&self, ttl: Duration) {
+        lock(&self.shared.settings).ttl = ttl;
+    }
+
+    /// Changes the delay applied before every answer.
+    pub fn set_latency(&self, latency: Duration) {
+        lock(&self.shared.settings).latency = latency;
+    }
+
+    /// Injects a failure into every following request, or heals with `None`.
+    pub fn set_failure(&self, failure: Option<Failure>) {
+        lock(&self.shared.settings).failure = failure;
+    }
+
+    /// The registry issued tokens are recorded in.
+    pub fn registry(&self) -> TokenRegistry {
+        self.shared.registry.clone()
+    }
+
+    /// Stops accepting connections; in-flight requests still complete.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl Drop for MockIdp {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl fmt::Debug for MockIdp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockIdp")
+            .field("addr", &self.addr)
+            .field("client_id", &self.shared.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: Option<&str>) -> Response {
+    let mut body = serde_json::json!({ "error": error });
+    if let Some(description) = description {
+        body["error_description"] = description.into();
+    }
+    json_response(status, body.to_string())
+}
+
+/// Decodes `Basic base64(id:secret)`; `None` if malformed.
+fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
+    let value = value.to_str().ok()?.trim();
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let encoded = encoded.trim();
+    let decoded = STANDARD
+        .decode(encoded)
+        .or_else(|_| STANDARD_NO_PAD.decode(encoded))
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+fn is_basic(value: &HeaderValue) -> bool {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().split_once(' '))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+}
+
+async fn token_endpoint(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let body = axum::body::to_bytes(body, MAX_BODY).await;
+    let mut fields: HashMap<String, String> = match &body {
+        Ok(bytes) => parse_form(&String::from_utf8_lossy(bytes))
+            .into_iter()
+            .collect(),
+        Err(_) => HashMap::new(),
+    };
+    let grant_type = fields.remove("grant_type").unwrap_or_default();
+    let scope = fields.remove("scope");
+    let form_id = fields.remove("client_id");
+    let form_secret = fields.remove("client_secret");
+
+    // Basic wins if both methods are present (RFC 6749 forbids mixing them).
+    let authorization = headers.get(header::AUTHORIZATION).filter(|v| is_basic(v));
+    let (auth_method, presented_id, credentials) = if let Some(value) = authorization {
+        let credentials = basic_credentials(value);
+        let id = credentials.as_ref().map(|(id, _)| id.clone());
+        ("basic", id, credentials)
+    } else if form_id.is_some() || form_secret.is_some() {
+        ("post", form_id.clone(), form_id.zip(form_secret))
+    } else {
+        ("none", None, None)
+    };
+
+    lock(&shared.requests).push(IdpRequest {
+        grant_type: grant_type.clone(),
+        scope: scope.clone(),
+        auth_method: auth_method.to_owned(),
+        client_id: presented_id,
+        params: fields,
+    });
+
+    let latency = lock(&shared.settings).latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (ttl, failure) = {
+        let settings = lock(&shared.settings);
+        (settings.ttl, settings.failure)
+    };
+
+    match failure {
+        Some(Failure::Status(code)) => {
+            return oauth_error(final_status(code), "server_error", Some("injected failure"))
+        }
+        Some(Failure::Garbage) => {
+            let mut resp = Response::new(Body::from("<html>oops"));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            return resp;
+        }
+        // Normally caught before routing; answer like a broken server anyway.
+        Some(Failure::Down) => {
+            return oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                None,
+            )
+        }
+        None => {}
+    }
+
+    if body.is_err() {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            Some("unreadable request body"),
+        );
+    }
+
+    let authenticated = credentials.is_some_and(|(id, secret)| {
+        (id == shared.client_id && secret == shared.client_secret)
+            || (form_decode(&id) == shared.client_id
+                && form_decode(&secret) == shared.client_secret)
+    });
+    if !authenticated {
+        let mut resp = oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            Some("client authentication failed"),
+        );
+        if auth_method == "basic" {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"mock-idp\""),
+            );
+        }
+        return resp;
+    }
+
+    if grant_type.is_empty() {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            Some("missing grant_type"),
+        );
+    }
+    if grant_type != "client_credentials" {
+        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", None);
+    }
+
+    let token = shared.registry.issue(ttl);
+    let mut answer = serde_json::json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": ttl.as_secs().max(1),
+    });
+    if let Some(scope) = scope {
+        answer["scope"] = scope.into();
+    }
+    let mut resp = json_response(StatusCode::OK, answer.to_string());
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
