@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
+pub use schema::RateLimitMode;
 pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};
-pub use values::{parse_duration, parse_size, Secret};
+pub use values::{parse_duration, parse_rate, parse_size, Rate, Secret, SecretJson};
 
 /// A config that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,8 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// Replay and token-wait settings.
     pub replay: Replay,
+    /// Client-side rate limits in file order.
+    pub rate_limits: Vec<RateLimit>,
     /// Logging.
     pub log: RawLog,
 }
@@ -86,6 +89,83 @@ pub struct Provider {
     pub default_ttl: Duration,
     /// When to refresh.
     pub refresh: RefreshPolicy,
+    /// Encrypted persistence across restarts; `None`: tokens live in memory only.
+    pub store: Option<Store>,
+}
+
+/// Where and with which key a provider's tokens are persisted (SPEC §5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Store {
+    /// The store file.
+    pub path: PathBuf,
+    /// A 32-byte base64 key, or else a passphrase for the KDF.
+    pub key: Secret,
+}
+
+/// An OAuth2 client as the token endpoint knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuthClient {
+    /// Token endpoint.
+    pub token_url: String,
+    /// Client id.
+    pub client_id: String,
+    /// How the client authenticates.
+    pub credential: ClientCredential,
+}
+
+/// How an OAuth2 client proves who it is at the token endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientCredential {
+    /// A public client: only `client_id` is sent, as a form field.
+    None,
+    /// `client_secret_basic`.
+    SecretBasic(Secret),
+    /// `client_secret_post`.
+    SecretPost(Secret),
+    /// `private_key_jwt` (RFC 7523): a JWT signed with this PEM key (RS256 or ES256).
+    PrivateKeyJwt {
+        /// The PEM private key.
+        key: Secret,
+        /// `kid` header of the assertion.
+        key_id: Option<String>,
+    },
+}
+
+/// What an `oauth2_refresh_token` provider does when its refresh token is refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoginFallback {
+    /// Resource-owner password grant.
+    Password {
+        /// Resource owner.
+        username: String,
+        /// Password.
+        password: Secret,
+    },
+    /// Client-credentials grant with the provider's client.
+    ClientCredentials,
+}
+
+/// One JSON call of `json_login` (the login or the renew).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonCall {
+    /// Endpoint.
+    pub url: String,
+    /// HTTP method.
+    pub method: Method,
+    /// Extra headers (values may be secrets).
+    pub headers: Vec<(HeaderName, Secret)>,
+    /// JSON body template.
+    pub body: Option<SecretJson>,
+    /// JSON pointer to the token.
+    pub token_pointer: String,
+    /// JSON pointer to the lifetime in seconds.
+    pub expires_in_pointer: Option<String>,
+    /// JSON pointer to the expiry (Unix seconds or RFC 3339).
+    pub expires_at_pointer: Option<String>,
+    /// JSON pointer to a success flag.
+    pub success_pointer: Option<String>,
+    /// JSON pointer to the error message.
+    pub error_pointer: Option<String>,
 }
 
 /// How a provider obtains tokens.
@@ -93,18 +173,59 @@ pub struct Provider {
 pub enum ProviderKind {
     /// OAuth2 client credentials grant.
     ClientCredentials {
-        /// Token endpoint.
-        token_url: String,
-        /// Client id.
-        client_id: String,
-        /// Client secret.
-        client_secret: Secret,
-        /// Basic or post.
-        client_auth: ClientAuth,
+        /// The client.
+        client: OAuthClient,
         /// Scopes, joined by spaces when sent.
         scopes: Vec<String>,
         /// Extra form fields.
         params: BTreeMap<String, String>,
+    },
+    /// OAuth2 refresh-token grant from a configured initial refresh token.
+    RefreshToken {
+        /// The client.
+        client: OAuthClient,
+        /// The initial refresh token (rotated ones are held in memory and in the store).
+        refresh_token: Secret,
+        /// Scopes, joined by spaces when sent.
+        scopes: Vec<String>,
+        /// Extra form fields.
+        params: BTreeMap<String, String>,
+        /// Login used when the refresh token is refused.
+        fallback: Option<LoginFallback>,
+    },
+    /// OAuth2 password grant, then refresh-token grants while they work.
+    Password {
+        /// The client.
+        client: OAuthClient,
+        /// Resource owner.
+        username: String,
+        /// Password.
+        password: Secret,
+        /// Scopes, joined by spaces when sent.
+        scopes: Vec<String>,
+        /// Extra form fields.
+        params: BTreeMap<String, String>,
+    },
+    /// A JSON login endpoint with an optional renew call.
+    JsonLogin {
+        /// The login call.
+        login: Box<JsonCall>,
+        /// The renew call, sent with the current token as Bearer.
+        renew: Option<Box<JsonCall>>,
+    },
+    /// A command whose output is the token.
+    Exec {
+        /// Program and arguments (no shell).
+        command: Vec<String>,
+        /// Kill the command after this long.
+        timeout: Duration,
+        /// Extra environment.
+        env: BTreeMap<String, Secret>,
+    },
+    /// A token file, re-read when it changes.
+    File {
+        /// The file.
+        path: PathBuf,
     },
     /// A fixed token.
     Static {
@@ -126,6 +247,8 @@ pub struct RefreshPolicy {
     pub min_interval: Duration,
     /// Delays after consecutive failures; the last repeats.
     pub backoff: Vec<Duration>,
+    /// After this many failures in a row, failures are logged at error level.
+    pub escalate_after: u32,
 }
 
 /// One upstream route, parsed.
@@ -169,6 +292,10 @@ pub struct Upstream {
     pub server_name: Option<String>,
     /// Expired-token detection.
     pub expiry: Expiry,
+    /// Consecutive network/5xx failures that open the circuit breaker (0: off).
+    pub breaker_failures: u32,
+    /// How long the breaker stays open.
+    pub breaker_cooldown: Duration,
 }
 
 /// Where the token is put.
@@ -210,6 +337,41 @@ pub struct Replay {
     pub max_waiting: usize,
     /// Add `X-Sidecar-Replayed`.
     pub debug_header: bool,
+}
+
+/// One client-side rate limit (SPEC §7), validated. Equal values mean "unchanged" across a
+/// reload, so the limiter keeps that rule's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// Name for metrics, logs and 429 answers.
+    pub name: String,
+    /// Name of the upstream whose requests it limits.
+    pub upstream: String,
+    /// Methods it counts; empty: any.
+    pub methods: Vec<Method>,
+    /// Path glob (`*` one segment, `**` any); `None`: any path.
+    pub path: Option<globset::Glob>,
+    /// Requests per period.
+    pub rate: Rate,
+    /// Requests that may go at once after a quiet spell.
+    pub burst: u32,
+    /// Delay or reject what is over the limit.
+    pub mode: RateLimitMode,
+    /// Longest delay in `wait` mode.
+    pub max_wait: std::time::Duration,
+    /// Separate limits per client, if set.
+    pub key: Option<RateKey>,
+    /// Most keys remembered at once.
+    pub max_keys: usize,
+}
+
+/// What separates the clients of a keyed rate limit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RateKey {
+    /// The client's IP address.
+    ClientIp,
+    /// The value of this request header.
+    Header(HeaderName),
 }
 
 impl Config {

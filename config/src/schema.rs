@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::values::{Dur, Percent, Secret, Size};
+use crate::values::{Dur, Percent, Secret, SecretJson, Size};
 
 fn secs(n: u64) -> Dur {
     Dur(Duration::from_secs(n))
@@ -42,6 +42,9 @@ pub struct RawConfig {
     /// Retry of transient upstream failures.
     #[serde(default)]
     pub retry: RawRetry,
+    /// Client-side rate limits (SPEC §7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RawRateLimit>,
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
@@ -63,6 +66,16 @@ fn default_grace() -> Dur {
 pub enum ProviderType {
     /// RFC 6749 §4.4.
     Oauth2ClientCredentials,
+    /// RFC 6749 §6, from a configured initial refresh token.
+    Oauth2RefreshToken,
+    /// RFC 6749 §4.3, then refresh-token grants while they work.
+    Oauth2Password,
+    /// A non-standard JSON login endpoint, with an optional renew call.
+    JsonLogin,
+    /// A command that prints a token.
+    Exec,
+    /// A token file, re-read when it changes.
+    File,
     /// A fixed token.
     Static,
 }
@@ -76,6 +89,8 @@ pub enum ClientAuth {
     ClientSecretBasic,
     /// Id and secret as form fields.
     ClientSecretPost,
+    /// A signed JWT assertion (RFC 7523) made with `private_key`.
+    PrivateKeyJwt,
 }
 
 /// One provider. Fields are flat so unknown keys are still caught; validation checks which
@@ -107,6 +122,42 @@ pub struct RawProvider {
     /// The token of a `static` provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<Secret>,
+    /// PEM private key (RS256 or ES256) for `client_auth: private_key_jwt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<Secret>,
+    /// `kid` header of `private_key_jwt` assertions, when the IdP needs it to pick the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Initial refresh token of an `oauth2_refresh_token` provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Secret>,
+    /// Resource owner (`oauth2_password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Resource owner's password (`oauth2_password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// The login call of `json_login`, or the fallback login of `oauth2_refresh_token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<RawLogin>,
+    /// The optional renew call of `json_login`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew: Option<RawRenew>,
+    /// Command and arguments of an `exec` provider (no shell).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// How long an `exec` command may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    /// Extra environment of an `exec` command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, Secret>,
+    /// Token file of a `file` provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Encrypted persistence across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<RawStore>,
     /// Lifetime assumed when the answer carries none.
     #[serde(default = "default_ttl")]
     pub default_ttl: Dur,
@@ -117,6 +168,91 @@ pub struct RawProvider {
 
 fn default_ttl() -> Dur {
     secs(3600)
+}
+
+/// A login call. `json_login` uses the JSON fields; the fallback `login` of
+/// `oauth2_refresh_token` uses `type` (and `username`/`password` for `oauth2_password`). One
+/// flat struct so unknown keys are still caught; validation checks which fields apply.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogin {
+    /// Fallback grant: `oauth2_password` or `oauth2_client_credentials`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ProviderType>,
+    /// Resource owner, for a password fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Resource owner's password, for a password fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Login endpoint (`json_login`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// HTTP method of the login call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Extra request headers; values may hold secrets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, Secret>,
+    /// JSON body template, sent as JSON; `${env:}`/`${file:}` references are resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<SecretJson>,
+    /// JSON pointer to the token in the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_pointer: Option<String>,
+    /// JSON pointer to the lifetime in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_pointer: Option<String>,
+    /// JSON pointer to the expiry (Unix seconds or RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_pointer: Option<String>,
+    /// JSON pointer to a success flag; `false` means the login failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_pointer: Option<String>,
+    /// JSON pointer to the error message of a failed login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_pointer: Option<String>,
+}
+
+/// The renew call of `json_login`: trades the current token (sent as Bearer) for a new one.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRenew {
+    /// Renew endpoint.
+    pub url: String,
+    /// HTTP method (default POST).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Extra request headers; values may hold secrets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, Secret>,
+    /// Optional JSON body template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<SecretJson>,
+    /// JSON pointer to the new token.
+    pub token_pointer: String,
+    /// JSON pointer to the lifetime in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_pointer: Option<String>,
+    /// JSON pointer to the expiry (Unix seconds or RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_pointer: Option<String>,
+    /// JSON pointer to a success flag; `false` means the renew failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_pointer: Option<String>,
+    /// JSON pointer to the error message of a failed renew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_pointer: Option<String>,
+}
+
+/// Encrypted token store (SPEC §5).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// The store file; its directory must exist.
+    pub path: String,
+    /// A 32-byte base64 key (`token-sidecar keygen`) or a passphrase.
+    pub key: Secret,
 }
 
 /// When to refresh.
@@ -138,6 +274,13 @@ pub struct RawRefresh {
     /// Delays after consecutive failed refreshes; the last repeats.
     #[serde(default = "default_backoff")]
     pub backoff: Vec<Dur>,
+    /// After this many failures in a row, failures are logged at error level.
+    #[serde(default = "default_escalate_after")]
+    pub escalate_after: u32,
+}
+
+fn default_escalate_after() -> u32 {
+    3
 }
 
 fn default_before() -> Dur {
@@ -164,6 +307,7 @@ impl Default for RawRefresh {
             skew: default_skew(),
             min_interval: default_min_interval(),
             backoff: default_backoff(),
+            escalate_after: default_escalate_after(),
         }
     }
 }
@@ -213,6 +357,37 @@ pub struct RawUpstream {
     /// How an expired-token answer looks.
     #[serde(default)]
     pub expiry: RawExpiry,
+    /// Fail fast after repeated network or 5xx failures.
+    #[serde(default)]
+    pub circuit_breaker: RawBreaker,
+}
+
+/// Circuit breaker of one upstream.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    /// Consecutive network/5xx failures that open it; 0 turns it off.
+    #[serde(default = "default_breaker_failures")]
+    pub failures: u32,
+    /// How long it stays open before one probe goes through.
+    #[serde(default = "default_breaker_cooldown")]
+    pub cooldown: Dur,
+}
+
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> Dur {
+    secs(10)
+}
+
+impl Default for RawBreaker {
+    fn default() -> Self {
+        RawBreaker {
+            failures: default_breaker_failures(),
+            cooldown: default_breaker_cooldown(),
+        }
+    }
 }
 
 /// Route match. Both set: both must match.
@@ -444,6 +619,78 @@ impl Default for RawRetry {
             max_retry_after: default_max_retry_after(),
         }
     }
+}
+
+/// What a rate limit does with a request over the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitMode {
+    /// Delay it until it conforms, up to `max_wait`.
+    #[default]
+    Wait,
+    /// Answer 429 at once.
+    Reject,
+}
+
+/// One client-side rate limit (SPEC §7).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Name used in metrics, logs and 429 answers.
+    pub name: String,
+    /// The upstream whose requests it limits.
+    pub upstream: String,
+    /// Which requests of that upstream count; empty: all of them.
+    #[serde(default, rename = "match")]
+    pub matcher: RawRateMatch,
+    /// `count/period`, like `50/30s` (checked by validation, which can point at the line).
+    pub rate: String,
+    /// Requests that may go at once after a quiet spell; default: the rate's count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// `wait` or `reject`.
+    #[serde(default)]
+    pub mode: RateLimitMode,
+    /// Longest delay in `wait` mode; a request that would wait longer gets 429.
+    #[serde(default = "default_max_wait")]
+    pub max_wait: Dur,
+    /// Limit each client (IP or header value) separately instead of all together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RawRateKey>,
+    /// Most keys remembered at once; the least recently used is forgotten.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_wait() -> Dur {
+    secs(30)
+}
+fn default_max_keys() -> usize {
+    10_000
+}
+
+/// Which requests a rate limit counts.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateMatch {
+    /// Methods; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Path glob: `*` is one segment, `**` any number; none: any path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// What separates the clients of a keyed rate limit; exactly one must be set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateKey {
+    /// One limit per client IP address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_ip: bool,
+    /// One limit per value of this request header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
 }
 
 /// Log output format.

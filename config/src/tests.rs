@@ -67,12 +67,11 @@ fn full_example_parses() {
     assert_eq!(c.shutdown_grace, Duration::from_secs(5));
     let main = &c.providers["main"];
     match &main.kind {
-        ProviderKind::ClientCredentials {
-            client_secret,
-            params,
-            ..
-        } => {
-            assert_eq!(client_secret.expose(), "s3cr3t-value");
+        ProviderKind::ClientCredentials { client, params, .. } => {
+            assert_eq!(
+                client.credential,
+                ClientCredential::SecretBasic(Secret::new("s3cr3t-value"))
+            );
             assert_eq!(params["audience"], "https://api.example.com");
         }
         other => panic!("unexpected {other:?}"),
@@ -191,4 +190,133 @@ fn secrets_do_not_leak_into_errors() {
     std::env::set_var("SIDECAR_TEST_LEAKY", "leaky-secret-value");
     let e = err("providers:\n  s:\n    type: static\n    token: ${env:SIDECAR_TEST_LEAKY}\n    token_url: http://x\n");
     assert!(!e.contains("leaky-secret-value"), "{e}");
+}
+
+const RATE_BASE: &str = r#"
+upstreams:
+  - { name: api, url: "http://127.0.0.1:1" }
+rate_limits:
+"#;
+
+#[test]
+fn rate_limits_parse_with_defaults() {
+    let text = format!(
+        "{RATE_BASE}  - name: history
+    upstream: api
+    match: {{ methods: [post], path: \"/api/History/**\" }}
+    rate: 50/30s
+  - name: general
+    upstream: api
+    rate: 200/60s
+    burst: 10
+    mode: reject
+    max_wait: 2s
+    key: {{ header: X-Tenant }}
+    max_keys: 5
+"
+    );
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    let h = &c.rate_limits[0];
+    assert_eq!(h.name, "history");
+    assert_eq!(h.methods, vec![Method::POST]);
+    assert_eq!(h.rate.count, 50);
+    assert_eq!(h.rate.per, Duration::from_secs(30));
+    assert_eq!(h.burst, 50, "burst defaults to the count");
+    assert_eq!(h.mode, RateLimitMode::Wait);
+    assert_eq!(h.max_wait, Duration::from_secs(30));
+    assert_eq!(h.key, None);
+    assert_eq!(h.max_keys, 10_000);
+    let m = h.path.as_ref().unwrap().compile_matcher();
+    assert!(m.is_match("/api/History/a/b"));
+    assert!(!m.is_match("/api/Other/a"));
+    let g = &c.rate_limits[1];
+    assert!(g.methods.is_empty() && g.path.is_none());
+    assert_eq!(
+        (g.burst, g.mode, g.max_keys),
+        (10, RateLimitMode::Reject, 5)
+    );
+    assert_eq!(g.max_wait, Duration::from_secs(2));
+    assert_eq!(
+        g.key,
+        Some(RateKey::Header(HeaderName::from_static("x-tenant")))
+    );
+    // `check` prints what was written.
+    assert!(
+        c.redacted_yaml().contains("rate: 50/30s"),
+        "{}",
+        c.redacted_yaml()
+    );
+}
+
+#[test]
+fn single_star_is_one_segment() {
+    let text = format!(
+        "{RATE_BASE}  - {{ name: a, upstream: api, rate: 1/1s, match: {{ path: \"/x/*\" }} }}\n"
+    );
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    let m = c.rate_limits[0].path.as_ref().unwrap().compile_matcher();
+    assert!(m.is_match("/x/y"));
+    assert!(!m.is_match("/x/y/z"));
+}
+
+#[test]
+fn bad_rates_are_located() {
+    for (rate, want) in [
+        ("50/0s", "more than 0"),
+        ("x/1s", "not a count"),
+        ("0/1s", "at least 1"),
+    ] {
+        let text = format!("{RATE_BASE}  - name: a\n    upstream: api\n    rate: {rate}\n");
+        let e = err(&text);
+        assert!(e.starts_with("bad.yaml:7:"), "{rate}: {e}");
+        assert!(e.contains(want), "{rate}: {e}");
+    }
+}
+
+#[test]
+fn bad_rate_limits_are_located() {
+    let cases = [
+        (
+            "upstream: nope\n    rate: 1/1s",
+            "not defined under upstreams",
+        ),
+        (
+            "upstream: api\n    rate: 1/1s\n    burst: 0",
+            "burst must be at least 1",
+        ),
+        ("upstream: api\n    rate: 1/1s\n    key: {}", "exactly one"),
+        (
+            "upstream: api\n    rate: 1/1s\n    key: { client_ip: true, header: X-A }",
+            "exactly one",
+        ),
+        (
+            "upstream: api\n    rate: 1/1s\n    match: { path: \"api/**\" }",
+            "must start with /",
+        ),
+        ("upstream: api\n    rate: 1/1s\n    max_keys: 0", "max_keys"),
+        (
+            "upstream: api\n    rate: 1/1s\n    mode: later",
+            "unknown variant",
+        ),
+        (
+            "upstream: api\n    rate: 1/1s\n    ratee: 1",
+            "unknown field",
+        ),
+    ];
+    for (body, want) in cases {
+        let text = format!("{RATE_BASE}  - name: a\n    {body}\n");
+        let e = err(&text);
+        assert!(e.starts_with("bad.yaml:"), "{body}: {e}");
+        assert!(!e.starts_with("bad.yaml: "), "no location for {body}: {e}");
+        assert!(e.contains(want), "{body}: {e}");
+    }
+    let dup = format!("{RATE_BASE}  - {{ name: a, upstream: api, rate: 1/1s }}\n  - {{ name: a, upstream: api, rate: 1/1s }}\n");
+    assert!(err(&dup).contains("used twice"), "{}", err(&dup));
+}
+
+#[test]
+fn absurd_rate_windows_are_refused() {
+    let text =
+        format!("{RATE_BASE}  - {{ name: a, upstream: api, rate: 1/100000h, burst: 1000 }}\n");
+    assert!(err(&text).contains("10 years"), "{}", err(&text));
 }

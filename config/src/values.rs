@@ -130,6 +130,60 @@ impl Serialize for Percent {
     }
 }
 
+/// A rate written as `count/period`, `50/30s`: at most `count` requests per `period`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Rate {
+    /// Requests per period; at least 1.
+    pub count: u32,
+    /// The period; more than zero.
+    pub per: Duration,
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_rate(&s).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!(
+            "{}/{}",
+            self.count,
+            humantime::format_duration(self.per)
+        ))
+    }
+}
+
+/// Parses `50/30s`, `200/1m`, `5/250ms`; a bare unit (`10/s`) means one of it.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let t = s.trim();
+    let hint = "write it like 50/30s (requests per period)";
+    let (count, per) = t
+        .split_once('/')
+        .ok_or_else(|| format!("invalid rate {t:?}; {hint}"))?;
+    let count: u32 = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid rate {t:?}: {count:?} is not a count; {hint}"))?;
+    if count == 0 {
+        return Err(format!("invalid rate {t:?}: the count must be at least 1"));
+    }
+    let per = per.trim();
+    let per = if per.starts_with(|c: char| c.is_ascii_digit()) {
+        parse_duration(per)?
+    } else {
+        parse_duration(&format!("1{per}"))?
+    };
+    if per.is_zero() {
+        return Err(format!(
+            "invalid rate {t:?}: the period must be more than 0"
+        ));
+    }
+    Ok(Rate { count, per })
+}
+
 /// A secret value. References `${env:NAME}` and `${file:/path}` are resolved while the config is
 /// read, so a missing one is a config error with its location. It never prints: `Debug` and the
 /// `check` output show `<redacted>`.
@@ -166,6 +220,86 @@ impl<'de> Deserialize<'de> for Secret {
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str("<redacted>")
+    }
+}
+
+/// A JSON template (the `body` of a `json_login` call) whose string values may hold secrets.
+/// References in every string value are resolved while the config is read; `Debug` and `check`
+/// keep the keys and print every value as `<redacted>`.
+#[derive(Clone, PartialEq)]
+pub struct SecretJson(serde_yaml::Value);
+
+impl SecretJson {
+    /// Wraps a value that is already resolved (tests).
+    pub fn new(value: serde_yaml::Value) -> Self {
+        SecretJson(value)
+    }
+
+    /// The template itself, for the one place that sends it.
+    pub fn expose(&self) -> &serde_yaml::Value {
+        &self.0
+    }
+}
+
+fn resolve_tree(v: serde_yaml::Value) -> Result<serde_yaml::Value, String> {
+    use serde_yaml::Value;
+    Ok(match v {
+        Value::String(s) => Value::String(resolve_references(&s)?),
+        Value::Sequence(items) => Value::Sequence(
+            items
+                .into_iter()
+                .map(resolve_tree)
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Mapping(map) => Value::Mapping(
+            map.into_iter()
+                .map(|(k, v)| Ok((k, resolve_tree(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        Value::Tagged(t) => resolve_tree(t.value)?,
+        other => other,
+    })
+}
+
+fn redact_tree(v: &serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    match v {
+        Value::Sequence(items) => Value::Sequence(items.iter().map(redact_tree).collect()),
+        Value::Mapping(map) => Value::Mapping(
+            map.iter()
+                .map(|(k, v)| (k.clone(), redact_tree(v)))
+                .collect(),
+        ),
+        _ => Value::String("<redacted>".into()),
+    }
+}
+
+impl fmt::Debug for SecretJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match serde_json_like(&redact_tree(&self.0)) {
+            Some(s) => f.write_str(&s),
+            None => f.write_str("<redacted>"),
+        }
+    }
+}
+
+/// One-line rendering of a redacted template for `Debug`.
+fn serde_json_like(v: &serde_yaml::Value) -> Option<String> {
+    serde_yaml::to_string(v)
+        .ok()
+        .map(|s| s.trim_end().replace('\n', "; "))
+}
+
+impl<'de> Deserialize<'de> for SecretJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        resolve_tree(v).map(SecretJson).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for SecretJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        redact_tree(&self.0).serialize(s)
     }
 }
 
@@ -243,6 +377,42 @@ mod tests {
         assert!(err.contains("SIDECAR_DEFINITELY_UNSET_VAR"), "{err}");
         assert!(resolve_references("${vault:x}").is_err());
         assert!(resolve_references("${env:X").is_err());
+    }
+
+    #[test]
+    fn secret_json_resolves_and_never_prints() {
+        std::env::set_var("SIDECAR_CONFIG_TEST_APIKEY", "k3y-value");
+        let v: SecretJson = serde_yaml::from_str(
+            "{ userName: me, apiKey: \"${env:SIDECAR_CONFIG_TEST_APIKEY}\", n: [1, \"x\"] }",
+        )
+        .unwrap();
+        assert_eq!(v.expose()["apiKey"].as_str(), Some("k3y-value"));
+        assert_eq!(v.expose()["userName"].as_str(), Some("me"));
+        let printed = serde_yaml::to_string(&v).unwrap();
+        assert!(printed.contains("apiKey: <redacted>"), "{printed}");
+        assert!(
+            !printed.contains("k3y-value") && !printed.contains("me\n"),
+            "{printed}"
+        );
+        let debug = format!("{v:?}");
+        assert!(!debug.contains("k3y-value"), "{debug}");
+        assert!(debug.contains("apiKey"), "{debug}");
+        assert!(serde_yaml::from_str::<SecretJson>("{ k: \"${env:SIDECAR_UNSET_XYZ}\" }").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        let r = parse_rate("50/30s").unwrap();
+        assert_eq!((r.count, r.per), (50, Duration::from_secs(30)));
+        assert_eq!(parse_rate("10/s").unwrap().per, Duration::from_secs(1));
+        assert_eq!(
+            parse_rate(" 5 / 250ms ").unwrap().per,
+            Duration::from_millis(250)
+        );
+        for bad in ["50/0s", "x/1s", "0/1s", "50", "50/", "-1/1s", "50/1parsec"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(serde_yaml::to_string(&r).unwrap().trim(), "50/30s");
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! A mock OAuth2 identity provider (token endpoint only).
+//! A mock identity provider: an OAuth2 token endpoint (client credentials, password and
+//! refresh-token grants, with rotating refresh tokens) and a JSON login API shaped like the
+//! trading APIs of the seeds (`POST /api/Auth/loginKey`, `POST /api/Auth/validate`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,6 +42,14 @@ pub struct IdpConfig {
     pub latency: Duration,
     /// Where issued tokens are recorded; share it with a [`MockUpstream`](crate::MockUpstream).
     pub registry: TokenRegistry,
+    /// `(username, password)` pairs the password grant accepts; empty (the default) turns the
+    /// password grant off (`unsupported_grant_type`).
+    pub users: Vec<(String, String)>,
+    /// `(userName, apiKey)` pairs `POST /api/Auth/loginKey` accepts.
+    pub api_keys: Vec<(String, String)>,
+    /// Each refresh-token grant consumes the refresh token and issues a new one (default). When
+    /// off, refresh answers carry no refresh token and the old one stays valid.
+    pub rotate_refresh_tokens: bool,
 }
 
 impl Default for IdpConfig {
@@ -50,6 +60,9 @@ impl Default for IdpConfig {
             ttl: Duration::from_secs(3600),
             latency: Duration::ZERO,
             registry: TokenRegistry::new(),
+            users: Vec::new(),
+            api_keys: vec![("demo-user".to_owned(), "demo-api-key".to_owned())],
+            rotate_refresh_tokens: true,
         }
     }
 }
@@ -89,14 +102,19 @@ struct Settings {
     ttl: Duration,
     latency: Duration,
     failure: Option<Failure>,
+    rotate: bool,
 }
 
 struct Shared {
     client_id: String,
     client_secret: String,
+    users: Vec<(String, String)>,
+    api_keys: Vec<(String, String)>,
     registry: TokenRegistry,
     settings: Mutex<Settings>,
     requests: Mutex<Vec<IdpRequest>>,
+    /// Refresh tokens that are still accepted.
+    refresh_tokens: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A mock OAuth2 token endpoint (`POST /oauth2/token`, `client_credentials`
@@ -129,16 +147,22 @@ impl MockIdp {
         let shared = Arc::new(Shared {
             client_id: cfg.client_id,
             client_secret: cfg.client_secret,
+            users: cfg.users,
+            api_keys: cfg.api_keys,
             registry: cfg.registry,
             settings: Mutex::new(Settings {
                 ttl: cfg.ttl,
                 latency: cfg.latency,
                 failure: None,
+                rotate: cfg.rotate_refresh_tokens,
             }),
             requests: Mutex::new(Vec::new()),
+            refresh_tokens: Mutex::new(std::collections::HashSet::new()),
         });
         let router = Router::new()
             .route("/oauth2/token", post(token_endpoint))
+            .route("/api/Auth/loginKey", post(login_key_endpoint))
+            .route("/api/Auth/validate", post(validate_endpoint))
             .with_state(Arc::clone(&shared));
         let gate_state = Arc::clone(&shared);
         let down: DownGate =
@@ -190,6 +214,36 @@ impl MockIdp {
     /// Injects a failure into every following request, or heals with `None`.
     pub fn set_failure(&self, failure: Option<Failure>) {
         lock(&self.shared.settings).failure = failure;
+    }
+
+    /// The JSON login endpoint, `{url}/api/Auth/loginKey`.
+    pub fn login_url(&self) -> String {
+        format!("{}/api/Auth/loginKey", self.url())
+    }
+
+    /// The JSON renew endpoint, `{url}/api/Auth/validate`.
+    pub fn validate_url(&self) -> String {
+        format!("{}/api/Auth/validate", self.url())
+    }
+
+    /// Issues a refresh token the refresh-token grant accepts (a provisioned "initial" one).
+    pub fn issue_refresh_token(&self) -> String {
+        issue_refresh_token(&self.shared)
+    }
+
+    /// Whether the refresh-token grant would accept `refresh_token` now.
+    pub fn refresh_token_valid(&self, refresh_token: &str) -> bool {
+        lock(&self.shared.refresh_tokens).contains(refresh_token)
+    }
+
+    /// Makes every refresh token issued so far answer `invalid_grant`.
+    pub fn revoke_refresh_tokens(&self) {
+        lock(&self.shared.refresh_tokens).clear();
+    }
+
+    /// Turns refresh-token rotation on or off for the following grants.
+    pub fn set_rotate_refresh_tokens(&self, rotate: bool) {
+        lock(&self.shared.settings).rotate = rotate;
     }
 
     /// The registry issued tokens are recorded in.
@@ -267,13 +321,20 @@ async fn token_endpoint(
     let scope = fields.remove("scope");
     let form_id = fields.remove("client_id");
     let form_secret = fields.remove("client_secret");
+    let assertion = (fields.get("client_assertion_type").map(String::as_str) == Some(JWT_BEARER))
+        .then(|| fields.get("client_assertion").cloned())
+        .flatten();
 
     // Basic wins if both methods are present (RFC 6749 forbids mixing them).
     let authorization = headers.get(header::AUTHORIZATION).filter(|v| is_basic(v));
+    let mut assertion_ok = false;
     let (auth_method, presented_id, credentials) = if let Some(value) = authorization {
         let credentials = basic_credentials(value);
         let id = credentials.as_ref().map(|(id, _)| id.clone());
         ("basic", id, credentials)
+    } else if let Some(jwt) = &assertion {
+        assertion_ok = assertion_names_client(jwt, &shared.client_id, form_id.as_deref());
+        ("private_key_jwt", form_id.clone(), None)
     } else if form_id.is_some() || form_secret.is_some() {
         ("post", form_id.clone(), form_id.zip(form_secret))
     } else {
@@ -326,11 +387,12 @@ async fn token_endpoint(
         );
     }
 
-    let authenticated = credentials.is_some_and(|(id, secret)| {
-        (id == shared.client_id && secret == shared.client_secret)
-            || (form_decode(&id) == shared.client_id
-                && form_decode(&secret) == shared.client_secret)
-    });
+    let authenticated = assertion_ok
+        || credentials.is_some_and(|(id, secret)| {
+            (id == shared.client_id && secret == shared.client_secret)
+                || (form_decode(&id) == shared.client_id
+                    && form_decode(&secret) == shared.client_secret)
+        });
     if !authenticated {
         let mut resp = oauth_error(
             StatusCode::UNAUTHORIZED,
@@ -353,9 +415,45 @@ async fn token_endpoint(
             Some("missing grant_type"),
         );
     }
-    if grant_type != "client_credentials" {
-        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", None);
-    }
+    let refresh_token = match grant_type.as_str() {
+        "client_credentials" => None,
+        "password" if !shared.users.is_empty() => {
+            let username = body_field(&body, "username");
+            let password = body_field(&body, "password");
+            let known = shared
+                .users
+                .iter()
+                .any(|(u, p)| Some(u) == username.as_ref() && Some(p) == password.as_ref());
+            if !known {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    Some("wrong username or password"),
+                );
+            }
+            Some(issue_refresh_token(&shared))
+        }
+        "refresh_token" => {
+            let presented = body_field(&body, "refresh_token").unwrap_or_default();
+            let rotate = lock(&shared.settings).rotate;
+            let mut live = lock(&shared.refresh_tokens);
+            if !live.contains(&presented) {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    Some("refresh token is invalid, expired or already used"),
+                );
+            }
+            if rotate {
+                live.remove(&presented);
+                drop(live);
+                Some(issue_refresh_token(&shared))
+            } else {
+                None
+            }
+        }
+        _ => return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", None),
+    };
 
     let token = shared.registry.issue(ttl);
     let mut answer = serde_json::json!({
@@ -363,6 +461,9 @@ async fn token_endpoint(
         "token_type": "Bearer",
         "expires_in": ttl.as_secs().max(1),
     });
+    if let Some(rt) = refresh_token {
+        answer["refresh_token"] = rt.into();
+    }
     if let Some(scope) = scope {
         answer["scope"] = scope.into();
     }
@@ -370,4 +471,151 @@ async fn token_endpoint(
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// A form field of the raw body (the recorded `params` leave out none of these).
+fn body_field(body: &Result<bytes::Bytes, axum::Error>, name: &str) -> Option<String> {
+    let bytes = body.as_ref().ok()?;
+    parse_form(&String::from_utf8_lossy(bytes))
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+fn issue_refresh_token(shared: &Shared) -> String {
+    let rt = format!("rt_{:032x}", rand::random::<u128>());
+    lock(&shared.refresh_tokens).insert(rt.clone());
+    rt
+}
+
+/// Checks a `private_key_jwt` assertion's claims: `iss` and `sub` are the client, `aud` is a
+/// token endpoint, `exp` is in the future. The signature is NOT verified (the mock has no key
+/// registry); tests that care verify it from [`IdpRequest::params`]`["client_assertion"]`.
+fn assertion_names_client(jwt: &str, client_id: &str, form_id: Option<&str>) -> bool {
+    let mut parts = jwt.split('.');
+    let (Some(_), Some(payload), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let Some(claims) = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    !sig.is_empty()
+        && claims["iss"] == client_id
+        && claims["sub"] == client_id
+        && form_id.is_none_or(|f| f == client_id)
+        && claims["aud"]
+            .as_str()
+            .is_some_and(|a| a.ends_with("/oauth2/token"))
+        && claims["exp"].as_u64().is_some_and(|e| e > now)
+}
+
+/// Applies latency and injected failures to the JSON endpoints, like the token endpoint does.
+async fn json_prelude(shared: &Shared) -> Option<Response> {
+    let latency = lock(&shared.settings).latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let failure = lock(&shared.settings).failure;
+    match failure {
+        Some(Failure::Status(code)) => Some(json_response(
+            final_status(code),
+            serde_json::json!({"success": false, "errorMessage": "injected failure"}).to_string(),
+        )),
+        Some(Failure::Garbage) => {
+            let mut resp = Response::new(Body::from("<html>oops"));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            Some(resp)
+        }
+        Some(Failure::Down) => Some(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"success":false}"#.to_owned(),
+        )),
+        None => None,
+    }
+}
+
+/// `POST /api/Auth/loginKey` with `{"userName": .., "apiKey": ..}`: `{"success":true,
+/// "token":..,"expiresIn":..}`, or `200 {"success":false,"errorMessage":..}` like the real API.
+async fn login_key_endpoint(State(shared): State<Arc<Shared>>, body: Body) -> Response {
+    let body = axum::body::to_bytes(body, MAX_BODY).await.ok();
+    let json: Option<serde_json::Value> = body.and_then(|b| serde_json::from_slice(&b).ok());
+    let field = |k: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let (user, key) = (field("userName"), field("apiKey"));
+    lock(&shared.requests).push(IdpRequest {
+        grant_type: "json_login".to_owned(),
+        scope: None,
+        auth_method: "none".to_owned(),
+        client_id: user.clone(),
+        params: HashMap::new(),
+    });
+    if let Some(resp) = json_prelude(&shared).await {
+        return resp;
+    }
+    let known = shared
+        .api_keys
+        .iter()
+        .any(|(u, k)| Some(u) == user.as_ref() && Some(k) == key.as_ref());
+    if !known {
+        return json_response(
+            StatusCode::OK,
+            serde_json::json!({"success": false, "errorCode": 3, "errorMessage": "Invalid user name or API key"})
+                .to_string(),
+        );
+    }
+    let ttl = lock(&shared.settings).ttl;
+    let token = shared.registry.issue(ttl);
+    json_response(
+        StatusCode::OK,
+        serde_json::json!({"success": true, "errorCode": 0, "token": token, "expiresIn": ttl.as_secs().max(1)})
+            .to_string(),
+    )
+}
+
+/// `POST /api/Auth/validate` with the current token as Bearer: `{"success":true,"newToken":..}`
+/// while that token is valid, else `401 {"success":false,"errorMessage":..}`.
+async fn validate_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    lock(&shared.requests).push(IdpRequest {
+        grant_type: "json_renew".to_owned(),
+        scope: None,
+        auth_method: if bearer.is_some() { "bearer" } else { "none" }.to_owned(),
+        client_id: None,
+        params: HashMap::new(),
+    });
+    if let Some(resp) = json_prelude(&shared).await {
+        return resp;
+    }
+    if !bearer.is_some_and(|t| shared.registry.is_valid(&t)) {
+        return json_response(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"success": false, "errorMessage": "Session expired"}).to_string(),
+        );
+    }
+    let ttl = lock(&shared.settings).ttl;
+    let token = shared.registry.issue(ttl);
+    json_response(
+        StatusCode::OK,
+        serde_json::json!({"success": true, "newToken": token}).to_string(),
+    )
 }

@@ -1,18 +1,69 @@
 //! Providers: the ways a token is obtained. Each answers one [`Provider::fetch`]; scheduling,
-//! coalescing and backoff live in [`crate::TokenSource`].
+//! coalescing, backoff and persistence live in [`crate::TokenSource`].
 
-use std::collections::BTreeMap;
+mod assertion;
+mod exec;
+mod file;
+mod json_login;
+mod oauth;
+
+use std::fmt;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sidecar_config::{ClientAuth, ProviderKind, Secret};
+use sidecar_config::{ProviderKind, Secret};
 
-/// What a provider obtained.
+pub use assertion::AssertionSigner;
+
+/// What a provider obtained. `Debug` never shows a token.
 pub struct Fetched {
     /// The access token.
     pub access_token: String,
     /// Lifetime the issuer stated, if any.
     pub expires_in: Option<Duration>,
+    /// The refresh token to use from now on (rotated or carried over), if the provider has one.
+    /// The source persists it before the access token is published.
+    pub refresh_token: Option<String>,
+}
+
+impl Fetched {
+    /// A token without a refresh token.
+    pub fn token(access_token: String, expires_in: Option<Duration>) -> Fetched {
+        Fetched {
+            access_token,
+            expires_in,
+            refresh_token: None,
+        }
+    }
+}
+
+impl fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fetched")
+            .field("expires_in", &self.expires_in)
+            .field("has_refresh_token", &self.refresh_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the source holds when it asks for a new token: providers that trade the current
+/// credentials (refresh-token grants, `json_login` renew) read them from here. `Debug` never
+/// shows them.
+#[derive(Default, Clone)]
+pub struct Held {
+    /// The current access token, while it has not expired.
+    pub access_token: Option<String>,
+    /// The refresh token from the last answer or the store.
+    pub refresh_token: Option<String>,
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held")
+            .field("has_access_token", &self.access_token.is_some())
+            .field("has_refresh_token", &self.refresh_token.is_some())
+            .finish()
+    }
 }
 
 /// Why a fetch failed. Messages carry the identity provider's error text, never a secret or a
@@ -33,37 +84,107 @@ pub enum ProviderError {
     /// An answer that is not a usable token response.
     #[error("identity provider answer unusable: {0}")]
     Malformed(String),
+    /// The provider cannot work as configured (an unreadable private key, a command that does
+    /// not start, a missing token file).
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl ProviderError {
+    /// OAuth2 `invalid_grant`: the refresh token (or password) is no longer accepted, so
+    /// retrying it is pointless and a fallback login applies.
+    pub fn is_invalid_grant(&self) -> bool {
+        matches!(self, ProviderError::Rejected { status: 400 | 401, message }
+            if message == "invalid_grant" || message.starts_with("invalid_grant:"))
+    }
 }
 
 /// A way of obtaining tokens.
 pub trait Provider: Send + Sync + 'static {
-    /// Obtains a new token. Called by one task at a time per provider.
-    fn fetch(&self) -> BoxFuture<'_, Result<Fetched, ProviderError>>;
+    /// Obtains a new token. Called by one task at a time per provider; `held` is what the
+    /// source holds now.
+    fn fetch<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>>;
+
+    /// Resolves when the token's source changed outside the sidecar (a replaced token file), so
+    /// the background refresher picks it up at once. `None`: it never does.
+    fn changed(&self) -> Option<BoxFuture<'_, ()>> {
+        None
+    }
 }
 
 /// Builds the provider a config entry describes.
 pub fn build_provider(kind: &ProviderKind) -> Box<dyn Provider> {
     match kind {
         ProviderKind::ClientCredentials {
-            token_url,
-            client_id,
-            client_secret,
-            client_auth,
+            client,
             scopes,
             params,
-        } => Box::new(ClientCredentials {
-            http: http_client(),
-            token_url: token_url.clone(),
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-            client_auth: *client_auth,
-            scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
-            params: params.clone(),
-        }),
+        } => Box::new(oauth::OAuth::client_credentials(
+            http_client(),
+            client,
+            scopes,
+            params,
+        )),
+        ProviderKind::RefreshToken {
+            client,
+            refresh_token,
+            scopes,
+            params,
+            fallback,
+        } => Box::new(oauth::OAuth::refresh_token(
+            http_client(),
+            client,
+            refresh_token,
+            scopes,
+            params,
+            fallback.clone(),
+        )),
+        ProviderKind::Password {
+            client,
+            username,
+            password,
+            scopes,
+            params,
+        } => Box::new(oauth::OAuth::password(
+            http_client(),
+            client,
+            username,
+            password,
+            scopes,
+            params,
+        )),
+        ProviderKind::JsonLogin { login, renew } => Box::new(json_login::JsonLogin::new(
+            http_client(),
+            (**login).clone(),
+            renew.as_deref().cloned(),
+        )),
+        ProviderKind::Exec {
+            command,
+            timeout,
+            env,
+        } => Box::new(exec::Exec::new(command.clone(), *timeout, env.clone())),
+        ProviderKind::File { path } => Box::new(file::TokenFile::new(path.clone())),
         ProviderKind::Static { token } => Box::new(StaticToken {
             token: token.clone(),
         }),
     }
+}
+
+/// Checks what config validation cannot without this crate (today: that a `private_key_jwt`
+/// key parses and is RS256/ES256-capable), so `token-sidecar check` and a reload can refuse it
+/// up front instead of failing at every refresh. Errors never contain key material.
+pub fn check_provider(kind: &ProviderKind) -> Result<(), String> {
+    use sidecar_config::ClientCredential;
+    let client = match kind {
+        ProviderKind::ClientCredentials { client, .. }
+        | ProviderKind::RefreshToken { client, .. }
+        | ProviderKind::Password { client, .. } => client,
+        _ => return Ok(()),
+    };
+    if let ClientCredential::PrivateKeyJwt { key, key_id } = &client.credential {
+        AssertionSigner::from_pem(key.expose(), key_id.clone())?;
+    }
+    Ok(())
 }
 
 fn http_client() -> reqwest::Client {
@@ -81,66 +202,9 @@ struct StaticToken {
 }
 
 impl Provider for StaticToken {
-    fn fetch(&self) -> BoxFuture<'_, Result<Fetched, ProviderError>> {
-        Box::pin(async move {
-            Ok(Fetched {
-                access_token: self.token.expose().to_string(),
-                expires_in: None,
-            })
-        })
+    fn fetch<'a>(&'a self, _held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
+        Box::pin(async move { Ok(Fetched::token(self.token.expose().to_string(), None)) })
     }
-}
-
-/// RFC 6749 §4.4.
-struct ClientCredentials {
-    http: reqwest::Client,
-    token_url: String,
-    client_id: String,
-    client_secret: Secret,
-    client_auth: ClientAuth,
-    scope: Option<String>,
-    params: BTreeMap<String, String>,
-}
-
-impl Provider for ClientCredentials {
-    fn fetch(&self) -> BoxFuture<'_, Result<Fetched, ProviderError>> {
-        Box::pin(async move {
-            let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
-            if let Some(scope) = &self.scope {
-                form.push(("scope", scope));
-            }
-            for (k, v) in &self.params {
-                form.push((k, v));
-            }
-            let mut req = self.http.post(&self.token_url);
-            match self.client_auth {
-                ClientAuth::ClientSecretBasic => {
-                    // RFC 6749 §2.3.1: both parts are form-encoded before Basic encoding.
-                    let id = form_encode(&self.client_id);
-                    let secret = form_encode(self.client_secret.expose());
-                    req = req.basic_auth(id, Some(secret));
-                }
-                ClientAuth::ClientSecretPost => {
-                    form.push(("client_id", &self.client_id));
-                    form.push(("client_secret", self.client_secret.expose()));
-                }
-            }
-            let body = serde_urlencoded::to_string(&form)
-                .map_err(|e| ProviderError::Malformed(format!("cannot encode form: {e}")))?;
-            let resp = req
-                .header("content-type", "application/x-www-form-urlencoded")
-                .header("accept", "application/json")
-                .body(body)
-                .send()
-                .await
-                .map_err(network_error)?;
-            token_response(resp).await
-        })
-    }
-}
-
-fn form_encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// Describes a transport error without the URL's query (which never holds secrets here, but
@@ -166,7 +230,7 @@ fn network_error(e: reqwest::Error) -> ProviderError {
     }
 }
 
-fn truncate(s: &str) -> String {
+pub(crate) fn truncate(s: &str) -> String {
     const MAX: usize = 200;
     if s.len() <= MAX {
         return s.to_string();
@@ -178,39 +242,16 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-/// Reads an OAuth2 token answer: `access_token` and `expires_in` on success, `error` and
-/// `error_description` otherwise. Nothing else of the answer reaches a message.
-async fn token_response(resp: reqwest::Response) -> Result<Fetched, ProviderError> {
-    let status = resp.status();
-    let bytes = resp.bytes().await.map_err(network_error)?;
-    let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
-    if !status.is_success() {
-        return Err(ProviderError::Rejected {
-            status: status.as_u16(),
-            message: json
-                .as_ref()
-                .and_then(error_message)
-                .unwrap_or_else(|| "no OAuth2 error in the answer".into()),
-        });
+/// Replaces every occurrence of a secret in a message the identity provider wrote: some echo the
+/// credentials they refused.
+pub(crate) fn scrub<'a>(message: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = message.to_string();
+    for s in secrets {
+        if s.len() >= 4 && out.contains(s) {
+            out = out.replace(s, "<redacted>");
+        }
     }
-    let json = json.ok_or_else(|| ProviderError::Malformed("answer is not JSON".into()))?;
-    let access_token = json
-        .get("access_token")
-        .and_then(|v| v.as_str())
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ProviderError::Malformed("answer has no access_token".into()))?
-        .to_string();
-    let expires_in = match json.get("expires_in") {
-        Some(serde_json::Value::Number(n)) => n.as_f64(),
-        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
-        _ => None,
-    }
-    .filter(|s| s.is_finite() && *s > 0.0)
-    .map(Duration::from_secs_f64);
-    Ok(Fetched {
-        access_token,
-        expires_in,
-    })
+    out
 }
 
 /// `error: error_description` from an OAuth2 error body (or the common alternatives).
@@ -227,3 +268,46 @@ pub(crate) fn error_message(json: &serde_json::Value) -> Option<String> {
         (None, None) => None,
     }
 }
+
+/// Seconds from a JSON number or numeric string; positive and finite only.
+pub(crate) fn seconds(v: &serde_json::Value) -> Option<Duration> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e10)
+    .map(Duration::from_secs_f64)
+}
+
+/// Time left until an absolute expiry given as Unix seconds (milliseconds when implausibly
+/// large) or an RFC 3339 string. `None` when unreadable; zero when already past.
+pub(crate) fn until(v: &serde_json::Value) -> Option<Duration> {
+    let at = match v {
+        serde_json::Value::Number(n) => {
+            let mut secs = n.as_f64()?;
+            if secs > 1e11 {
+                secs /= 1000.0;
+            }
+            if !secs.is_finite() || secs <= 0.0 || secs > 1e11 {
+                return None;
+            }
+            std::time::UNIX_EPOCH + Duration::from_secs_f64(secs)
+        }
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            match s.parse::<f64>() {
+                Ok(_) => return until(&serde_json::Value::from(s.parse::<f64>().ok()?)),
+                Err(_) => humantime::parse_rfc3339_weak(s).ok()?,
+            }
+        }
+        _ => return None,
+    };
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests;

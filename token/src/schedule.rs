@@ -75,6 +75,7 @@ mod tests {
                 .into_iter()
                 .map(Duration::from_secs)
                 .collect(),
+            escalate_after: 3,
         }
     }
 

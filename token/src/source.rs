@@ -11,9 +11,11 @@ use sidecar_config::Provider as ProviderConfig;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::provider::{build_provider, Provider, ProviderError};
+use crate::provider::{build_provider, Fetched, Held, Provider, ProviderError};
 use crate::schedule::Schedule;
+use crate::store::{Record, Store};
 use crate::token::{jwt_exp, Token};
 
 /// Why a refresh started; a label of `sidecar_token_refresh_total`.
@@ -148,6 +150,10 @@ struct Book {
     failed: u64,
     consecutive_failures: u32,
     retry_at: Option<Instant>,
+    /// The refresh token to use next (from the last answer or the store).
+    refresh_token: Option<String>,
+    /// The store was read (once, by the first refresh).
+    store_read: bool,
 }
 
 struct Inner {
@@ -162,6 +168,14 @@ struct Inner {
     /// Where identity-provider calls run, whatever runtime asked for them.
     handle: tokio::runtime::Handle,
     refresher: Mutex<Option<AbortHandle>>,
+    /// Encrypted persistence, if configured.
+    store: Option<Arc<Store>>,
+    /// Failures in a row after which they are logged at error level.
+    escalate_after: u32,
+    /// Test hook: a refresh stops for good right after the store write, as if the process were
+    /// killed between persisting the new refresh token and publishing the new access token.
+    #[cfg(test)]
+    kill_after_store: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// One provider's tokens. Cheap to clone; clones share everything.
@@ -170,19 +184,31 @@ pub struct TokenSource {
     inner: Arc<Inner>,
 }
 
-/// After this many failures in a row a refresh failure is logged at error level.
-const ESCALATE_AFTER: u32 = 3;
-
 impl TokenSource {
     /// A source for a configured provider. Identity-provider calls run on `handle`.
     pub fn new(config: &ProviderConfig, handle: tokio::runtime::Handle) -> TokenSource {
         TokenSource::with_provider(config, build_provider(&config.kind), handle)
     }
 
-    /// A source with a provider built elsewhere (tests).
+    /// A source with a provider built elsewhere (tests, embedders). The config's `store`, if
+    /// any, is used; it is first read by the first refresh, not here.
     pub fn with_provider(
         config: &ProviderConfig,
         provider: Box<dyn Provider>,
+        handle: tokio::runtime::Handle,
+    ) -> TokenSource {
+        let store = config
+            .store
+            .as_ref()
+            .map(|s| Arc::new(Store::new(&s.path, s.key.expose(), &config.name)));
+        TokenSource::with_store(config, provider, store, handle)
+    }
+
+    /// Like [`TokenSource::with_provider`] with a store built elsewhere (tests use a cheap KDF).
+    pub fn with_store(
+        config: &ProviderConfig,
+        provider: Box<dyn Provider>,
+        store: Option<Arc<Store>>,
         handle: tokio::runtime::Handle,
     ) -> TokenSource {
         let (changed, _) = watch::channel(0);
@@ -197,6 +223,10 @@ impl TokenSource {
                 changed,
                 handle,
                 refresher: Mutex::new(None),
+                store,
+                escalate_after: config.refresh.escalate_after.max(1),
+                #[cfg(test)]
+                kill_after_store: Mutex::new(None),
             }),
         };
         source.publish_state();
@@ -408,6 +438,12 @@ impl TokenSource {
         let mut changes = self.inner.changed.subscribe();
         loop {
             let due = self.next_refresh_due();
+            let outside = async {
+                match self.inner.provider.changed() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {
                     let trigger = match self.current() {
@@ -416,6 +452,10 @@ impl TokenSource {
                         Some(_) => Trigger::Expired,
                     };
                     let _ = self.refresh(trigger, None).await;
+                }
+                _ = outside => {
+                    tracing::info!(provider = %self.inner.name, "token source changed; reading it again");
+                    let _ = self.refresh(Trigger::Proactive, None).await;
                 }
                 changed = changes.changed() => {
                     if changed.is_err() {
@@ -473,59 +513,187 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Reads the store once, before the first identity-provider call: a stored refresh token seeds
+/// the next grant, and a still-usable stored access token is published as is (its generation
+/// continues). Returns that token. A bad file is logged (never its contents) and ignored.
+async fn restore(inner: &Arc<Inner>) -> Option<Arc<Token>> {
+    let store = inner.store.clone()?;
+    {
+        let mut book = lock(&inner.book);
+        if book.store_read {
+            return None;
+        }
+        book.store_read = true;
+    }
+    let loaded = tokio::task::spawn_blocking(move || store.load()).await;
+    let record = match loaded {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            tracing::warn!(provider = %inner.name, error = %e, "token store ignored; logging in afresh");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let now = SystemTime::now();
+    let mut book = lock(&inner.book);
+    book.refresh_token = record.refresh_token.clone();
+    book.generation = book.generation.max(record.generation);
+    if inner.current.load().is_some() {
+        return None;
+    }
+    let mut token = Token::restored(
+        record.access_token.clone(),
+        record.generation,
+        record.age(now),
+        record.ttl_left(now),
+    );
+    token.usable_until = inner
+        .schedule
+        .usable_until(token.issued_at, token.expires_at);
+    if Instant::now() >= token.usable_until || !token.is_header_safe() {
+        return None;
+    }
+    let token = Arc::new(token);
+    inner.current.store(Some(token.clone()));
+    book.last_refresh_at = Some(now);
+    tracing::info!(
+        provider = %inner.name,
+        generation = token.generation,
+        fingerprint = %token.fingerprint,
+        ttl_s = record.ttl_left(now).as_secs(),
+        "token restored from the store"
+    );
+    Some(token)
+}
+
+/// Persists a new token and refresh token; `Ok` means durable. Runs before the token is
+/// published, so a crash never leaves only a consumed refresh token on disk.
+async fn persist(inner: &Arc<Inner>, token: &Token, refresh_token: Option<String>) {
+    let Some(store) = inner.store.clone() else {
+        return;
+    };
+    let record = Record {
+        access_token: token.expose().to_string(),
+        refresh_token,
+        generation: token.generation,
+        issued_at_ms: Record::unix_ms(SystemTime::now()),
+        expires_at_ms: Record::unix_ms(token.expires_at_wall),
+    };
+    match tokio::task::spawn_blocking(move || store.save(&record)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(provider = %inner.name, error = %e, "cannot write the token store; the new token is kept in memory only")
+        }
+        Err(_) => tracing::error!(provider = %inner.name, "token store write was cancelled"),
+    }
+}
+
+fn ttl_of(fetched: &Fetched, default_ttl: Duration) -> Duration {
+    fetched
+        .expires_in
+        .or_else(|| {
+            jwt_exp(&fetched.access_token).map(|exp| {
+                let exp = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
+                exp.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            })
+        })
+        .unwrap_or(default_ttl)
+}
+
 /// One refresh, run as its own task so that callers that give up do not cancel it.
 async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, RefreshError> {
+    if let Some(token) = restore(&inner).await {
+        if matches!(trigger, Trigger::Initial | Trigger::Expired) {
+            lock(&inner.book).inflight = None;
+            finish(&inner);
+            return Ok(token);
+        }
+    }
     let started = Instant::now();
-    lock(&inner.book).last_attempt_at = Some(started);
-    let result = inner.provider.fetch().await;
+    let held = {
+        let mut book = lock(&inner.book);
+        book.last_attempt_at = Some(started);
+        Held {
+            access_token: inner
+                .current
+                .load_full()
+                .filter(|t| Instant::now() < t.expires_at)
+                .map(|t| t.expose().to_string()),
+            refresh_token: book.refresh_token.clone(),
+        }
+    };
+    // Providers log (a refused refresh token, stderr of a command) inside this span.
+    let span = tracing::info_span!("token_fetch", provider = %inner.name);
+    let result = inner.provider.fetch(&held).instrument(span).await;
+    drop(held);
     let elapsed = started.elapsed();
+    // Build the token first; it is published only after the store has it.
+    let mut orphan_refresh_token = None;
+    let built = result.and_then(|fetched| {
+        let ttl = ttl_of(&fetched, inner.default_ttl);
+        let generation = lock(&inner.book).generation + 1;
+        let mut token = Token::new(fetched.access_token, generation, ttl);
+        token.usable_until = inner
+            .schedule
+            .usable_until(token.issued_at, token.expires_at);
+        if token.is_header_safe() {
+            Ok((Arc::new(token), fetched.refresh_token))
+        } else {
+            // The grant may have rotated the refresh token: keep the new one all the same.
+            orphan_refresh_token = fetched.refresh_token;
+            Err(ProviderError::Malformed(
+                "token contains characters not allowed in a header".into(),
+            ))
+        }
+    });
+    if let (Some(rt), Some(current)) = (&orphan_refresh_token, inner.current.load_full()) {
+        persist(&inner, &current, Some(rt.clone())).await;
+    }
+    if let Ok((token, refresh_token)) = &built {
+        persist(&inner, token, refresh_token.clone()).await;
+        #[cfg(test)]
+        {
+            let killed = lock(&inner.kill_after_store).take();
+            if let Some(killed) = killed {
+                let _ = killed.send(());
+                return std::future::pending().await;
+            }
+        }
+    }
     let outcome = {
         let mut book = lock(&inner.book);
         book.inflight = None;
-        match result {
-            Ok(fetched) => {
-                let ttl = fetched
-                    .expires_in
-                    .or_else(|| {
-                        jwt_exp(&fetched.access_token).map(|exp| {
-                            let exp = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
-                            exp.duration_since(SystemTime::now())
-                                .unwrap_or(Duration::ZERO)
-                        })
-                    })
-                    .unwrap_or(inner.default_ttl);
-                book.generation += 1;
-                let mut token = Token::new(fetched.access_token, book.generation, ttl);
-                token.usable_until = inner
-                    .schedule
-                    .usable_until(token.issued_at, token.expires_at);
-                let token = Arc::new(token);
-                if !token.is_header_safe() {
-                    book.generation -= 1;
-                    Err(ProviderError::Malformed(
-                        "token contains characters not allowed in a header".into(),
-                    ))
-                } else {
-                    inner.current.store(Some(token.clone()));
-                    book.ok += 1;
-                    book.consecutive_failures = 0;
-                    book.retry_at = None;
-                    book.last_error = None;
-                    book.last_refresh_at = Some(SystemTime::now());
-                    Ok(token)
-                }
+        match built {
+            Ok((token, refresh_token)) => {
+                book.generation = token.generation;
+                book.refresh_token = refresh_token;
+                inner.current.store(Some(token.clone()));
+                book.ok += 1;
+                book.consecutive_failures = 0;
+                book.retry_at = None;
+                book.last_error = None;
+                book.last_refresh_at = Some(SystemTime::now());
+                Ok(token)
             }
-            Err(e) => Err(e),
+            Err(error) => {
+                if error.is_invalid_grant() {
+                    // A refused refresh token never works again; the next attempt logs in.
+                    book.refresh_token = None;
+                }
+                if let Some(rt) = orphan_refresh_token {
+                    book.refresh_token = Some(rt);
+                }
+                book.failed += 1;
+                book.consecutive_failures += 1;
+                let spread = rand::random::<f64>() * 2.0 - 1.0;
+                let wait = inner.schedule.backoff(book.consecutive_failures, spread);
+                book.retry_at = Some(Instant::now() + wait);
+                book.last_error = Some(error.to_string());
+                Err((error, book.consecutive_failures, wait))
+            }
         }
-        .map_err(|error| {
-            book.failed += 1;
-            book.consecutive_failures += 1;
-            let spread = rand::random::<f64>() * 2.0 - 1.0;
-            let wait = inner.schedule.backoff(book.consecutive_failures, spread);
-            book.retry_at = Some(Instant::now() + wait);
-            book.last_error = Some(error.to_string());
-            (error, book.consecutive_failures, wait)
-        })
     };
     let provider = inner.name.clone();
     let result_label = if outcome.is_ok() {
@@ -538,8 +706,6 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
         .record(elapsed.as_secs_f64());
     let result = match outcome {
         Ok(token) => {
-            metrics::gauge!("sidecar_token_ttl_seconds", "provider" => provider.clone())
-                .set(token.lifetime().as_secs_f64());
             tracing::info!(
                 provider = %provider,
                 trigger = trigger.as_str(),
@@ -555,7 +721,7 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
             let retry_in =
                 humantime::format_duration(Duration::from_millis(wait.as_millis() as u64))
                     .to_string();
-            if failures >= ESCALATE_AFTER {
+            if failures >= inner.escalate_after {
                 tracing::error!(provider = %provider, trigger = trigger.as_str(), failures, retry_in = %retry_in, error = %error, "token refresh keeps failing");
             } else {
                 tracing::warn!(provider = %provider, trigger = trigger.as_str(), failures, retry_in = %retry_in, error = %error, "token refresh failed");
@@ -563,12 +729,22 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
             Err(RefreshError { provider, error })
         }
     };
+    finish(&inner);
+    result
+}
+
+/// After every refresh attempt: state gauge, TTL gauge, and a wake-up for waiters and the
+/// refresher.
+fn finish(inner: &Arc<Inner>) {
+    if let Some(token) = inner.current.load_full() {
+        metrics::gauge!("sidecar_token_ttl_seconds", "provider" => inner.name.clone())
+            .set(token.lifetime().as_secs_f64());
+    }
     let source = TokenSource {
         inner: inner.clone(),
     };
     source.publish_state();
     inner.changed.send_modify(|n| *n += 1);
-    result
 }
 
 #[cfg(test)]

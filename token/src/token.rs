@@ -47,6 +47,18 @@ impl Token {
         }
     }
 
+    /// A token read back from the store: issued `age` ago, `ttl_left` still to live.
+    pub fn restored(
+        value: String,
+        generation: u64,
+        age: std::time::Duration,
+        ttl_left: std::time::Duration,
+    ) -> Token {
+        let mut token = Token::new(value, generation, ttl_left);
+        token.issued_at = token.issued_at.checked_sub(age).unwrap_or(token.issued_at);
+        token
+    }
+
     /// The token itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.value

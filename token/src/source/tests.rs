@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use sidecar_config::RefreshPolicy;
 
 use super::*;
-use crate::provider::Fetched;
+use crate::store::Store;
 
 /// A provider whose answers the test scripts: it counts calls, takes `latency`, and fails while
 /// `failing` is set.
@@ -15,7 +15,7 @@ struct Fake {
 }
 
 impl Provider for Fake {
-    fn fetch(&self) -> BoxFuture<'_, Result<Fetched, ProviderError>> {
+    fn fetch<'a>(&'a self, _held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(self.latency).await;
@@ -25,10 +25,7 @@ impl Provider for Fake {
                     message: "server_error: down".into(),
                 });
             }
-            Ok(Fetched {
-                access_token: format!("token-{n}"),
-                expires_in: Some(self.ttl),
-            })
+            Ok(Fetched::token(format!("token-{n}"), Some(self.ttl)))
         })
     }
 }
@@ -54,7 +51,9 @@ fn rig(ttl: Duration, latency: Duration) -> Rig {
             skew: Duration::from_secs(30),
             min_interval: Duration::from_secs(5),
             backoff: vec![Duration::from_secs(30), Duration::from_secs(60)],
+            escalate_after: 3,
         },
+        store: None,
     };
     let fake = Fake {
         calls: calls.clone(),
@@ -228,4 +227,394 @@ async fn status_never_shows_the_token() {
     let json = serde_json::to_string(&r.source.status()).unwrap();
     assert!(!json.contains("token-1"), "{json}");
     assert!(json.contains(&crate::fingerprint("token-1")));
+}
+
+// ---- store, crash safety, escalation -------------------------------------------------------
+
+const STORE_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+fn temp_store_path(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "sidecar-src-{tag}-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("p.tok")
+}
+
+fn stored_config(path: &std::path::Path, kind: sidecar_config::ProviderKind) -> ProviderConfig {
+    ProviderConfig {
+        name: "p".into(),
+        kind,
+        default_ttl: HOUR,
+        refresh: RefreshPolicy {
+            before_expiry: Duration::from_secs(30 * 60),
+            jitter: 0.0,
+            skew: Duration::from_secs(30),
+            min_interval: Duration::from_secs(5),
+            backoff: vec![Duration::from_secs(30)],
+            escalate_after: 2,
+        },
+        store: Some(sidecar_config::Store {
+            path: path.to_path_buf(),
+            key: sidecar_config::Secret::new(STORE_KEY),
+        }),
+    }
+}
+
+/// The refresh tokens a provider was handed, call by call.
+type Seen = Arc<Mutex<Vec<Option<String>>>>;
+
+/// Issues `access-N` / `refresh-N` and records the refresh token it was handed.
+struct Rotating {
+    calls: Arc<AtomicUsize>,
+    seen: Seen,
+}
+
+impl Provider for Rotating {
+    fn fetch<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            lock(&self.seen).push(held.refresh_token.clone());
+            Ok(Fetched {
+                access_token: format!("access-{n}"),
+                expires_in: Some(HOUR),
+                refresh_token: Some(format!("refresh-{n}")),
+            })
+        })
+    }
+}
+
+fn rotating(path: &std::path::Path) -> (TokenSource, Arc<AtomicUsize>, Seen) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let config = stored_config(
+        path,
+        sidecar_config::ProviderKind::Static {
+            token: sidecar_config::Secret::new("unused"),
+        },
+    );
+    let p = Rotating {
+        calls: calls.clone(),
+        seen: seen.clone(),
+    };
+    let source =
+        TokenSource::with_provider(&config, Box::new(p), tokio::runtime::Handle::current());
+    (source, calls, seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_uses_the_stored_token_without_an_idp_call() {
+    let path = temp_store_path("restart");
+    let (first, calls, _) = rotating(&path);
+    let t1 = first.wait_usable(Duration::from_secs(1)).await.unwrap();
+    assert_eq!((t1.generation, calls.load(Ordering::SeqCst)), (1, 1));
+    drop(first);
+
+    let (second, calls2, seen2) = rotating(&path);
+    let restored = second.wait_usable(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(calls2.load(Ordering::SeqCst), 0, "the IdP was called");
+    assert_eq!(restored.expose(), "access-1");
+    assert_eq!(restored.generation, 1);
+    assert_eq!(second.state(), State::Valid);
+    assert!(restored.lifetime() > Duration::from_secs(3500));
+    // Generations continue, and the stored refresh token seeds the next grant.
+    let next = second.refresh(Trigger::Manual, None).await.unwrap();
+    assert_eq!(next.generation, 2);
+    assert_eq!(lock(&seen2).as_slice(), [Some("refresh-1".to_string())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_stored_token_seeds_the_refresh_token_grant() {
+    let path = temp_store_path("expired");
+    let now = crate::Record::unix_ms(SystemTime::now());
+    Store::new(&path, STORE_KEY, "p")
+        .save(&crate::Record {
+            access_token: "old-access".into(),
+            refresh_token: Some("stored-refresh".into()),
+            generation: 41,
+            issued_at_ms: now - 7_200_000,
+            expires_at_ms: now - 3_600_000,
+        })
+        .unwrap();
+    let (source, calls, seen) = rotating(&path);
+    let t = source.wait_usable(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(t.expose(), "access-1");
+    assert_eq!(t.generation, 42);
+    assert_eq!(lock(&seen).as_slice(), [Some("stored-refresh".to_string())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_store_file_is_ignored_and_overwritten() {
+    for (tag, content) in [
+        ("garbage", b"not a store at all".to_vec()),
+        ("truncated", b"TSK1\x01".to_vec()),
+    ] {
+        let path = temp_store_path(tag);
+        std::fs::write(&path, &content).unwrap();
+        let (source, calls, seen) = rotating(&path);
+        let t = source.wait_usable(Duration::from_secs(1)).await.unwrap();
+        assert_eq!((t.generation, calls.load(Ordering::SeqCst)), (1, 1));
+        assert_eq!(lock(&seen).as_slice(), [None]);
+        let back = Store::new(&path, STORE_KEY, "p").load().unwrap().unwrap();
+        assert_eq!(back.access_token, "access-1");
+    }
+    // A file sealed with another key: ignored, logged in afresh.
+    let path = temp_store_path("otherkey");
+    Store::with_iterations(&path, "some passphrase", "p", 1000)
+        .save(&crate::Record {
+            access_token: "x".into(),
+            refresh_token: None,
+            generation: 5,
+            issued_at_ms: 0,
+            expires_at_ms: u64::MAX / 2,
+        })
+        .unwrap();
+    let (source, calls, _) = rotating(&path);
+    assert_eq!(
+        source
+            .wait_usable(Duration::from_secs(1))
+            .await
+            .unwrap()
+            .generation,
+        1
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Kill between the writes: a refresh token grant rotates at the mock IdP, the new pair is
+/// stored, and the process "dies" before the new access token is published. The next start
+/// still holds a refresh token the IdP accepts.
+#[tokio::test]
+async fn killed_after_rotation_still_has_a_usable_refresh_token() {
+    let idp = sidecar_mocks::MockIdp::start(sidecar_mocks::IdpConfig::default()).await;
+    let path = temp_store_path("crash");
+    let kind = sidecar_config::ProviderKind::RefreshToken {
+        client: sidecar_config::OAuthClient {
+            token_url: idp.token_url(),
+            client_id: "demo-client".into(),
+            credential: sidecar_config::ClientCredential::SecretBasic(sidecar_config::Secret::new(
+                "demo-secret",
+            )),
+        },
+        refresh_token: sidecar_config::Secret::new(idp.issue_refresh_token()),
+        scopes: vec![],
+        params: Default::default(),
+        fallback: None,
+    };
+    let config = stored_config(&path, kind);
+    let handle = tokio::runtime::Handle::current();
+    let first = TokenSource::new(&config, handle.clone());
+    let t1 = first.wait_usable(Duration::from_secs(5)).await.unwrap();
+    let stored1 = Store::new(&path, STORE_KEY, "p").load().unwrap().unwrap();
+    let rt1 = stored1.refresh_token.clone().unwrap();
+    assert!(idp.refresh_token_valid(&rt1));
+
+    let (killed_tx, killed) = tokio::sync::oneshot::channel();
+    *lock(&first.inner.kill_after_store) = Some(killed_tx);
+    let in_flight = tokio::spawn({
+        let first = first.clone();
+        async move { first.refresh(Trigger::Manual, None).await }
+    });
+    killed.await.unwrap();
+    // The rotation happened at the IdP: the old refresh token is spent.
+    assert!(!idp.refresh_token_valid(&rt1));
+    // The process died before publishing: its requests still saw the old token.
+    assert_eq!(first.current().unwrap().generation, t1.generation);
+    in_flight.abort();
+    first.stop();
+    drop(first);
+
+    let calls_before = idp.calls();
+    let second = TokenSource::new(&config, handle);
+    let restored = second.wait_usable(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(idp.calls(), calls_before, "restart needed no IdP call");
+    assert_eq!(restored.generation, t1.generation + 1);
+    assert!(idp.registry().is_valid(restored.expose()));
+    // And the stored refresh token works.
+    let next = second.refresh(Trigger::Manual, None).await.unwrap();
+    assert!(idp.registry().is_valid(next.expose()));
+    assert_eq!(idp.calls(), calls_before + 1);
+}
+
+/// Counts events at ERROR level (the escalation) on the current thread.
+#[derive(Default, Clone)]
+struct ErrorCounter(Arc<AtomicUsize>);
+
+impl tracing::Subscriber for ErrorCounter {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        if *e.metadata().level() == tracing::Level::ERROR {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn failures_escalate_after_the_configured_count() {
+    let errors = ErrorCounter::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let _guard = tracing::subscriber::set_default(errors.clone());
+    rt.block_on(async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut config = stored_config(
+            std::path::Path::new("/unused"),
+            sidecar_config::ProviderKind::Static {
+                token: sidecar_config::Secret::new("unused"),
+            },
+        );
+        config.store = None;
+        config.refresh.escalate_after = 3;
+        let fake = Fake {
+            calls: calls.clone(),
+            failing,
+            ttl: HOUR,
+            latency: Duration::ZERO,
+        };
+        let source =
+            TokenSource::with_provider(&config, Box::new(fake), tokio::runtime::Handle::current());
+        for expected_errors in [0, 0, 1, 2] {
+            let _ = source.refresh(Trigger::Manual, None).await;
+            assert_eq!(errors.0.load(Ordering::SeqCst), expected_errors);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(source.state(), State::Expired);
+        assert_eq!(source.status().consecutive_failures, 4);
+    });
+}
+
+/// Hands out `r1` once, then refuses every refresh token with `invalid_grant`.
+struct Refusing {
+    seen: Seen,
+}
+
+impl Provider for Refusing {
+    fn fetch<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
+        Box::pin(async move {
+            lock(&self.seen).push(held.refresh_token.clone());
+            if held.refresh_token.is_some() {
+                return Err(ProviderError::Rejected {
+                    status: 400,
+                    message: "invalid_grant: refresh token revoked".into(),
+                });
+            }
+            Ok(Fetched {
+                access_token: "a".into(),
+                expires_in: Some(HOUR),
+                refresh_token: Some("r1".into()),
+            })
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_refresh_token_is_dropped() {
+    let seen = Seen::default();
+    let mut config = stored_config(
+        std::path::Path::new("/unused"),
+        sidecar_config::ProviderKind::Static {
+            token: sidecar_config::Secret::new("unused"),
+        },
+    );
+    config.store = None;
+    let source = TokenSource::with_provider(
+        &config,
+        Box::new(Refusing { seen: seen.clone() }),
+        tokio::runtime::Handle::current(),
+    );
+    source.refresh(Trigger::Manual, None).await.unwrap();
+    let err = source.refresh(Trigger::Manual, None).await.unwrap_err();
+    assert!(err.error.is_invalid_grant());
+    source.refresh(Trigger::Manual, None).await.unwrap();
+    assert_eq!(
+        lock(&seen).as_slice(),
+        [None, Some("r1".to_string()), None],
+        "the refused token was sent again"
+    );
+}
+
+/// Answers with an access token that cannot go in a header, but a rotated refresh token.
+struct BadAccessToken {
+    seen: Seen,
+}
+
+impl Provider for BadAccessToken {
+    fn fetch<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
+        Box::pin(async move {
+            lock(&self.seen).push(held.refresh_token.clone());
+            let n = lock(&self.seen).len();
+            Ok(Fetched {
+                access_token: "bad\ntoken".into(),
+                expires_in: Some(HOUR),
+                refresh_token: Some(format!("r{n}")),
+            })
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rotated_refresh_token_survives_an_unusable_access_token() {
+    let path = temp_store_path("orphan");
+    let seen = Seen::default();
+    let config = stored_config(
+        &path,
+        sidecar_config::ProviderKind::Static {
+            token: sidecar_config::Secret::new("unused"),
+        },
+    );
+    let source = TokenSource::with_provider(
+        &config,
+        Box::new(BadAccessToken { seen: seen.clone() }),
+        tokio::runtime::Handle::current(),
+    );
+    assert!(source.refresh(Trigger::Manual, None).await.is_err());
+    assert!(source.refresh(Trigger::Manual, None).await.is_err());
+    assert_eq!(lock(&seen).as_slice(), [None, Some("r1".to_string())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refresher_picks_up_a_replaced_token_file() {
+    let path = temp_store_path("file").with_file_name("token");
+    std::fs::write(&path, "first-token\n").unwrap();
+    let mut config = stored_config(
+        &path,
+        sidecar_config::ProviderKind::File { path: path.clone() },
+    );
+    config.store = None;
+    let source = TokenSource::new(&config, tokio::runtime::Handle::current());
+    source.start();
+    let first = source.wait_usable(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(first.expose(), "first-token");
+    let tmp = path.with_file_name(".token.new");
+    std::fs::write(&tmp, "second-token\n").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    // Within a few poll intervals (paused clock), and long before any proactive refresh.
+    let mut seen = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = source.usable().unwrap();
+        if t.generation > first.generation {
+            seen = Some(t);
+            break;
+        }
+    }
+    let t = seen.expect("the new file was not picked up");
+    assert_eq!(t.expose(), "second-token");
+    source.stop();
 }

@@ -1,0 +1,151 @@
+//! `exec`: runs a command (no shell) and reads a token from its standard output: a Kubernetes
+//! `ExecCredential`, `{token, expires_in|expires_at}` JSON, or a bare token line. Standard error
+//! is logged; standard output never is.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sidecar_config::Secret;
+use tokio::io::AsyncReadExt;
+
+use super::{seconds, truncate, until, Fetched, Held, Provider, ProviderError};
+
+/// Output beyond this is not a token.
+const MAX_OUTPUT: u64 = 1 << 20;
+
+pub(super) struct Exec {
+    command: Vec<String>,
+    timeout: Duration,
+    env: BTreeMap<String, Secret>,
+}
+
+impl Exec {
+    pub(super) fn new(
+        command: Vec<String>,
+        timeout: Duration,
+        env: BTreeMap<String, Secret>,
+    ) -> Exec {
+        Exec {
+            command,
+            timeout,
+            env,
+        }
+    }
+
+    async fn run(&self) -> Result<Fetched, ProviderError> {
+        let program = &self.command[0];
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&self.command[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v.expose());
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| ProviderError::Setup(format!("cannot run {program}: {e}")))?;
+        let mut stdout = child.stdout.take().map(|s| s.take(MAX_OUTPUT));
+        let mut stderr = child.stderr.take().map(|s| s.take(MAX_OUTPUT));
+        let work = async {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let read_out = async {
+                if let Some(s) = stdout.as_mut() {
+                    let _ = s.read_to_end(&mut out).await;
+                }
+            };
+            let read_err = async {
+                if let Some(s) = stderr.as_mut() {
+                    let _ = s.read_to_end(&mut err).await;
+                }
+            };
+            tokio::join!(read_out, read_err);
+            let status = child.wait().await;
+            (status, out, err)
+        };
+        let (status, out, err) = match tokio::time::timeout(self.timeout, work).await {
+            Ok(done) => done,
+            // Dropping the future drops the child, which kills it (kill_on_drop).
+            Err(_) => {
+                return Err(ProviderError::Network(format!(
+                    "{program} did not finish within {}",
+                    humantime::format_duration(self.timeout)
+                )))
+            }
+        };
+        let err = String::from_utf8_lossy(&err);
+        let last_line = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        if !err.trim().is_empty() {
+            tracing::warn!(command = %program, stderr = %truncate(err.trim()), "token command wrote to stderr");
+        }
+        let status = status.map_err(|e| ProviderError::Setup(format!("{program}: {e}")))?;
+        if !status.success() {
+            let code = status
+                .code()
+                .map_or_else(|| "a signal".to_string(), |c| c.to_string());
+            let detail = if last_line.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", truncate(last_line.trim()))
+            };
+            return Err(ProviderError::Rejected {
+                status: 0,
+                message: format!("{program} exited with {code}{detail}"),
+            });
+        }
+        parse_output(&out)
+    }
+}
+
+impl Provider for Exec {
+    fn fetch<'a>(&'a self, _held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
+        Box::pin(self.run())
+    }
+}
+
+/// Reads a token from a command's output.
+pub(super) fn parse_output(out: &[u8]) -> Result<Fetched, ProviderError> {
+    let text = std::str::from_utf8(out)
+        .map_err(|_| ProviderError::Malformed("command output is not UTF-8".into()))?
+        .trim();
+    if text.starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(text)
+            .map_err(|_| ProviderError::Malformed("command output is not valid JSON".into()))?;
+        // Kubernetes client.authentication.k8s.io ExecCredential.
+        if let Some(status) = json.get("status").filter(|_| json.get("kind").is_some()) {
+            let token = status
+                .get("token")
+                .and_then(|v| v.as_str())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    ProviderError::Malformed("ExecCredential has no status.token".into())
+                })?;
+            let expires_in = status.get("expirationTimestamp").and_then(until);
+            return Ok(Fetched::token(token.to_string(), expires_in));
+        }
+        let token = json
+            .get("token")
+            .or_else(|| json.get("access_token"))
+            .and_then(|v| v.as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ProviderError::Malformed("command JSON has no token".into()))?;
+        let expires_in = json
+            .get("expires_in")
+            .and_then(seconds)
+            .or_else(|| json.get("expires_at").and_then(until));
+        return Ok(Fetched::token(token.to_string(), expires_in));
+    }
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return Err(ProviderError::Malformed("command printed no token".into()));
+    }
+    Ok(Fetched::token(line.to_string(), None))
+}
