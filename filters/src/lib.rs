@@ -5,9 +5,20 @@
 //! token goes. No sockets, no Pingora types: `proxy/` calls these and acts on the answers.
 
 mod authz;
+mod breaker;
 mod inject;
+mod ratelimit;
+mod replay;
 mod route;
 
 pub use authz::{client_authorization, AuthzDecision};
+pub use breaker::{Breaker, BreakerVerdict};
 pub use inject::{query_with_token, redact_query};
-pub use route::{RequestView, Route, Routes};
+pub use ratelimit::{
+    parse_retry_after, retry_after_secs, Admission, RateLimiter, RateRequest, UpstreamHolds,
+};
+pub use replay::{
+    after_expired, body_matches, classify, replayable, ExpiryVerdict, NextStep, SkipReason,
+    BODY_PEEK,
+};
+pub use route::{absolute_form_authority, RequestView, Route, Routes};

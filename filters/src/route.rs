@@ -42,8 +42,37 @@ struct Compiled {
 /// The compiled route table; built once per config.
 pub struct Routes {
     routes: Vec<Compiled>,
-    /// Hosts (lowercase, no port) an absolute-form target may name.
-    known_hosts: Vec<String>,
+    /// Authorities an absolute-form target may name: host (lowercase) and port, `None` for
+    /// any port (`match.host` names).
+    known: Vec<(String, Option<u16>)>,
+}
+
+/// The authority of an absolute-form request target (`http://host:port/path`), from the raw
+/// request line: proxies may normalise the parsed URI to its path.
+pub fn absolute_form_authority(raw_target: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(raw_target).ok()?;
+    let scheme_end = text.find("://")?;
+    let scheme = &text[..scheme_end];
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return None;
+    }
+    let rest = &text[scheme_end + 3..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// Splits `host[:port]` (IPv6 in brackets).
+fn split_authority(authority: &str) -> (String, Option<u16>) {
+    let host = strip_port(authority).to_ascii_lowercase();
+    let port = authority
+        .rsplit_once(':')
+        .filter(|(h, _)| !h.is_empty() && (!authority.starts_with('[') || h.ends_with(']')))
+        .and_then(|(_, p)| p.parse().ok());
+    (host, port)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -66,11 +95,11 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 impl Routes {
     /// Compiles the upstream list.
     pub fn new(upstreams: &[Upstream]) -> Routes {
-        let mut known_hosts = Vec::new();
+        let mut known = Vec::new();
         for u in upstreams {
-            known_hosts.push(u.host.to_ascii_lowercase());
+            known.push((u.host.to_ascii_lowercase(), Some(u.port)));
             if let Some(h) = &u.match_host {
-                known_hosts.push(h.clone());
+                known.push((h.clone(), None));
             }
         }
         Routes {
@@ -83,7 +112,7 @@ impl Routes {
                     base_path: u.base_path.clone(),
                 })
                 .collect(),
-            known_hosts,
+            known,
         }
     }
 
@@ -95,8 +124,13 @@ impl Routes {
         }
         let host = match req.absolute_authority {
             Some(authority) => {
-                let h = strip_port(authority).to_ascii_lowercase();
-                if !self.known_hosts.contains(&h) {
+                let (h, port) = split_authority(authority);
+                let port = port.unwrap_or(80);
+                let allowed = self
+                    .known
+                    .iter()
+                    .any(|(kh, kp)| *kh == h && kp.is_none_or(|p| p == port));
+                if !allowed {
                     return Route::Forbidden(
                         "the absolute-form target is not a configured upstream",
                     );
@@ -266,6 +300,42 @@ upstreams:
                 index: 0,
                 path: None
             }
+        );
+    }
+
+    #[test]
+    fn absolute_form_must_name_an_upstream_with_its_port() {
+        let r = routes();
+        let get = Method::GET;
+        let abs = |a: &'static str, p: &'static str| RequestView {
+            method: &Method::GET,
+            path: p,
+            absolute_authority: Some(a),
+            host: None,
+        };
+        let _ = &get;
+        assert!(matches!(
+            r.route(&abs("127.0.0.1:9", "/x")),
+            Route::Forbidden(_)
+        ));
+        assert!(matches!(
+            r.route(&abs("127.0.0.1", "/x")),
+            Route::Forbidden(_)
+        ));
+        assert_eq!(
+            r.route(&abs("127.0.0.1:2", "/api/x")),
+            Route::Upstream {
+                index: 1,
+                path: Some("/v1/x".into())
+            }
+        );
+        assert_eq!(
+            split_authority("[::1]:8080"),
+            ("::1".to_string(), Some(8080))
+        );
+        assert_eq!(
+            split_authority("Example.com"),
+            ("example.com".to_string(), None)
         );
     }
 
