@@ -3,7 +3,8 @@
 //! Mock servers for exercising token-sidecar without real infrastructure.
 //!
 //! * [`MockIdp`] is an OAuth2 token endpoint (`client_credentials` grant).
-//! * [`MockUpstream`] is an API that only accepts tokens the IdP issued.
+//! * [`MockUpstream`] is an API that only accepts tokens the IdP issued; with
+//!   [`MockUpstream::start_tls`] it serves HTTP/2 (and HTTP/1.1) over TLS.
 //! * [`TokenRegistry`] is the shared memory of issued tokens that links the two,
 //!   so tests can expire or revoke credentials from the outside.
 //!
@@ -15,6 +16,7 @@
 pub mod idp;
 mod registry;
 mod server;
+pub mod tls;
 pub mod upstream;
 mod util;
 
@@ -23,4 +25,5 @@ mod tests;
 
 pub use idp::{Failure, IdpConfig, IdpRequest, MockIdp};
 pub use registry::TokenRegistry;
+pub use tls::TlsMaterial;
 pub use upstream::{MockUpstream, Recorded, Scripted, UpstreamConfig};

@@ -363,3 +363,97 @@ fn registry_expiry_and_revocation() {
     assert!(registry.is_valid(&after));
     assert_eq!(registry.issued_count(), 3);
 }
+
+#[tokio::test]
+async fn password_refresh_rotation_and_json_login() {
+    let idp = MockIdp::start(IdpConfig {
+        users: vec![("alice".into(), "pw".into())],
+        ..IdpConfig::default()
+    })
+    .await;
+    let http = client();
+    let grant = |form: Vec<(&'static str, String)>| {
+        http.post(idp.token_url())
+            .basic_auth("demo-client", Some("demo-secret"))
+            .form(&form)
+            .send()
+    };
+    let first: Value = grant(vec![
+        ("grant_type", "password".into()),
+        ("username", "alice".into()),
+        ("password", "pw".into()),
+    ])
+    .await
+    .expect("password")
+    .json()
+    .await
+    .expect("json");
+    let rt1 = first["refresh_token"].as_str().expect("rt").to_owned();
+    let second: Value = grant(vec![
+        ("grant_type", "refresh_token".into()),
+        ("refresh_token", rt1.clone()),
+    ])
+    .await
+    .expect("refresh")
+    .json()
+    .await
+    .expect("json");
+    assert_ne!(second["refresh_token"].as_str(), Some(rt1.as_str()));
+    // A spent refresh token is refused.
+    let reused = grant(vec![
+        ("grant_type", "refresh_token".into()),
+        ("refresh_token", rt1),
+    ])
+    .await
+    .expect("reuse");
+    assert_eq!(reused.status(), 400);
+    let body: Value = reused.json().await.expect("json");
+    assert_eq!(body["error"], "invalid_grant");
+
+    let login: Value = http
+        .post(idp.login_url())
+        .json(&serde_json::json!({"userName": "demo-user", "apiKey": "demo-api-key"}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(login["success"], true);
+    let token = login["token"].as_str().expect("token").to_owned();
+    assert!(idp.registry().is_valid(&token));
+    let renewed: Value = http
+        .post(idp.validate_url())
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("validate")
+        .json()
+        .await
+        .expect("json");
+    assert!(idp
+        .registry()
+        .is_valid(renewed["newToken"].as_str().expect("newToken")));
+    let refused: Value = http
+        .post(idp.login_url())
+        .json(&serde_json::json!({"userName": "demo-user", "apiKey": "nope"}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(refused["success"], false);
+    let kinds: Vec<String> = idp.requests().into_iter().map(|r| r.grant_type).collect();
+    assert_eq!(
+        kinds,
+        [
+            "password",
+            "refresh_token",
+            "refresh_token",
+            "json_login",
+            "json_renew",
+            "json_login"
+        ]
+    );
+}

@@ -14,6 +14,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode}
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde::Serialize;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::registry::TokenRegistry;
@@ -93,6 +94,9 @@ impl Scripted {
 pub struct Recorded {
     /// HTTP method, e.g. `GET`.
     pub method: String,
+    /// Protocol version the request arrived with: `HTTP/1.1`, or `HTTP/2.0` when a TLS mock
+    /// negotiated h2 by ALPN.
+    pub version: String,
     /// Path without the query.
     pub path: String,
     /// Raw query string, if any.
@@ -137,6 +141,7 @@ struct Shared {
 /// Dropping the handle stops the server.
 pub struct MockUpstream {
     addr: SocketAddr,
+    scheme: &'static str,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
 }
@@ -154,6 +159,19 @@ impl MockUpstream {
 
     /// Like [`MockUpstream::start`], but reports bind errors.
     pub async fn try_start(cfg: UpstreamConfig) -> io::Result<MockUpstream> {
+        Self::launch(cfg, "http", |listener, router, rx| {
+            server::spawn(listener, router, rx, None)
+        })
+        .await
+    }
+
+    /// Binds a port and hands the mock's router to `serve`: plain and TLS mocks differ only in
+    /// how connections are served, never in what is answered or recorded.
+    pub(crate) async fn launch(
+        cfg: UpstreamConfig,
+        scheme: &'static str,
+        serve: impl FnOnce(TcpListener, Router, watch::Receiver<bool>),
+    ) -> io::Result<MockUpstream> {
         let (listener, addr) = server::bind_loopback().await?;
         let (shutdown, rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -165,17 +183,18 @@ impl MockUpstream {
         let router = Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&shared));
-        server::spawn(listener, router, rx, None);
+        serve(listener, router, rx);
         Ok(MockUpstream {
             addr,
+            scheme,
             shared,
             shutdown,
         })
     }
 
-    /// Base URL, `http://127.0.0.1:PORT`.
+    /// Base URL, `http://127.0.0.1:PORT` (`https://` for a TLS mock).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The bound socket address.
@@ -292,6 +311,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let script = lock(&shared.scripts).pop_front();
     let (mut parts, body) = req.into_parts();
     let method = parts.method.as_str().to_owned();
+    let version = format!("{:?}", parts.version);
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
     let headers = parts
@@ -312,6 +332,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     };
     let record = Recorded {
         method,
+        version,
         path,
         query,
         headers,
