@@ -166,6 +166,32 @@ impl ServeHttp for Admin {
             ),
             (Method::POST, "/v1/token/refresh") => self.token_action(&params, false).await,
             (Method::POST, "/v1/token/ensure") => self.token_action(&params, true).await,
+            (Method::POST, "/v1/reload") => {
+                let app = self.app.clone();
+                let Some(path) = app.live.load().config.source.clone() else {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "no_config_file",
+                        "this sidecar was not started from a file".into(),
+                    );
+                };
+                let before = app.live.load_full();
+                let done = tokio::task::spawn_blocking(move || {
+                    crate::cli::reload(&app, &path);
+                    !Arc::ptr_eq(&app.live.load_full(), &before)
+                })
+                .await
+                .unwrap_or(false);
+                if done {
+                    json(StatusCode::OK, serde_json::json!({"status": "reloaded"}))
+                } else {
+                    error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_config",
+                        "the file is invalid; the running configuration stays (see the log)".into(),
+                    )
+                }
+            }
             (Method::GET, "/metrics") => {
                 let body = self
                     .metrics

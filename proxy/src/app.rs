@@ -11,7 +11,7 @@ use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 use sidecar_config::{Config, Upstream};
-use sidecar_filters::Routes;
+use sidecar_filters::{Breaker, RateLimiter, Routes, UpstreamHolds};
 use sidecar_token::TokenSource;
 use tokio::sync::Notify;
 
@@ -25,6 +25,8 @@ pub struct Live {
     pub upstreams: Vec<UpstreamRt>,
     /// Token sources by provider name.
     pub providers: HashMap<String, TokenSource>,
+    /// Client-side rate limits; unchanged rules keep their state across reloads.
+    pub limiter: RateLimiter,
 }
 
 /// An upstream ready for requests.
@@ -37,6 +39,13 @@ pub struct UpstreamRt {
     pub host_header: HeaderValue,
     /// Its provider, if tokens are injected.
     pub tokens: Option<TokenSource>,
+    /// Client for the sidecar's own replays (bodies beyond Pingora's retry buffer, answers whose
+    /// body decides expiry).
+    pub replay_client: reqwest::Client,
+    /// `scheme://host:port` the replay client sends to.
+    pub replay_base: String,
+    /// Fails fast while the upstream keeps failing.
+    pub breaker: Breaker,
 }
 
 /// Why a config could not be put to work.
@@ -84,10 +93,18 @@ impl Live {
                     }
                 })?,
                 tokens: u.provider.as_ref().and_then(|p| providers.get(p).cloned()),
+                replay_client: replay_client(u)?,
+                replay_base: replay_base(u),
+                breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
                 config: u.clone(),
             });
         }
+        let limiter = match previous {
+            Some(prev) => prev.limiter.rebuild(&config.rate_limits),
+            None => RateLimiter::new(&config.rate_limits),
+        };
         Ok(Live {
+            limiter,
             routes: Routes::new(&config.upstreams),
             upstreams,
             providers,
@@ -133,6 +150,50 @@ fn peer_for(u: &Upstream) -> Result<HttpPeer, BuildError> {
     Ok(peer)
 }
 
+fn replay_base(u: &Upstream) -> String {
+    let scheme = if u.tls { "https" } else { "http" };
+    let host = u.server_name.as_deref().unwrap_or(&u.host);
+    if host.contains(':') {
+        format!("{scheme}://[{host}]:{}", u.port)
+    } else {
+        format!("{scheme}://{host}:{}", u.port)
+    }
+}
+
+/// The replay client connects to the same address as the Pingora peer, with the same timeouts
+/// and trust; it never follows redirects and never decompresses, so answers pass unchanged.
+fn replay_client(u: &Upstream) -> Result<reqwest::Client, BuildError> {
+    let err = |message: String| BuildError::Upstream {
+        upstream: u.name.clone(),
+        message,
+    };
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(u.connect_timeout)
+        .read_timeout(u.read_timeout)
+        .pool_idle_timeout(u.idle_timeout);
+    if let Some(name) = &u.server_name {
+        let addr = (u.host.as_str(), u.port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| err(format!("cannot resolve {}", u.host)))?;
+        b = b.resolve(name, addr);
+    }
+    if let Some(path) = &u.ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| err(format!("ca_file {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| err(format!("ca_file {}: {e}", path.display())))?;
+        b = b.tls_built_in_root_certs(false);
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build().map_err(|e| err(format!("replay client: {e}")))
+}
+
 fn load_ca(path: &std::path::Path) -> Result<Vec<WrappedX509>, String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
@@ -174,6 +235,8 @@ pub struct App {
     pub idle: Notify,
     /// Requests waiting for a token now (bounded by `replay.max_waiting`).
     pub waiting: AtomicUsize,
+    /// Upstreams that asked, with `Retry-After`, not to be sent anything until a moment.
+    pub holds: UpstreamHolds,
 }
 
 impl App {
@@ -182,6 +245,7 @@ impl App {
         config: Config,
         token_runtime: tokio::runtime::Handle,
     ) -> Result<Arc<App>, BuildError> {
+        let holds = UpstreamHolds::new(config.raw.retry.max_retry_after.0);
         let live = Live::build(Arc::new(config), None, &token_runtime)?;
         Ok(Arc::new(App {
             live: ArcSwap::from_pointee(live),
@@ -189,6 +253,7 @@ impl App {
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
             waiting: AtomicUsize::new(0),
+            holds,
         }))
     }
 

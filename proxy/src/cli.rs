@@ -7,6 +7,8 @@ use base64::Engine;
 use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
@@ -180,11 +182,14 @@ pub fn serve(config: Config, on_ready: Option<Box<dyn FnOnce(Arc<App>) + Send>>)
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Sidecar::new(app.clone()),
-        "token-sidecar proxy",
-    );
+    // CONNECT reaches request_filter, which refuses it with a JSON 403 `forbidden_target`
+    // (Pingora's own refusal is a bare 405).
+    let mut options = HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    let mut proxy = ProxyServiceBuilder::new(&server.configuration, Sidecar::new(app.clone()))
+        .name("token-sidecar proxy")
+        .server_options(options)
+        .build();
     proxy.add_tcp(&listen);
     let mut admin = Service::new(
         "token-sidecar admin".to_string(),
@@ -198,6 +203,9 @@ pub fn serve(config: Config, on_ready: Option<Box<dyn FnOnce(Arc<App>) + Send>>)
     if let Some(f) = on_ready {
         f(app.clone());
     }
+    let _watcher = source
+        .clone()
+        .and_then(|path| crate::watch::spawn(app.clone(), path));
     let reload_app = app.clone();
     let reload: Box<dyn Fn() + Send + Sync> = match source {
         Some(path) => Box::new(move || reload(&reload_app, &path)),

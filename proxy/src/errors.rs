@@ -47,6 +47,26 @@ impl LocalAnswer {
         }
     }
 
+    /// 429 `rate_limited`.
+    pub fn rate_limited(rule: &str, retry_after: Duration) -> LocalAnswer {
+        LocalAnswer {
+            retry_after: Some(retry_after),
+            ..LocalAnswer::new(429, "rate_limited", format!("rate limit {rule} exceeded"))
+        }
+    }
+
+    /// 502 `upstream_unreachable` while the circuit breaker is open.
+    pub fn circuit_open(upstream: &str, retry_after: Duration) -> LocalAnswer {
+        LocalAnswer {
+            retry_after: Some(retry_after),
+            ..LocalAnswer::new(
+                502,
+                "upstream_unreachable",
+                format!("upstream {upstream} keeps failing; failing fast until it recovers"),
+            )
+        }
+    }
+
     /// 502 `upstream_unreachable`.
     pub fn unreachable(upstream: &str) -> LocalAnswer {
         LocalAnswer::new(

@@ -11,5 +11,7 @@ pub mod cli;
 pub mod demo;
 pub mod errors;
 pub mod logging;
+mod replay;
 pub mod service;
 pub mod shutdown;
+pub mod watch;

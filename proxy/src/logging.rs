@@ -4,11 +4,24 @@
 use sidecar_config::{LogFormat, RawLog};
 use tracing_subscriber::EnvFilter;
 
+/// Pingora's own debug and trace records print raw request lines, headers and bodies, which
+/// hold tokens; they are capped at `info` whatever level is asked for.
+const PINGORA_CAP: [&str; 3] = [
+    "pingora_proxy=info",
+    "pingora_core=info",
+    "pingora_pool=info",
+];
+
 /// Installs the global subscriber once; later calls (a reload) leave it as it is.
 pub fn init(log: &RawLog) {
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    for cap in PINGORA_CAP {
+        if let Ok(d) = cap.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let _ = tracing_log::LogTracer::init();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

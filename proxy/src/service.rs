@@ -3,17 +3,22 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use http::header::{AUTHORIZATION, HOST};
 use http::{HeaderName, Uri};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
-use sidecar_filters::{client_authorization, query_with_token, AuthzDecision, RequestView, Route};
-use sidecar_token::Token;
+use sidecar_filters::{
+    absolute_form_authority, after_expired, classify, client_authorization, parse_retry_after,
+    query_with_token, replayable, Admission, AuthzDecision, BreakerVerdict, ExpiryVerdict,
+    NextStep, RateRequest, RequestView, Route, SkipReason,
+};
+use sidecar_token::{Token, TokenSource, Trigger};
 
 use crate::app::{App, InflightGuard, Live};
 use crate::errors::LocalAnswer;
@@ -37,16 +42,44 @@ impl Sidecar {
 pub struct Ctx {
     _inflight: InflightGuard,
     started: Instant,
-    live: Option<Arc<Live>>,
-    upstream: Option<usize>,
+    pub(crate) live: Option<Arc<Live>>,
+    pub(crate) upstream: Option<usize>,
     /// Path to send upstream when the route rewrites it.
-    path: Option<String>,
+    pub(crate) path: Option<String>,
     /// The token injected into the current attempt; `None` passes the request through.
-    token: Option<Arc<Token>>,
-    attempts: u32,
+    pub(crate) token: Option<Arc<Token>>,
+    /// Requests sent upstream so far (first attempt and replays).
+    pub(crate) attempts: u32,
+    /// Replays done.
+    pub(crate) replays: u32,
+    /// Whether this request may be replayed, or why not.
+    pub(crate) replay: std::result::Result<(), SkipReason>,
+    /// This request already forced one refresh: a rejection of its next token passes through.
+    pub(crate) forced: bool,
+    /// Copy of the request body (replayable requests, up to `replay.max_body`).
+    pub(crate) body: BytesMut,
+    /// The next `request_body_filter` call carries Pingora's retry buffer, already copied.
+    retry_buffer_next: bool,
+    /// The expired-token answer that started an own replay, in case no replay can be made.
+    pub(crate) rejected: Option<Box<ResponseHeader>>,
     /// Error code of a local answer, for the access log.
-    local: Option<&'static str>,
+    pub(crate) local: Option<&'static str>,
+    /// Retries of transient failures done (SPEC §8).
+    transient: u32,
+    /// Wait before the next attempt (backoff or Retry-After).
+    retry_delay: Option<Duration>,
+    /// This request is the circuit breaker's probe.
+    probe: bool,
+    /// Error class of the last attempt, for metrics and the log.
+    pub(crate) class: Option<&'static str>,
 }
+
+/// Pingora retries this error through its own loop (body in its retry buffer).
+const RETRY: ErrorType = ErrorType::Custom("sidecar_replay");
+/// The sidecar replays itself from `fail_to_proxy` (a body too large for Pingora's buffer).
+const OWN_REPLAY: ErrorType = ErrorType::Custom("sidecar_own_replay");
+/// The answer's body decides whether the token expired: the sidecar re-sends and looks.
+const CHECK_BODY: ErrorType = ErrorType::Custom("sidecar_check_body");
 
 impl Sidecar {
     async fn answer(
@@ -114,7 +147,17 @@ impl ProxyHttp for Sidecar {
             path: None,
             token: None,
             attempts: 0,
+            replays: 0,
+            replay: Err(SkipReason::NoToken),
+            forced: false,
+            body: BytesMut::new(),
+            retry_buffer_next: false,
+            rejected: None,
             local: None,
+            transient: 0,
+            retry_delay: None,
+            probe: false,
+            class: None,
         }
     }
 
@@ -133,7 +176,7 @@ impl ProxyHttp for Sidecar {
             absolute_authority: if h2 {
                 None
             } else {
-                req.uri.authority().map(|a| a.as_str())
+                absolute_form_authority(req.raw_path()).or(req.uri.authority().map(|a| a.as_str()))
             },
             host,
         };
@@ -150,33 +193,76 @@ impl ProxyHttp for Sidecar {
         ctx.upstream = Some(index);
         ctx.path = path;
         let up = &live.upstreams[index];
-        if up.tokens.is_some() {
-            let has_own = session.req_header().headers.contains_key(AUTHORIZATION);
-            match client_authorization(up.config.client_authorization, has_own) {
-                AuthzDecision::Reject => {
-                    return self
-                        .answer(session, ctx, LocalAnswer::client_authorization())
-                        .await
-                }
-                AuthzDecision::KeepClient => {}
-                AuthzDecision::Inject => {
-                    let expected = match session.req_header().headers.get(EXPECTED_DURATION) {
-                        None => None,
-                        Some(v) => match v.to_str().ok().map(sidecar_config::parse_duration) {
-                            Some(Ok(d)) => Some(d),
-                            _ => {
-                                let answer = LocalAnswer::bad_request(format!(
-                                    "{EXPECTED_DURATION} must be a duration like 90s or 3h"
-                                ));
-                                return self.answer(session, ctx, answer).await;
-                            }
-                        },
-                    };
-                    match self.token_for(&live, index, expected).await {
-                        Ok(t) => ctx.token = Some(t),
-                        Err(answer) => return self.answer(session, ctx, answer).await,
+        let inject = match &up.tokens {
+            None => false,
+            Some(_) => {
+                let has_own = req.headers.contains_key(AUTHORIZATION);
+                match client_authorization(up.config.client_authorization, has_own) {
+                    AuthzDecision::Reject => {
+                        let answer = LocalAnswer::client_authorization();
+                        return self.answer(session, ctx, answer).await;
                     }
+                    AuthzDecision::KeepClient => false,
+                    AuthzDecision::Inject => true,
                 }
+            }
+        };
+        match up.breaker.check(Instant::now()) {
+            BreakerVerdict::Allow => {}
+            BreakerVerdict::Probe => ctx.probe = true,
+            BreakerVerdict::Reject(wait) => {
+                let answer = LocalAnswer::circuit_open(&up.config.name, wait);
+                return self.answer(session, ctx, answer).await;
+            }
+        }
+        if !live.limiter.is_empty() {
+            let req = session.req_header();
+            let client_ip = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            let request = RateRequest {
+                upstream: &up.config.name,
+                method: &req.method,
+                path: req.uri.path(),
+                client_ip,
+                headers: Some(&req.headers),
+            };
+            if let Admission::Reject { rule, retry_after } = live.limiter.admit(&request).await {
+                let answer = LocalAnswer::rate_limited(&rule, retry_after);
+                return self.answer(session, ctx, answer).await;
+            }
+        }
+        let req = session.req_header();
+        let cfg = &live.config.replay;
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        ctx.replay = replayable(
+            &req.method,
+            req.headers.contains_key(&cfg.idempotency_header),
+            declared,
+            up.config.replay,
+            cfg,
+        );
+        if inject {
+            let expected = match req.headers.get(EXPECTED_DURATION) {
+                None => None,
+                Some(v) => match v.to_str().ok().map(sidecar_config::parse_duration) {
+                    Some(Ok(d)) => Some(d),
+                    _ => {
+                        let answer = LocalAnswer::bad_request(format!(
+                            "{EXPECTED_DURATION} must be a duration like 90s or 3h"
+                        ));
+                        return self.answer(session, ctx, answer).await;
+                    }
+                },
+            };
+            match self.token_for(&live, index, expected).await {
+                Ok(t) => ctx.token = Some(t),
+                Err(answer) => return self.answer(session, ctx, answer).await,
             }
         }
         ctx.live = Some(live);
@@ -187,7 +273,15 @@ impl ProxyHttp for Sidecar {
         let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
-        Ok(Box::new(live.upstreams[i].peer.clone()))
+        let up = &live.upstreams[i];
+        if let Some(delay) = ctx.retry_delay.take() {
+            tokio::time::sleep(delay).await;
+        }
+        // An upstream that answered 429/503 with Retry-After is left alone until then.
+        if let Some(until) = self.app.holds.held_until(&up.config.name) {
+            tokio::time::sleep_until(until).await;
+        }
+        Ok(Box::new(up.peer.clone()))
     }
 
     async fn upstream_request_filter(
@@ -197,26 +291,14 @@ impl ProxyHttp for Sidecar {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.attempts += 1;
+        ctx.retry_buffer_next = ctx.attempts > 1;
         let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
         let up = &live.upstreams[i];
         upstream_request.insert_header(HOST, up.host_header.clone())?;
         upstream_request.remove_header(&EXPECTED_DURATION);
-        let query_param = ctx.token.as_ref().and(up.config.inject.query.as_deref());
-        if ctx.path.is_some() || query_param.is_some() {
-            let uri = &session.req_header().uri;
-            let path = ctx.path.as_deref().unwrap_or(uri.path());
-            let query = match (query_param, &ctx.token) {
-                (Some(param), Some(token)) => {
-                    Some(query_with_token(uri.query(), param, token.expose()))
-                }
-                _ => uri.query().map(str::to_string),
-            };
-            let pq = match query {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            };
+        if let Some(pq) = upstream_target(ctx, up, &session.req_header().uri) {
             let uri: Uri = pq.parse().map_err(|_| {
                 Error::explain(ErrorType::InvalidHTTPHeader, "cannot rewrite the path")
             })?;
@@ -224,21 +306,33 @@ impl ProxyHttp for Sidecar {
         }
         if let Some(token) = &ctx.token {
             upstream_request.remove_header(&AUTHORIZATION);
-            if let Some(name) = &up.config.inject.header {
-                if up.config.inject.scheme.eq_ignore_ascii_case("bearer") && name == AUTHORIZATION {
-                    upstream_request.insert_header(name.clone(), token.bearer_header().clone())?;
-                } else {
-                    let value = if up.config.inject.scheme.is_empty() {
-                        token.expose().to_string()
-                    } else {
-                        format!("{} {}", up.config.inject.scheme, token.expose())
-                    };
-                    let mut value = http::HeaderValue::from_str(&value).map_err(|_| {
-                        Error::explain(ErrorType::InternalError, "token is not a header value")
-                    })?;
-                    value.set_sensitive(true);
-                    upstream_request.insert_header(name.clone(), value)?;
-                }
+            if let Some((name, value)) = token_header(up, token)? {
+                upstream_request.insert_header(name, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if std::mem::take(&mut ctx.retry_buffer_next) {
+            // Pingora's retry buffer: bytes already copied on the first attempt.
+            return Ok(());
+        }
+        if ctx.replay.is_err() {
+            return Ok(());
+        }
+        if let (Some(chunk), Some(live)) = (body.as_ref(), &ctx.live) {
+            if (ctx.body.len() + chunk.len()) as u64 > live.config.replay.max_body {
+                ctx.body = BytesMut::new();
+                ctx.replay = Err(SkipReason::BodyTooLarge);
+            } else {
+                ctx.body.extend_from_slice(chunk);
             }
         }
         Ok(())
@@ -246,24 +340,184 @@ impl ProxyHttp for Sidecar {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
-        _ctx: &mut Ctx,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
     ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        ctx.class = class_of(status);
+        let (Some(live), Some(i)) = (ctx.live.clone(), ctx.upstream) else {
+            return Ok(());
+        };
+        let up = &live.upstreams[i];
+        let retry = &live.config.raw.retry;
+        let retry_after = if status == 429 || status == 503 {
+            let after = upstream_response
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            if let Some(d) = after {
+                // Further requests to this upstream wait until then (bounded by max_retry_after).
+                self.app.holds.hold_for(&up.config.name, d);
+            }
+            after
+        } else {
+            None
+        };
+        let transient =
+            retry.statuses.contains(&status) || (status == 429 && retry_after.is_some());
+        if transient
+            && ctx.replay.is_ok()
+            && (ctx.transient as usize) < retry.backoff.len()
+            && body_whole(session)
+        {
+            let backoff = jittered(retry.backoff[ctx.transient as usize].0);
+            ctx.retry_delay = Some(match retry_after {
+                Some(d) if retry.respect_retry_after => d.min(retry.max_retry_after.0),
+                _ => backoff,
+            });
+            ctx.transient += 1;
+            let mut e = Error::explain(RETRY, "transient upstream answer; retrying");
+            e.set_retry(true);
+            return Err(e);
+        }
+        let Some(token) = ctx.token.clone() else {
+            return Ok(());
+        };
+        let www = upstream_response
+            .headers
+            .get(http::header::WWW_AUTHENTICATE)
+            .map(|v| v.as_bytes());
+        let verdict = classify(upstream_response.status.as_u16(), www, &up.config.expiry);
+        if verdict == ExpiryVerdict::NotExpired {
+            return Ok(());
+        }
+        if let Err(reason) = ctx.replay {
+            if verdict == ExpiryVerdict::Expired {
+                skipped(up, reason);
+            }
+            return Ok(());
+        }
+        let body_whole = body_whole(session);
+        if verdict == ExpiryVerdict::CheckBody {
+            if ctx.attempts >= live.config.replay.max_attempts {
+                return Ok(());
+            }
+            ctx.rejected = Some(Box::new(upstream_response.clone()));
+            return Err(Error::explain(
+                CHECK_BODY,
+                "the answer's body decides whether the token expired",
+            ));
+        }
+        match self.next_token(&live, up, ctx, token.generation).await {
+            Ok(()) => {}
+            Err(reason) => {
+                skipped(up, reason);
+                return Ok(());
+            }
+        }
+        if body_whole {
+            let mut e = Error::explain(
+                RETRY,
+                "token expired upstream; replaying with a fresh token",
+            );
+            e.set_retry(true);
+            Err(e)
+        } else {
+            ctx.rejected = Some(Box::new(upstream_response.clone()));
+            Err(Error::explain(
+                OWN_REPLAY,
+                "token expired upstream; replaying a large body",
+            ))
+        }
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if ctx.replays > 0
+            && ctx
+                .live
+                .as_ref()
+                .is_some_and(|l| l.config.replay.debug_header)
+        {
+            upstream_response.insert_header("x-sidecar-replayed", ctx.replays.to_string())?;
+        }
         Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if *e.etype() == RETRY {
+            return e;
+        }
+        if *e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY {
+            // fail_to_proxy takes it from here; Pingora must not resend on its own.
+            let mut e = e;
+            e.set_retry(false);
+            return e;
+        }
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     fn fail_to_connect(
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        _ctx: &mut Ctx,
-        e: Box<Error>,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.class = Some(if matches!(e.etype(), ErrorType::ConnectTimedout) {
+            "timeout"
+        } else {
+            "network"
+        });
+        // Nothing was sent: any request may be retried, within the backoff budget. A certificate
+        // that does not verify will not verify on the next try either.
+        let retry = ctx.live.as_ref().map(|l| &l.config.raw.retry);
+        let permanent = matches!(
+            e.etype(),
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert
+        );
+        match retry.filter(|_| !permanent) {
+            Some(r) if (ctx.transient as usize) < r.backoff.len() => {
+                ctx.retry_delay = Some(jittered(r.backoff[ctx.transient as usize].0));
+                ctx.transient += 1;
+                e.set_retry(true);
+            }
+            _ => e.set_retry(false),
+        }
         e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if (*e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY)
+            && session.response_written().is_none()
+        {
+            let code =
+                crate::replay::own_replay(self, session, ctx, *e.etype() == CHECK_BODY).await;
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
+        }
         let upstream = ctx
             .live
             .as_ref()
@@ -278,10 +532,14 @@ impl ProxyHttp for Sidecar {
                 retry_after: None,
             }),
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                ctx.class = Some("timeout");
                 Some(LocalAnswer::timeout(&upstream))
             }
             _ => match e.esource() {
-                ErrorSource::Upstream => Some(LocalAnswer::unreachable(&upstream)),
+                ErrorSource::Upstream => {
+                    ctx.class = Some("network");
+                    Some(LocalAnswer::unreachable(&upstream))
+                }
                 ErrorSource::Downstream => match e.etype() {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                         None
@@ -298,6 +556,7 @@ impl ProxyHttp for Sidecar {
         };
         let code = match answer {
             Some(a) if session.response_written().is_none() => {
+                session.set_keepalive(None);
                 ctx.local = Some(a.code);
                 a.write(session).await;
                 a.status
@@ -322,6 +581,18 @@ impl ProxyHttp for Sidecar {
         metrics::counter!("sidecar_requests_total", "upstream" => upstream.to_string(), "method" => method_label(method), "status" => status.to_string()).increment(1);
         metrics::histogram!("sidecar_request_duration_seconds", "upstream" => upstream.to_string())
             .record(elapsed.as_secs_f64());
+        if let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) {
+            let up = &live.upstreams[i];
+            if ctx.attempts > 0 || ctx.class.is_some() {
+                let failed = matches!(ctx.class, Some("network" | "timeout" | "server"));
+                up.breaker.record(!failed, Instant::now());
+            } else if ctx.probe {
+                up.breaker.abandon_probe();
+            }
+            if let Some(class) = ctx.class {
+                metrics::counter!("sidecar_upstream_errors_total", "upstream" => up.config.name.clone(), "class" => class).increment(1);
+            }
+        }
         let access_log = ctx.live.as_ref().is_none_or(|l| l.config.log.access_log);
         if access_log {
             tracing::info!(
@@ -332,8 +603,10 @@ impl ProxyHttp for Sidecar {
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 attempts = ctx.attempts,
+                replayed = ctx.replays,
                 generation = ctx.token.as_ref().map_or(0, |t| t.generation),
                 local = ctx.local.unwrap_or(""),
+                class = ctx.class.unwrap_or(""),
                 error = e.map(|e| e.etype().as_str()).unwrap_or(""),
             );
         }
@@ -353,4 +626,150 @@ fn method_label(m: &str) -> &'static str {
         "OPTIONS" => "OPTIONS",
         _ => "other",
     }
+}
+
+impl Sidecar {
+    /// Makes `ctx.token` the token to replay with, per the generation rule: joins (or starts) the
+    /// one refresh for `failed_generation`, or takes the newer token someone else already got.
+    /// Waiting for the refresh counts against `max_waiting` and `wait_for_token`.
+    pub(crate) async fn next_token(
+        &self,
+        live: &Live,
+        up: &crate::app::UpstreamRt,
+        ctx: &mut Ctx,
+        failed_generation: u64,
+    ) -> std::result::Result<(), SkipReason> {
+        let Some(source) = &up.tokens else {
+            return Err(SkipReason::NoToken);
+        };
+        let current = source.current().map_or(0, |t| t.generation);
+        let cfg = &live.config.replay;
+        match after_expired(
+            ctx.attempts,
+            cfg.max_attempts,
+            failed_generation,
+            current,
+            ctx.forced,
+        ) {
+            NextStep::PassThrough(reason) => Err(reason),
+            NextStep::Replay { refresh: false } => {
+                ctx.token = source.usable().or_else(|| source.current());
+                ctx.replays += 1;
+                replayed(up, "newer_token", "ok");
+                Ok(())
+            }
+            NextStep::Replay { refresh: true } => {
+                ctx.forced = true;
+                match self.wait_refresh(source, failed_generation, cfg).await {
+                    Some(t) => {
+                        ctx.token = Some(t);
+                        ctx.replays += 1;
+                        replayed(up, "refreshed", "ok");
+                        Ok(())
+                    }
+                    None => {
+                        replayed(up, "refreshed", "no_token");
+                        Err(SkipReason::NoToken)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn wait_refresh(
+        &self,
+        source: &TokenSource,
+        failed_generation: u64,
+        cfg: &sidecar_config::Replay,
+    ) -> Option<Arc<Token>> {
+        let waiting = self.app.waiting.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!("sidecar_waiting_requests").set((waiting + 1) as f64);
+        let result = if waiting >= cfg.max_waiting {
+            None
+        } else {
+            tokio::time::timeout(
+                cfg.wait_for_token,
+                source.refresh(Trigger::Unauthorized, Some(failed_generation)),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+        };
+        let left = self.app.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!("sidecar_waiting_requests").set(left as f64);
+        result
+    }
+}
+
+/// The header that carries the token on this upstream, if any.
+pub(crate) fn token_header(
+    up: &crate::app::UpstreamRt,
+    token: &Token,
+) -> Result<Option<(HeaderName, http::HeaderValue)>> {
+    let Some(name) = &up.config.inject.header else {
+        return Ok(None);
+    };
+    let scheme = &up.config.inject.scheme;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(Some((name.clone(), token.bearer_header().clone())));
+    }
+    let value = if scheme.is_empty() {
+        token.expose().to_string()
+    } else {
+        format!("{scheme} {}", token.expose())
+    };
+    let mut value = http::HeaderValue::from_str(&value)
+        .map_err(|_| Error::explain(ErrorType::InternalError, "token is not a header value"))?;
+    value.set_sensitive(true);
+    Ok(Some((name.clone(), value)))
+}
+
+/// The path and query to send upstream when they differ from the client's.
+pub(crate) fn upstream_target(ctx: &Ctx, up: &crate::app::UpstreamRt, uri: &Uri) -> Option<String> {
+    let query_param = ctx.token.as_ref().and(up.config.inject.query.as_deref());
+    if ctx.path.is_none() && query_param.is_none() {
+        return None;
+    }
+    let path = ctx.path.as_deref().unwrap_or(uri.path());
+    let query = match (query_param, &ctx.token) {
+        (Some(param), Some(token)) => Some(query_with_token(uri.query(), param, token.expose())),
+        _ => uri.query().map(str::to_string),
+    };
+    Some(match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    })
+}
+
+pub(crate) fn skipped(up: &crate::app::UpstreamRt, reason: SkipReason) {
+    metrics::counter!("sidecar_replay_skipped_total", "upstream" => up.config.name.clone(), "reason" => reason.as_str()).increment(1);
+}
+
+pub(crate) fn replayed(up: &crate::app::UpstreamRt, reason: &'static str, result: &'static str) {
+    metrics::counter!("sidecar_replays_total", "upstream" => up.config.name.clone(), "reason" => reason, "result" => result).increment(1);
+}
+
+/// Error class of an upstream status (SPEC §8), `None` for success.
+fn class_of(status: u16) -> Option<&'static str> {
+    match status {
+        401 | 403 => Some("auth"),
+        429 => Some("rate_limit"),
+        400..=499 => Some("client"),
+        500..=599 => Some("server"),
+        _ => None,
+    }
+}
+
+/// Pingora can resend the request body from its own retry buffer: all of it was read and it
+/// fit (or there was none).
+fn body_whole(session: &mut Session) -> bool {
+    let downstream = session.as_mut();
+    downstream.is_body_done()
+        && !downstream.retry_buffer_truncated()
+        && (downstream.is_body_empty() || downstream.get_retry_buffer().is_some())
+}
+
+/// A backoff step with ±20 % jitter, so that retries of many requests spread out.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
 }

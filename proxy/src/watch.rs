@@ -1,0 +1,63 @@
+//! Hot reload: watches the config file and reloads when its content changes.
+//!
+//! The directory is watched rather than the file, so editors that replace the file by rename and
+//! Kubernetes ConfigMap updates (an atomic swap of the `..data` symlink) are seen too. Events are
+//! debounced and a reload happens only when the bytes behind the path actually changed.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use sha2::{Digest, Sha256};
+
+use crate::app::App;
+
+fn digest(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path)
+        .ok()
+        .map(|b| Sha256::digest(&b).to_vec())
+}
+
+/// Starts watching `path`; the returned watcher must be kept alive. `None` (logged) when the
+/// platform cannot watch: SIGHUP and `POST /v1/reload` still work.
+pub fn spawn(app: Arc<App>, path: PathBuf) -> Option<notify::RecommendedWatcher> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = tx.send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+                return None;
+            }
+        };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
+        return None;
+    }
+    let mut last = digest(&path);
+    std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                // Debounce: an editor's save is several events.
+                while rx.recv_timeout(Duration::from_millis(100)).is_ok() {}
+                let now = digest(&path);
+                if now.is_some() && now != last {
+                    last = now;
+                    crate::cli::reload(&app, &path);
+                }
+            }
+        })
+        .ok()?;
+    Some(watcher)
+}

@@ -1,0 +1,245 @@
+//! Expired-token answers: one coalesced refresh, then a safe replay (SPEC §6), through the real
+//! sidecar binary.
+
+mod support;
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sidecar_mocks::{IdpConfig, MockIdp, MockUpstream, Scripted, UpstreamConfig};
+use support::Sidecar;
+
+async fn setup(extra: &str, upstream_extra: &str) -> (MockIdp, MockUpstream, Sidecar) {
+    let idp = MockIdp::start(IdpConfig {
+        ttl: Duration::from_secs(3600),
+        latency: Duration::from_millis(50),
+        ..IdpConfig::default()
+    })
+    .await;
+    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
+    let yaml = format!(
+        r#"providers:
+  main:
+    type: oauth2_client_credentials
+    token_url: "{}"
+    client_id: demo-client
+    client_secret: demo-secret
+upstreams:
+  - {{ name: api, url: "{}", provider: main{upstream_extra} }}
+{extra}"#,
+        idp.token_url(),
+        api.url()
+    );
+    let sc = Sidecar::start(&yaml).await;
+    // The first token, before the test measures IdP calls.
+    sc.wait_status(Duration::from_secs(10), |v| {
+        v["providers"][0]["generation"] == 1
+    })
+    .await;
+    (idp, api, sc)
+}
+
+fn hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn body_of(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn revocation_under_200_concurrent_gets_costs_one_idp_call() {
+    let (idp, _api, sc) = setup("", "").await;
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client.get(sc.url("/warm")).send().await.unwrap().status(),
+        200
+    );
+    let before = idp.calls();
+    idp.registry().revoke_all();
+    let all = futures::future::join_all((0..200).map(|i| {
+        let c = client.clone();
+        let url = sc.url(&format!("/items/{i}"));
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    }))
+    .await;
+    let ok = all.iter().filter(|s| matches!(s, Ok(200))).count();
+    assert_eq!(
+        ok,
+        200,
+        "{:?}\n{}",
+        all.iter()
+            .filter(|s| !matches!(s, Ok(200)))
+            .collect::<Vec<_>>(),
+        sc.logs()
+    );
+    assert_eq!(idp.calls() - before, 1, "exactly one extra token request");
+}
+
+#[tokio::test]
+async fn large_put_bodies_are_replayed_byte_exact_and_oversized_ones_are_not() {
+    let (idp, api, sc) = setup("", "").await;
+    let client = reqwest::Client::new();
+    for kib in [300usize, 900] {
+        idp.registry().revoke_all();
+        api.clear();
+        let body = body_of(kib * 1024);
+        let r = client
+            .put(sc.url("/blob"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{kib} KiB\n{}", sc.logs());
+        let seen = api.requests();
+        assert_eq!(seen.len(), 2, "first attempt + one replay for {kib} KiB");
+        for s in &seen {
+            assert_eq!(s.body_len, body.len());
+            assert_eq!(
+                s.body_sha256,
+                hex(&body),
+                "{kib} KiB body changed on the way"
+            );
+        }
+        assert_eq!(seen[0].status, 401);
+        assert_eq!(seen[1].status, 200);
+    }
+    // 2 MiB is over replay.max_body (1 MiB): streamed once, the 401 comes back unchanged.
+    idp.registry().revoke_all();
+    api.clear();
+    let body = body_of(2 << 20);
+    let r = client
+        .put(sc.url("/blob"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.text().await.unwrap(), r#"{"message":"token is expired"}"#);
+    let seen = api.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body_sha256, hex(&body));
+}
+
+#[tokio::test]
+async fn small_bodies_replay_through_pingoras_buffer() {
+    let (idp, api, sc) = setup("replay: { debug_header: true }\n", "").await;
+    idp.registry().revoke_all();
+    let body = body_of(10 * 1024);
+    let r = reqwest::Client::new()
+        .put(sc.url("/small"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("x-sidecar-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let seen = api.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|s| s.body_sha256 == hex(&body)));
+}
+
+#[tokio::test]
+async fn post_is_replayed_only_with_an_idempotency_key() {
+    let (idp, api, sc) = setup("", "").await;
+    let client = reqwest::Client::new();
+    idp.registry().revoke_all();
+    let r = client
+        .post(sc.url("/orders"))
+        .body("{\"qty\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a POST without a key must not be replayed");
+    assert_eq!(api.count(), 1, "the upstream saw the POST exactly once");
+    idp.registry().revoke_all();
+    api.clear();
+    let r = client
+        .post(sc.url("/orders"))
+        .header("Idempotency-Key", "order-42")
+        .body("{\"qty\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(api.count(), 2);
+}
+
+#[tokio::test]
+async fn credentials_revoked_for_good_pass_401_after_one_forced_refresh() {
+    let (idp, api, sc) = setup("", "").await;
+    let client = reqwest::Client::new();
+    let before = idp.calls();
+    idp.registry().set_reject_all(true);
+    let all = futures::future::join_all((0..100).map(|i| {
+        let c = client.clone();
+        let url = sc.url(&format!("/r/{i}"));
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    }))
+    .await;
+    assert!(all.iter().all(|s| matches!(s, Ok(401))), "{all:?}");
+    // Requests that fail with generation g force one refresh to g+1 and pass the next 401
+    // through; a request that only started after g+1 existed may force one more. Never one per
+    // request.
+    let extra = idp.calls() - before;
+    assert!(
+        (1..=3).contains(&extra),
+        "{extra} IdP calls for 100 requests"
+    );
+    // No loops: never more than max_attempts (3) sends per request; in practice two.
+    assert!(api.count() <= 300, "{} upstream requests", api.count());
+    let _ = sc;
+}
+
+#[tokio::test]
+async fn body_pattern_triggers_the_flow_and_other_403s_pass_untouched() {
+    let (idp, api, sc) = setup("", "").await;
+    let client = reqwest::Client::new();
+    let expired = r#"{"error":"key not authorized: token is expired"}"#;
+    // The token is rejected with a 403 whose body says so (twice: the check and the original).
+    idp.registry().revoke_all();
+    api.push_script(Scripted::status(403).with_body(expired));
+    api.push_script(Scripted::status(403).with_body(expired));
+    let before = idp.calls();
+    let r = client.get(sc.url("/pattern")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", sc.logs());
+    assert_eq!(idp.calls() - before, 1);
+    // A 403 that is about something else reaches the client as it was.
+    let forbidden = r#"{"error":"you may not see this"}"#;
+    api.push_script(
+        Scripted::status(403)
+            .with_body(forbidden)
+            .with_header("x-reason", "acl"),
+    );
+    api.push_script(
+        Scripted::status(403)
+            .with_body(forbidden)
+            .with_header("x-reason", "acl"),
+    );
+    let calls = idp.calls();
+    let r = client.get(sc.url("/acl")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers().get("x-reason").unwrap(), "acl");
+    assert_eq!(r.text().await.unwrap(), forbidden);
+    assert_eq!(idp.calls(), calls, "no refresh for an unrelated 403");
+}
+
+#[tokio::test]
+async fn replay_false_passes_every_401_through() {
+    let (idp, api, sc) = setup("", ", replay: false").await;
+    idp.registry().revoke_all();
+    let before = idp.calls();
+    let r = reqwest::get(sc.url("/x")).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.text().await.unwrap(), r#"{"message":"token is expired"}"#);
+    assert_eq!(api.count(), 1);
+    assert_eq!(idp.calls(), before);
+}
