@@ -49,6 +49,8 @@ upstreams:
   - name: demo-api
     url: "{api_url}"
     provider: demo
+rate_limits:
+  - {{ name: history, upstream: demo-api, match: {{ methods: [POST], path: "/api/History/**" }}, rate: 5/1s, burst: 5, mode: reject }}
 log: {{ level: "warn,token_sidecar=info,sidecar_token=info", format: text, access_log: false }}
 "#,
         token_url = idp.token_url(),
@@ -88,6 +90,21 @@ log: {{ level: "warn,token_sidecar=info,sidecar_token=info", format: text, acces
     code
 }
 
+async fn join_gets(client: &reqwest::Client, base: &str, n: usize) -> Vec<u16> {
+    futures::future::join_all((0..n).map(|i| {
+        let c = client.clone();
+        let url = format!("{base}/orders/{i}");
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    }))
+    .await
+}
+
 async fn script(listen: &str, admin: &str, idp: &MockIdp, api: &MockUpstream) -> i32 {
     let client = reqwest::Client::new();
     let base = format!("http://{listen}");
@@ -111,7 +128,7 @@ async fn script(listen: &str, admin: &str, idp: &MockIdp, api: &MockUpstream) ->
     }
     println!("\n1) 60 requests over 9 s while tokens expire every 4 s");
     let mut ok = 0;
-    let mut other = 0;
+    let mut other = 0usize;
     for _ in 0..60 {
         match client.get(format!("{base}/orders?page=1")).send().await {
             Ok(r) if r.status() == 200 => ok += 1,
@@ -127,13 +144,54 @@ async fn script(listen: &str, admin: &str, idp: &MockIdp, api: &MockUpstream) ->
         idp.calls()
     );
     println!("   the client never sent a token: the sidecar injected a fresh one and rotated it in the background");
+    println!("\n2) the API revokes every token it accepted; 50 concurrent GETs follow");
+    let calls_before = idp.calls();
+    idp.registry().revoke_all();
+    let seen_before = api.count();
+    let answers = join_gets(&client, &base, 50).await;
+    let ok2 = answers.iter().filter(|s| **s == 200).count();
+    let rejected = api
+        .requests()
+        .into_iter()
+        .skip(seen_before)
+        .filter(|r| r.status == 401)
+        .count();
+    println!(
+        "   {ok2}/50 answered 200; the API said 401 {rejected} times, the sidecar held those answers back,"
+    );
+    println!(
+        "   made {} identity-provider call(s) for all of them together, and replayed each request with the new token",
+        idp.calls() - calls_before
+    );
+    other += 50 - ok2;
+
+    println!(
+        "\n3) 12 POSTs at once to /api/History/search under a limit of 5 per second (mode: reject)"
+    );
+    let posts = futures::future::join_all((0..12).map(|_| {
+        let c = client.clone();
+        let url = format!("{base}/api/History/search");
+        async move {
+            c.post(url)
+                .body("{}")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    }))
+    .await;
+    let passed = posts.iter().filter(|s| **s == 200).count();
+    let limited = posts.iter().filter(|s| **s == 429).count();
+    println!("   {passed} went through, {limited} got 429 rate_limited with Retry-After: the API never saw more than the limit");
+
     if let Ok(r) = client
         .get(format!("http://{admin}/v1/token/status"))
         .send()
         .await
     {
         if let Ok(text) = r.text().await {
-            println!("\n2) token status (GET http://{admin}/v1/token/status) — a fingerprint, never the token:\n   {text}");
+            println!("\n4) token status (GET http://{admin}/v1/token/status) — a fingerprint, never the token:\n   {text}");
         }
     }
     println!("\nThe sidecar keeps serving. Try:\n   curl -s http://{listen}/hello\n   curl -s http://{admin}/v1/token/status\n   curl -s http://{admin}/metrics | grep sidecar_\nStop with Ctrl-C.");

@@ -511,3 +511,25 @@ fn keygen_prints_a_32_byte_key() {
     let (_, again, _) = run_cli(&["keygen"], &[]);
     assert_ne!(out, again);
 }
+
+#[test]
+fn demo_runs_its_script_and_every_step_succeeds() {
+    let listen = format!("127.0.0.1:{}", support::free_port());
+    let admin = format!("127.0.0.1:{}", support::free_port());
+    let (code, out, err) = run_cli(
+        &[
+            "demo",
+            "--exit",
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &admin,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("60 answered 200, 0 did not"), "{out}");
+    assert!(out.contains("50/50 answered 200"), "{out}");
+    assert!(out.contains("made 1 identity-provider call(s)"), "{out}");
+    assert!(out.contains("got 429 rate_limited"), "{out}");
+}
