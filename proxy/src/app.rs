@@ -46,6 +46,8 @@ pub struct UpstreamRt {
     pub replay_base: String,
     /// Fails fast while the upstream keeps failing.
     pub breaker: Breaker,
+    /// The upstream's name as a shared metric label.
+    pub label: Arc<str>,
 }
 
 /// Why a config could not be put to work.
@@ -96,6 +98,7 @@ impl Live {
                 replay_client: replay_client(u)?,
                 replay_base: replay_base(u),
                 breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
+                label: Arc::from(u.name.as_str()),
                 config: u.clone(),
             });
         }

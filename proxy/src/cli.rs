@@ -37,6 +37,13 @@ pub enum Command {
         /// Config file.
         #[arg(short, long, env = "TOKEN_SIDECAR_CONFIG")]
         config: PathBuf,
+        /// Zero-downtime upgrade: take the listening sockets over from a running sidecar, which
+        /// hands them over when it gets SIGQUIT.
+        #[arg(long)]
+        upgrade: bool,
+        /// Unix socket the listening sockets are handed over on during an upgrade.
+        #[arg(long, default_value = "/tmp/token-sidecar-upgrade.sock")]
+        upgrade_sock: String,
     },
     /// Validate a config file and print it resolved, secrets redacted.
     Check {
@@ -66,8 +73,19 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => match Config::load(&config) {
-            Ok(c) => serve(c, None),
+        Command::Run {
+            config,
+            upgrade,
+            upgrade_sock,
+        } => match Config::load(&config) {
+            Ok(c) => serve_with(
+                c,
+                None,
+                Upgrade {
+                    upgrade,
+                    upgrade_sock,
+                },
+            ),
             Err(e) => {
                 eprintln!("{e}");
                 1
@@ -143,9 +161,31 @@ pub fn reload(app: &App, path: &Path) {
     }
 }
 
+/// Pingora's listener hand-over (SIGQUIT to the old process, `--upgrade` on the new one).
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    /// Take the sockets over from the running process.
+    pub upgrade: bool,
+    /// The hand-over socket.
+    pub upgrade_sock: String,
+}
+
 /// Serves `config` until a signal stops it; returns the exit code. `on_ready` runs once the
 /// state is built (the demo uses it to start its scripted client).
 pub fn serve(config: Config, on_ready: Option<Box<dyn FnOnce(Arc<App>) + Send>>) -> i32 {
+    let upgrade = Upgrade {
+        upgrade: false,
+        upgrade_sock: format!("/tmp/token-sidecar-upgrade-{}.sock", std::process::id()),
+    };
+    serve_with(config, on_ready, upgrade)
+}
+
+/// [`serve`] with upgrade settings.
+pub fn serve_with(
+    config: Config,
+    on_ready: Option<Box<dyn FnOnce(Arc<App>) + Send>>,
+    upgrade: Upgrade,
+) -> i32 {
     crate::logging::init(&config.log);
     let metrics = metrics_recorder();
     let token_rt = match tokio::runtime::Builder::new_multi_thread()
@@ -177,9 +217,14 @@ pub fn serve(config: Config, on_ready: Option<Box<dyn FnOnce(Arc<App>) + Send>>)
         // even when idle).
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: upgrade.upgrade_sock.clone(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade: upgrade.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
     // CONNECT reaches request_filter, which refuses it with a JSON 403 `forbidden_target`

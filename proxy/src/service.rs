@@ -578,8 +578,13 @@ impl ProxyHttp for Sidecar {
             .zip(ctx.upstream)
             .map_or("", |(l, i)| l.upstreams[i].config.name.as_str());
         let method = session.req_header().method.as_str();
-        metrics::counter!("sidecar_requests_total", "upstream" => upstream.to_string(), "method" => method_label(method), "status" => status.to_string()).increment(1);
-        metrics::histogram!("sidecar_request_duration_seconds", "upstream" => upstream.to_string())
+        let label: Arc<str> = ctx
+            .live
+            .as_ref()
+            .zip(ctx.upstream)
+            .map_or_else(|| Arc::from(""), |(l, i)| l.upstreams[i].label.clone());
+        metrics::counter!("sidecar_requests_total", "upstream" => label.clone(), "method" => method_label(method), "status" => status_label(status)).increment(1);
+        metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label)
             .record(elapsed.as_secs_f64());
         if let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) {
             let up = &live.upstreams[i];
@@ -601,7 +606,7 @@ impl ProxyHttp for Sidecar {
                 path = session.req_header().uri.path(),
                 upstream,
                 status,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                duration_ms = %format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
                 attempts = ctx.attempts,
                 replayed = ctx.replays,
                 generation = ctx.token.as_ref().map_or(0, |t| t.generation),
@@ -772,4 +777,14 @@ fn body_whole(session: &mut Session) -> bool {
 /// A backoff step with ±20 % jitter, so that retries of many requests spread out.
 fn jittered(d: Duration) -> Duration {
     d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+}
+
+/// Status codes as `&'static str` metric labels, built once, so counting a request allocates
+/// nothing.
+fn status_label(status: u16) -> &'static str {
+    static LABELS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let labels = LABELS.get_or_init(|| (0..600).map(|s| s.to_string()).collect());
+    labels
+        .get(usize::from(status))
+        .map_or("other", String::as_str)
 }
