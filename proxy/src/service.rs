@@ -114,6 +114,7 @@ impl Sidecar {
             }
         }
         let waiting = self.app.waiting.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!("sidecar_waiting_requests").set((waiting + 1) as f64);
         let result = if waiting >= replay.max_waiting {
             Err(LocalAnswer::token_unavailable(
                 format!(
@@ -129,7 +130,8 @@ impl Sidecar {
             };
             got.map_err(|e| LocalAnswer::token_unavailable(e.to_string(), Duration::from_secs(1)))
         };
-        self.app.waiting.fetch_sub(1, Ordering::AcqRel);
+        let left = self.app.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!("sidecar_waiting_requests").set(left as f64);
         result
     }
 }
@@ -324,7 +326,9 @@ impl ProxyHttp for Sidecar {
             // Pingora's retry buffer: bytes already copied on the first attempt.
             return Ok(());
         }
-        if ctx.replay.is_err() {
+        // Only token-carrying requests can need the sidecar's own replay path; other retries
+        // use Pingora's buffer.
+        if ctx.replay.is_err() || ctx.token.is_none() {
             return Ok(());
         }
         if let (Some(chunk), Some(live)) = (body.as_ref(), &ctx.live) {
