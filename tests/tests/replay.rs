@@ -243,3 +243,32 @@ async fn replay_false_passes_every_401_through() {
     assert_eq!(api.count(), 1);
     assert_eq!(idp.calls(), before);
 }
+
+#[tokio::test]
+async fn websocket_upgrade_is_replayed_after_revocation() {
+    use futures::{SinkExt, StreamExt};
+    let (idp, api, sc) = setup("", "").await;
+    idp.registry().revoke_all();
+    let before = idp.calls();
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", sc.listen))
+        .await
+        .expect("upgrade through the sidecar after revocation");
+    assert_eq!(resp.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("ping"))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "ping");
+    assert_eq!(idp.calls() - before, 1);
+    let seen: Vec<u16> = api
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/ws")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(seen, vec![401, 101]);
+}
