@@ -45,6 +45,8 @@ pub struct Routes {
     /// Authorities an absolute-form target may name: host (lowercase) and port, `None` for
     /// any port (`match.host` names).
     known: Vec<(String, Option<u16>)>,
+    /// Some route has `match.host`.
+    any_host_route: bool,
 }
 
 /// The authority of an absolute-form request target (`http://host:port/path`), from the raw
@@ -113,6 +115,7 @@ impl Routes {
                 })
                 .collect(),
             known,
+            any_host_route: upstreams.iter().any(|u| u.match_host.is_some()),
         }
     }
 
@@ -137,7 +140,9 @@ impl Routes {
                 }
                 Some(h)
             }
-            None => req.host.map(|h| strip_port(h).to_ascii_lowercase()),
+            // The Host header only matters when some route matches on it: no work otherwise.
+            None if self.any_host_route => req.host.map(|h| strip_port(h).to_ascii_lowercase()),
+            None => None,
         };
         let mut best: Option<(usize, (bool, usize))> = None;
         for (i, r) in self.routes.iter().enumerate() {
