@@ -165,6 +165,8 @@ impl ProxyHttp for Sidecar {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let live = self.app.live.load_full();
+        // Set first: the sidecar's own answers are logged and counted under this config too.
+        ctx.live = Some(live.clone());
         let req = session.req_header();
         let h2 = session.as_downstream().is_http2();
         let host = req
@@ -610,7 +612,7 @@ impl ProxyHttp for Sidecar {
                 path = session.req_header().uri.path(),
                 upstream,
                 status,
-                duration_ms = %format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
+                duration_ms = elapsed.as_micros() as f64 / 1000.0,
                 attempts = ctx.attempts,
                 replayed = ctx.replays,
                 generation = ctx.token.as_ref().map_or(0, |t| t.generation),

@@ -24,18 +24,27 @@ fn digest(path: &Path) -> Option<Vec<u8>> {
 /// platform cannot watch: SIGHUP and `POST /v1/reload` still work.
 pub fn spawn(app: Arc<App>, path: PathBuf) -> Option<notify::RecommendedWatcher> {
     let (tx, rx) = mpsc::channel::<()>();
-    let mut watcher =
-        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                let _ = tx.send(());
-            }
-        }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
-                return None;
-            }
-        };
+    let name = path.file_name().map(|n| n.to_os_string());
+    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Only the config file itself and Kubernetes' `..data` swap matter; a busy neighbour
+        // (a log file in the same directory) must not keep resetting the debounce.
+        let relevant = event.is_ok_and(|e| {
+            e.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| {
+                    Some(n) == name.as_deref() || n.to_string_lossy().starts_with("..")
+                })
+            })
+        });
+        if relevant {
+            let _ = tx.send(());
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            return None;
+        }
+    };
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -49,8 +58,13 @@ pub fn spawn(app: Arc<App>, path: PathBuf) -> Option<notify::RecommendedWatcher>
         .name("config-watch".into())
         .spawn(move || {
             while rx.recv().is_ok() {
-                // Debounce: an editor's save is several events.
-                while rx.recv_timeout(Duration::from_millis(100)).is_ok() {}
+                // Debounce: an editor's save is several events; never wait more than 500 ms.
+                let deadline = std::time::Instant::now() + Duration::from_millis(500);
+                while rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                    if std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                }
                 let now = digest(&path);
                 if now.is_some() && now != last {
                     last = now;
