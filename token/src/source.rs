@@ -347,6 +347,16 @@ impl TokenSource {
         if let Some(t) = self.usable().filter(enough) {
             return Ok(t);
         }
+        // Long operations must not turn into a refresh per request: while the failure backoff
+        // runs, or the too-short token is younger than `min_interval`, another identity-provider
+        // call would only repeat its last answer.
+        if let Some(why) = self.ensure_held_back(min_ttl) {
+            return Err(Unavailable {
+                provider: self.inner.name.clone(),
+                waited: Duration::ZERO,
+                last_error: Some(why),
+            });
+        }
         let stale = self.current().map(|t| t.generation);
         match tokio::time::timeout(timeout, self.refresh(Trigger::Ensure, stale)).await {
             Ok(Ok(t)) if enough(&t) => Ok(t),
@@ -360,6 +370,34 @@ impl TokenSource {
             }),
             _ => Err(self.unavailable(timeout)),
         }
+    }
+
+    /// Why `ensure` may not call the identity provider now; `None` when it may (or a refresh
+    /// is already in flight, which it joins at no cost).
+    fn ensure_held_back(&self, min_ttl: Duration) -> Option<String> {
+        let book = lock(&self.inner.book);
+        if book.inflight.is_some() {
+            return None;
+        }
+        let now = Instant::now();
+        if book.retry_at.is_some_and(|r| now < r) {
+            return Some(
+                book.last_error
+                    .clone()
+                    .unwrap_or_else(|| "the last refresh failed".into()),
+            );
+        }
+        let current = self.current()?;
+        let spacing = self.inner.schedule.min_interval(current.lifetime());
+        let recent = book
+            .last_attempt_at
+            .is_some_and(|last| now < last + spacing);
+        recent.then(|| {
+            format!(
+                "the identity provider issues tokens shorter than {}",
+                humantime::format_duration(min_ttl)
+            )
+        })
     }
 
     fn unavailable(&self, waited: Duration) -> Unavailable {

@@ -618,3 +618,37 @@ async fn the_refresher_picks_up_a_replaced_token_file() {
     assert_eq!(t.expose(), "second-token");
     source.stop();
 }
+
+#[tokio::test(start_paused = true)]
+async fn ensure_respects_min_interval_and_the_failure_backoff() {
+    let r = rig(2 * HOUR, Duration::ZERO);
+    r.source.wait_usable(Duration::from_secs(1)).await.unwrap();
+    let ensure = || r.source.ensure(3 * HOUR, Duration::from_secs(1));
+    // The 2 h token is fresh (younger than min_interval, 5 s): no call could do better now.
+    for _ in 0..5 {
+        assert!(ensure().await.is_err());
+    }
+    assert_eq!(r.calls.load(Ordering::SeqCst), 1);
+    // Once min_interval has passed, one more try; then held back again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(ensure().await.is_err());
+    assert!(ensure().await.is_err());
+    assert_eq!(r.calls.load(Ordering::SeqCst), 2);
+    // A failure starts the backoff (30 s): ensure does not hammer the failing IdP.
+    r.failing.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let err = ensure().await.unwrap_err();
+    assert!(err.last_error.unwrap().contains("server_error"));
+    for _ in 0..5 {
+        let err = ensure().await.unwrap_err();
+        assert!(err.last_error.unwrap().contains("server_error"));
+    }
+    assert_eq!(r.calls.load(Ordering::SeqCst), 3);
+    // After the backoff the IdP is asked again; what fits the held token needs no call.
+    r.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(ensure().await.is_err());
+    assert_eq!(r.calls.load(Ordering::SeqCst), 4);
+    assert!(r.source.ensure(HOUR, Duration::from_secs(1)).await.is_ok());
+    assert_eq!(r.calls.load(Ordering::SeqCst), 4);
+}
