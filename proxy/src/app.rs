@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
@@ -46,8 +46,48 @@ pub struct UpstreamRt {
     pub replay_base: String,
     /// Fails fast while the upstream keeps failing.
     pub breaker: Breaker,
-    /// The upstream's name as a shared metric label.
-    pub label: Arc<str>,
+    /// Its request metrics, registered once.
+    pub metrics: UpstreamMetrics,
+}
+
+/// Per-upstream request metrics, looked up once per (method, status) and then kept: counting a
+/// request is an atomic add, not a registry lookup.
+pub struct UpstreamMetrics {
+    label: Arc<str>,
+    requests: Box<[OnceLock<metrics::Counter>]>,
+    /// `sidecar_request_duration_seconds{upstream}`.
+    pub duration: metrics::Histogram,
+}
+
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
+];
+const STATUSES: usize = 600;
+
+impl UpstreamMetrics {
+    fn new(name: &str) -> UpstreamMetrics {
+        let label: Arc<str> = Arc::from(name);
+        UpstreamMetrics {
+            duration: metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label.clone()),
+            requests: (0..METHODS.len() * STATUSES)
+                .map(|_| OnceLock::new())
+                .collect(),
+            label,
+        }
+    }
+
+    /// `sidecar_requests_total{upstream,method,status}`.
+    pub fn requests(&self, method: &str, status: u16) -> &metrics::Counter {
+        let m = crate::service::method_label(method);
+        let mi = METHODS
+            .iter()
+            .position(|x| *x == m)
+            .unwrap_or(METHODS.len() - 1);
+        let si = usize::from(status).min(STATUSES - 1);
+        self.requests[mi * STATUSES + si].get_or_init(|| {
+            metrics::counter!("sidecar_requests_total", "upstream" => self.label.clone(), "method" => m, "status" => crate::service::status_label(status))
+        })
+    }
 }
 
 /// Why a config could not be put to work.
@@ -98,7 +138,7 @@ impl Live {
                 replay_client: replay_client(u)?,
                 replay_base: replay_base(u),
                 breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
-                label: Arc::from(u.name.as_str()),
+                metrics: UpstreamMetrics::new(&u.name),
                 config: u.clone(),
             });
         }

@@ -22,7 +22,16 @@ pub fn init(log: &RawLog) {
             filter = filter.add_directive(d);
         }
     }
-    let _ = tracing_log::LogTracer::init();
+    // Pingora's `log` records below info are dropped at the `log` macro itself (they would be
+    // capped below anyway): building and filtering them per request costs measurable CPU.
+    let log_max = if std::env::var_os("RUST_LOG").is_some() {
+        log::LevelFilter::Trace
+    } else {
+        log::LevelFilter::Info
+    };
+    let _ = tracing_log::LogTracer::builder()
+        .with_max_level(log_max)
+        .init();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -70,6 +70,8 @@ pub struct Ctx {
     retry_delay: Option<Duration>,
     /// This request is the circuit breaker's probe.
     probe: bool,
+    /// The client sent `X-Sidecar-Expected-Duration` (to strip before forwarding).
+    expected_header: bool,
     /// Error class of the last attempt, for metrics and the log.
     pub(crate) class: Option<&'static str>,
 }
@@ -159,6 +161,7 @@ impl ProxyHttp for Sidecar {
             transient: 0,
             retry_delay: None,
             probe: false,
+            expected_header: false,
             class: None,
         }
     }
@@ -251,6 +254,8 @@ impl ProxyHttp for Sidecar {
             up.config.replay,
             cfg,
         );
+        // Never forwarded, whatever the route (SPEC §5).
+        ctx.expected_header = req.headers.contains_key(EXPECTED_DURATION);
         if inject {
             let expected = match req.headers.get(EXPECTED_DURATION) {
                 None => None,
@@ -301,7 +306,9 @@ impl ProxyHttp for Sidecar {
         };
         let up = &live.upstreams[i];
         upstream_request.insert_header(HOST, up.host_header.clone())?;
-        upstream_request.remove_header(&EXPECTED_DURATION);
+        if ctx.expected_header {
+            upstream_request.remove_header(&EXPECTED_DURATION);
+        }
         if let Some(pq) = upstream_target(ctx, up, &session.req_header().uri) {
             let uri: Uri = pq.parse().map_err(|_| {
                 Error::explain(ErrorType::InvalidHTTPHeader, "cannot rewrite the path")
@@ -309,8 +316,15 @@ impl ProxyHttp for Sidecar {
             upstream_request.set_uri(uri);
         }
         if let Some(token) = &ctx.token {
-            upstream_request.remove_header(&AUTHORIZATION);
-            if let Some((name, value)) = token_header(up, token)? {
+            let header = token_header(up, token)?;
+            // insert_header replaces: only a token carried elsewhere needs an explicit removal.
+            if header
+                .as_ref()
+                .is_none_or(|(name, _)| name != AUTHORIZATION)
+            {
+                upstream_request.remove_header(&AUTHORIZATION);
+            }
+            if let Some((name, value)) = header {
                 upstream_request.insert_header(name, value)?;
             }
         }
@@ -584,14 +598,18 @@ impl ProxyHttp for Sidecar {
             .zip(ctx.upstream)
             .map_or("", |(l, i)| l.upstreams[i].config.name.as_str());
         let method = session.req_header().method.as_str();
-        let label: Arc<str> = ctx
-            .live
-            .as_ref()
-            .zip(ctx.upstream)
-            .map_or_else(|| Arc::from(""), |(l, i)| l.upstreams[i].label.clone());
-        metrics::counter!("sidecar_requests_total", "upstream" => label.clone(), "method" => method_label(method), "status" => status_label(status)).increment(1);
-        metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label)
-            .record(elapsed.as_secs_f64());
+        match ctx.live.as_ref().zip(ctx.upstream) {
+            Some((l, i)) => {
+                let m = &l.upstreams[i].metrics;
+                m.requests(method, status).increment(1);
+                m.duration.record(elapsed.as_secs_f64());
+            }
+            None => {
+                metrics::counter!("sidecar_requests_total", "upstream" => "", "method" => method_label(method), "status" => status_label(status)).increment(1);
+                metrics::histogram!("sidecar_request_duration_seconds", "upstream" => "")
+                    .record(elapsed.as_secs_f64());
+            }
+        }
         if let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) {
             let up = &live.upstreams[i];
             if ctx.attempts > 0 || ctx.class.is_some() {
@@ -626,7 +644,7 @@ impl ProxyHttp for Sidecar {
 
 /// Methods as metric labels: the standard ones, everything else `other`, so no label is
 /// unbounded.
-fn method_label(m: &str) -> &'static str {
+pub(crate) fn method_label(m: &str) -> &'static str {
     match m {
         "GET" => "GET",
         "HEAD" => "HEAD",
@@ -787,7 +805,7 @@ fn jittered(d: Duration) -> Duration {
 
 /// Status codes as `&'static str` metric labels, built once, so counting a request allocates
 /// nothing.
-fn status_label(status: u16) -> &'static str {
+pub(crate) fn status_label(status: u16) -> &'static str {
     static LABELS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let labels = LABELS.get_or_init(|| (0..600).map(|s| s.to_string()).collect());
     labels

@@ -25,26 +25,27 @@ fn digest(path: &Path) -> Option<Vec<u8>> {
 pub fn spawn(app: Arc<App>, path: PathBuf) -> Option<notify::RecommendedWatcher> {
     let (tx, rx) = mpsc::channel::<()>();
     let name = path.file_name().map(|n| n.to_os_string());
-    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Only the config file itself and Kubernetes' `..data` swap matter; a busy neighbour
-        // (a log file in the same directory) must not keep resetting the debounce.
-        let relevant = event.is_ok_and(|e| {
-            e.paths.iter().any(|p| {
-                p.file_name().is_some_and(|n| {
-                    Some(n) == name.as_deref() || n.to_string_lossy().starts_with("..")
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Only the config file itself and Kubernetes' `..data` swap matter; a busy neighbour
+            // (a log file in the same directory) must not keep resetting the debounce.
+            let relevant = event.is_ok_and(|e| {
+                e.paths.iter().any(|p| {
+                    p.file_name().is_some_and(|n| {
+                        Some(n) == name.as_deref() || n.to_string_lossy().starts_with("..")
+                    })
                 })
-            })
-        });
-        if relevant {
-            let _ = tx.send(());
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
-            return None;
-        }
-    };
+            });
+            if relevant {
+                let _ = tx.send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+                return None;
+            }
+        };
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

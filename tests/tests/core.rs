@@ -533,3 +533,24 @@ fn demo_runs_its_script_and_every_step_succeeds() {
     assert!(out.contains("made 1 identity-provider call(s)"), "{out}");
     assert!(out.contains("got 429 rate_limited"), "{out}");
 }
+
+#[tokio::test]
+async fn expected_duration_header_is_never_forwarded_even_without_a_provider() {
+    let open = MockUpstream::start(UpstreamConfig::open()).await;
+    let sc = Sidecar::start(&format!(
+        "upstreams:\n  - {{ name: open, url: \"{}\" }}\n",
+        open.url()
+    ))
+    .await;
+    let r = reqwest::Client::new()
+        .get(sc.url("/x"))
+        .header("x-sidecar-expected-duration", "3h")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        open.requests()[0].header("x-sidecar-expected-duration"),
+        None
+    );
+}
