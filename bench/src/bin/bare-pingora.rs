@@ -1,0 +1,123 @@
+#![forbid(unsafe_code)]
+//! A bare Pingora reverse proxy for the benchmark: it forwards every request to one upstream and
+//! adds a static `Authorization` header, nothing else. It runs with the same `ServerConf`, the
+//! same peer options and the same global allocator as token-sidecar (proxy/src/cli.rs
+//! `serve_with()`, proxy/src/app.rs `peer_for()`, proxy/src/main.rs), so the difference between
+//! the two is the cost of the sidecar's own logic.
+//!
+//! Usage: `bare-pingora LISTEN UPSTREAM AUTHORIZATION`, e.g.
+//! `bare-pingora 127.0.0.1:7001 127.0.0.1:7000 "Bearer tok_..."`.
+//!
+//! For experiments (not used by the scenarios), `BARE_PINGORA_WORK_STEALING=true|false` and
+//! `BARE_PINGORA_POOL=N` override `ServerConf::work_stealing` and `upstream_keepalive_pool_size`;
+//! built with `--no-default-features` it allocates with glibc malloc instead of mimalloc.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::header::AUTHORIZATION;
+use http::HeaderValue;
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, ProxyServiceBuilder, Session};
+use pingora::server::configuration::ServerConf;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Bare {
+    peer: HttpPeer,
+    authorization: HeaderValue,
+}
+
+#[async_trait]
+impl ProxyHttp for Bare {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut (),
+    ) -> Result<()> {
+        upstream_request.insert_header(AUTHORIZATION, self.authorization.clone())
+    }
+}
+
+fn knob<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let v = std::env::var(name).ok()?;
+    match v.parse() {
+        Ok(v) => {
+            eprintln!(
+                "bare-pingora: {name}={}",
+                std::env::var(name).unwrap_or_default()
+            );
+            Some(v)
+        }
+        Err(_) => {
+            eprintln!("bare-pingora: ignoring {name}={v}: not a valid value");
+            None
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [listen, upstream, authorization] = args.as_slice() else {
+        eprintln!("usage: bare-pingora LISTEN UPSTREAM AUTHORIZATION");
+        std::process::exit(2);
+    };
+    let Ok(upstream) = upstream.parse::<SocketAddr>() else {
+        eprintln!("bare-pingora: UPSTREAM must be an IP:port");
+        std::process::exit(2);
+    };
+    let Ok(authorization) = HeaderValue::from_str(authorization) else {
+        eprintln!("bare-pingora: AUTHORIZATION is not a valid header value");
+        std::process::exit(2);
+    };
+    // The sidecar's defaults for an upstream: connect 5 s, read 60 s, idle 90 s.
+    let mut peer = HttpPeer::new(upstream, false, String::new());
+    let o = &mut peer.options;
+    o.connection_timeout = Some(Duration::from_secs(5));
+    o.total_connection_timeout = Some(Duration::from_secs(5));
+    o.read_timeout = Some(Duration::from_secs(60));
+    o.write_timeout = Some(Duration::from_secs(60));
+    o.idle_timeout = Some(Duration::from_secs(90));
+
+    // The same ServerConf as token-sidecar's serve_with().
+    let mut conf = ServerConf {
+        threads: 1,
+        work_stealing: false,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    if let Some(v) = knob("BARE_PINGORA_WORK_STEALING") {
+        conf.work_stealing = v;
+    }
+    if let Some(v) = knob("BARE_PINGORA_POOL") {
+        conf.upstream_keepalive_pool_size = v;
+    }
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut proxy = ProxyServiceBuilder::new(
+        &server.configuration,
+        Bare {
+            peer,
+            authorization,
+        },
+    )
+    .name("bare-pingora")
+    .build();
+    proxy.add_tcp(listen);
+    server.add_service(proxy);
+    server.run_forever();
+}

@@ -1,0 +1,400 @@
+#![forbid(unsafe_code)]
+//! `sidecar-bench`: measures token-sidecar side by side with a direct connection, nginx and a
+//! bare Pingora proxy on loopback (SPEC §12). See bench/README.md.
+
+mod load;
+mod procs;
+mod scenarios;
+mod tools;
+mod upstream;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+/// Benchmark token-sidecar against direct, nginx and bare Pingora on loopback.
+#[derive(Debug, Parser)]
+#[command(name = "sidecar-bench")]
+pub struct Args {
+    /// Shorter runs (a few minutes in all).
+    #[arg(long, conflicts_with = "smoke")]
+    pub quick: bool,
+    /// Every scenario for about a second; fails only if a scenario cannot run (CI).
+    #[arg(long)]
+    pub smoke: bool,
+    /// Where to write the Markdown results (default: bench/RESULTS.md; not written by --smoke
+    /// unless given).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Do not run `cargo build`: use the binaries next to this one as they are.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Load generator for the throughput scenario.
+    #[arg(long, value_enum, default_value_t = Loadgen::Auto)]
+    pub loadgen: Loadgen,
+    /// Instead of the scenarios: profile this target (sidecar, bare, nginx) with `perf record`
+    /// under 16 connections for `--profile-secs` and print the flat profile.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// How long `--profile` samples.
+    #[arg(long, default_value_t = 10)]
+    pub profile_secs: u64,
+    /// How many connections `--profile` uses.
+    #[arg(long, default_value_t = 16)]
+    pub profile_conns: usize,
+    /// Run only these scenarios (1-5, comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<u8>,
+}
+
+/// Which load generator drives the throughput scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Loadgen {
+    /// wrk if it is installed or installable, else the in-repo generator.
+    Auto,
+    /// wrk (installed with apt-get if missing).
+    Wrk,
+    /// The in-repo generator.
+    Builtin,
+}
+
+/// Durations and sizes per mode.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub mode: &'static str,
+    pub run: Duration,
+    pub rounds: usize,
+    pub warm: Duration,
+    pub storm: usize,
+    pub replay_run: Duration,
+    pub revoke_every: Duration,
+    pub rate_run: Duration,
+    pub rate_per_s: u32,
+    pub memory_conns: Vec<usize>,
+    pub watchdog: Duration,
+}
+
+impl Plan {
+    fn from(args: &Args) -> Plan {
+        if args.smoke {
+            Plan {
+                mode: "smoke",
+                run: Duration::from_secs(1),
+                rounds: 1,
+                warm: Duration::from_millis(200),
+                storm: 1000,
+                replay_run: Duration::from_secs(1),
+                revoke_every: Duration::from_millis(500),
+                rate_run: Duration::from_secs(1),
+                rate_per_s: 500,
+                memory_conns: vec![200, 1000],
+                watchdog: Duration::from_secs(240),
+            }
+        } else if args.quick {
+            Plan {
+                mode: "quick",
+                run: Duration::from_secs(5),
+                rounds: 2,
+                warm: Duration::from_secs(1),
+                storm: 1000,
+                replay_run: Duration::from_secs(10),
+                revoke_every: Duration::from_secs(1),
+                rate_run: Duration::from_secs(10),
+                rate_per_s: 1000,
+                memory_conns: vec![1000, 10_000],
+                watchdog: Duration::from_secs(30 * 60),
+            }
+        } else {
+            Plan {
+                mode: "full",
+                run: Duration::from_secs(10),
+                rounds: 3,
+                warm: Duration::from_secs(2),
+                storm: 1000,
+                replay_run: Duration::from_secs(20),
+                revoke_every: Duration::from_secs(1),
+                rate_run: Duration::from_secs(60),
+                rate_per_s: 1000,
+                memory_conns: vec![1000, 10_000],
+                watchdog: Duration::from_secs(90 * 60),
+            }
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Builds (unless told not to) and locates `token-sidecar` and `bare-pingora`: release builds,
+/// next to this binary (target/release).
+fn binaries(args: &Args) -> Result<(PathBuf, PathBuf), String> {
+    let dir = std::env::current_exe()
+        .map_err(|e| format!("cannot locate this binary: {e}"))?
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or("this binary has no directory")?;
+    if !args.no_build {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        eprintln!(
+            "bench: cargo build --release --locked -p token-sidecar -p sidecar-bench (in {})",
+            workspace_root().display()
+        );
+        let mut cmd = Command::new(cargo);
+        // `cargo run` hands this process the package's CARGO_MANIFEST_DIR, CARGO_PKG_*, ...;
+        // build scripts (ring's) list those in rerun-if-env-changed, so passing them on would
+        // make this build, and the next plain one, rebuild half the tree.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    &*k,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+                )
+            {
+                cmd.env_remove(&key);
+            }
+        }
+        let st = cmd
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "token-sidecar",
+                "-p",
+                "sidecar-bench",
+            ])
+            .current_dir(workspace_root())
+            .status();
+        match st {
+            Ok(s) if s.success() => {}
+            Ok(s) => eprintln!("bench: cargo build failed ({s}); trying existing binaries"),
+            Err(e) => eprintln!("bench: cannot run cargo ({e}); trying existing binaries"),
+        }
+    }
+    let sidecar = dir.join("token-sidecar");
+    let bare = dir.join("bare-pingora");
+    for b in [&sidecar, &bare] {
+        if !b.is_file() {
+            return Err(format!(
+                "{} is missing: build it with `cargo build --release --locked -p token-sidecar -p sidecar-bench`",
+                b.display()
+            ));
+        }
+    }
+    if !dir.ends_with("release") {
+        eprintln!(
+            "bench: warning: {} is not a release directory; numbers would be meaningless",
+            dir.display()
+        );
+    }
+    eprintln!("bench: using {} and {}", sidecar.display(), bare.display());
+    Ok((sidecar, bare))
+}
+
+/// Raises the open-file limit to the hard limit (10,000 connections need ~10,100 descriptors in
+/// this process and in the sidecar, which inherits it). Returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    match rlimit::increase_nofile_limit(1 << 20) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("bench: cannot raise the open-file limit: {e}");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .map(|(soft, _)| soft)
+                .unwrap_or(1024)
+        }
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| format!("{:.0} GiB", kib as f64 / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem} RAM, Linux {kernel}")
+}
+
+fn tool_version(binary: &Path, arg: &str) -> String {
+    Command::new(binary)
+        .arg(arg)
+        .output()
+        .ok()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).to_string();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let plan = Plan::from(&args);
+
+    // Every child dies with us: on panic, on Ctrl-C/SIGTERM, on the watchdog, at the end.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        procs::stop_all();
+        default_hook(info);
+    }));
+    let code = match run(&args, &plan) {
+        Ok(failures) if failures.is_empty() => ExitCode::SUCCESS,
+        Ok(failures) => {
+            for f in &failures {
+                eprintln!("bench: FAILED: {f}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    procs::stop_all();
+    code
+}
+
+/// Runs the selected scenarios; returns the scenarios that could not run.
+fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
+    let started = Instant::now();
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let load_before = loadavg();
+    let fd_limit = raise_fd_limit();
+    let (sidecar_bin, bare_bin) = binaries(args)?;
+    // Armed after the build, which may legitimately take minutes.
+    let watchdog = plan.watchdog;
+    let _ = std::thread::Builder::new()
+        .name("bench-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(watchdog);
+            eprintln!("bench: watchdog: still running after {watchdog:?}; stopping everything");
+            procs::abandon();
+            std::process::exit(3);
+        });
+    let wrk = match args.loadgen {
+        Loadgen::Builtin => None,
+        Loadgen::Wrk => Some(tools::wrk().ok_or("wrk is not available")?),
+        Loadgen::Auto => tools::wrk(),
+    };
+    let nginx = tools::nginx()?;
+    let env = scenarios::Env {
+        plan: plan.clone(),
+        sidecar_bin,
+        bare_bin,
+        nginx_bin: nginx.clone(),
+        wrk: wrk.clone(),
+        fd_limit,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let (report, failures) = rt.block_on(async {
+        tokio::spawn(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            }
+            eprintln!("bench: interrupted; stopping every child process");
+            procs::abandon();
+            std::process::exit(130);
+        });
+        if let Some(target) = &args.profile {
+            return match scenarios::profile(&env, target, args.profile_secs, args.profile_conns).await {
+                Ok(text) => (text, Vec::new()),
+                Err(e) => (String::new(), vec![format!("profile: {e}")]),
+            };
+        }
+        scenarios::run_all(&env, &args.only).await
+    });
+    if args.profile.is_some() {
+        println!("{report}");
+        return Ok(failures);
+    }
+    drop(rt);
+
+    let header = format!(
+        "# token-sidecar benchmark results\n\n\
+         Run: `cargo run --release -p sidecar-bench --{}` on {} ({} mode, {:.0} s).\n\n\
+         Machine: {}. Load average (1/5/15 min) before: {}, after: {}. Load generator: {}. \
+         nginx: {}. Open-file limit: {}.\n\n\
+         Everything on 127.0.0.1: load generator, upstream (hyper, 1 thread), mock IdP, and the \
+         proxies (1 worker/thread each). Keep-alive everywhere, `GET /bench`.\n",
+        match plan.mode {
+            "full" => String::new(),
+            m => format!(" --{m}"),
+        },
+        utc_now(),
+        plan.mode,
+        started.elapsed().as_secs_f64(),
+        machine(),
+        load_before,
+        loadavg(),
+        match &wrk {
+            Some(w) => format!(
+                "{} (`-t1`, latency from its Lua `done` hook)",
+                tool_version(w, "-v")
+            ),
+            None => "in-repo (bench/src/load.rs)".into(),
+        },
+        tool_version(&nginx, "-v"),
+        fd_limit,
+    );
+    let footer = "Where the time goes (perf profiles of nginx, bare Pingora and the sidecar) and \
+                  the proposed fixes: [PROFILE.md](PROFILE.md). Profile one target yourself with \
+                  `cargo run --release -p sidecar-bench -- --profile sidecar|bare|nginx`.\n";
+    let text = format!("{header}\n{report}{footer}");
+    println!("{text}");
+    let out = match (&args.out, args.smoke) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => Some(workspace_root().join("bench/RESULTS.md")),
+        (None, true) => None,
+    };
+    if let Some(out) = out {
+        std::fs::write(&out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
+        eprintln!("bench: results written to {}", out.display());
+    }
+    Ok(failures)
+}

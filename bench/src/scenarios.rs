@@ -1,0 +1,838 @@
+//! The five scenarios of SPEC §12 and their Markdown tables.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sidecar_mocks::{IdpConfig, MockIdp, TokenRegistry};
+
+use crate::load::{self, Percentiles};
+use crate::procs::{self, Proc, Scratch};
+use crate::tools;
+use crate::upstream::{self, Upstream};
+use crate::Plan;
+
+/// What the scenarios need.
+pub struct Env {
+    pub plan: Plan,
+    pub sidecar_bin: PathBuf,
+    pub bare_bin: PathBuf,
+    pub nginx_bin: PathBuf,
+    pub wrk: Option<PathBuf>,
+    pub fd_limit: u64,
+}
+
+/// The mocks every scenario shares: the IdP on its own runtime thread, the fast upstream on
+/// another.
+struct World {
+    idp: MockIdp,
+    registry: TokenRegistry,
+    upstream: Upstream,
+    scratch: Scratch,
+    idp_rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.idp.shutdown();
+        // Dropped from async code: a blocking runtime drop would panic there.
+        if let Some(rt) = self.idp_rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl World {
+    fn start() -> Result<World, String> {
+        let idp_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-idp")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("IdP runtime: {e}"))?;
+        let registry = TokenRegistry::new();
+        let cfg = IdpConfig {
+            ttl: Duration::from_secs(3600),
+            registry: registry.clone(),
+            ..IdpConfig::default()
+        };
+        let idp = std::thread::scope(|s| {
+            s.spawn(|| idp_rt.block_on(MockIdp::try_start(cfg)))
+                .join()
+                .map_err(|_| "IdP start panicked".to_string())
+        })?
+        .map_err(|e| format!("mock IdP: {e}"))?;
+        let upstream = upstream::start(registry.clone())?;
+        Ok(World {
+            idp,
+            registry,
+            upstream,
+            scratch: Scratch::new()?,
+            idp_rt: Some(idp_rt),
+        })
+    }
+
+    /// A bearer token the upstream accepts (until the next revocation).
+    fn static_authorization(&self) -> String {
+        format!("Bearer {}", self.registry.issue(Duration::from_secs(3600)))
+    }
+}
+
+/// A running sidecar.
+struct Sidecar {
+    proc: Proc,
+    listen: SocketAddr,
+}
+
+async fn start_sidecar(env: &Env, w: &World, tag: &str, extra: &str) -> Result<Sidecar, String> {
+    let listen = procs::free_port()?;
+    let admin = procs::free_port()?;
+    let yaml = format!(
+        r#"listen: "{listen}"
+admin_listen: "{admin}"
+shutdown_grace: 1s
+providers:
+  bench:
+    type: oauth2_client_credentials
+    token_url: "{token_url}"
+    client_id: demo-client
+    client_secret: demo-secret
+upstreams:
+  - name: api
+    url: "http://{upstream}"
+    provider: bench
+replay: {{ debug_header: true, max_waiting: 20000 }}
+log: {{ level: warn, format: text, access_log: false }}
+{extra}"#,
+        token_url = w.idp.token_url(),
+        upstream = w.upstream.addr,
+    );
+    let config = w.scratch.path(&format!("sidecar-{tag}.yaml"));
+    std::fs::write(&config, yaml).map_err(|e| format!("sidecar config: {e}"))?;
+    let log = w.scratch.path(&format!("sidecar-{tag}.log"));
+    let mut cmd = Command::new(&env.sidecar_bin);
+    cmd.arg("run").arg("-c").arg(&config);
+    let proc = procs::spawn(&format!("sidecar-{tag}"), cmd, &log, false)?;
+    let tail = || std::fs::read_to_string(&log).unwrap_or_default();
+    procs::wait_port(listen, proc.pid, Duration::from_secs(15))
+        .map_err(|e| format!("sidecar: {e}\n{}", tail()))?;
+    ready(listen, None)
+        .await
+        .map_err(|e| format!("sidecar: {e}\n{}", tail()))?;
+    Ok(Sidecar { proc, listen })
+}
+
+/// Waits (bounded, 10 s) until `addr` answers `GET /bench` with 200.
+async fn ready(addr: SocketAddr, authorization: Option<&str>) -> Result<(), String> {
+    let req = load::get_request(addr, "/bench", authorization);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match load::Conn::connect(addr).await {
+            Ok(mut c) => {
+                match tokio::time::timeout(Duration::from_secs(5), c.request(&req)).await {
+                    Ok(Ok(r)) if r.status == 200 => return Ok(()),
+                    Ok(Ok(r)) => last = format!("answered {}", r.status),
+                    Ok(Err(e)) => last = e.to_string(),
+                    Err(_) => last = "timed out".into(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{addr} is not answering 200: {last}"))
+}
+
+/// Runs every selected scenario; returns the report and the scenarios that could not run.
+pub async fn run_all(env: &Env, only: &[u8]) -> (String, Vec<String>) {
+    let mut report = String::new();
+    let mut failures = Vec::new();
+    let world = match World::start() {
+        Ok(w) => w,
+        Err(e) => return (String::new(), vec![format!("setup: {e}")]),
+    };
+    let _ = writeln!(
+        report,
+        "Upstream answer: {} bytes of JSON.\n",
+        upstream::OK_BODY.len()
+    );
+    let wanted = |n: u8| only.is_empty() || only.contains(&n);
+    type Fut<'a> =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + 'a>>;
+    let list: Vec<(u8, &str, Fut<'_>)> = vec![
+        (
+            1,
+            "throughput and latency",
+            Box::pin(throughput(env, &world)),
+        ),
+        (2, "refresh storm", Box::pin(storm(env, &world))),
+        (3, "replay cost", Box::pin(replay(env, &world))),
+        (4, "rate-limit accuracy", Box::pin(rate_limit(env, &world))),
+        (5, "memory", Box::pin(memory(env, &world))),
+    ];
+    for (n, name, fut) in list {
+        if !wanted(n) {
+            continue;
+        }
+        eprintln!("bench: scenario {n}: {name}");
+        let t = Instant::now();
+        match fut.await {
+            Ok(section) => {
+                eprintln!(
+                    "bench: scenario {n} done in {:.1} s",
+                    t.elapsed().as_secs_f64()
+                );
+                report.push_str(&section);
+                report.push('\n');
+            }
+            Err(e) => {
+                eprintln!("bench: scenario {n} ({name}) failed: {e}");
+                let _ = writeln!(report, "## {n}. {name}\n\nDid not run: {e}\n");
+                failures.push(format!("scenario {n} ({name}): {e}"));
+            }
+        }
+        // Each scenario leaves the token revoked or the IdP slow; reset.
+        world.idp.set_latency(Duration::ZERO);
+        procs::stop_all();
+    }
+    (report, failures)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Throughput and latency
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Nginx,
+    Bare,
+    Sidecar,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Nginx => "nginx",
+            Target::Bare => "bare Pingora",
+            Target::Sidecar => "sidecar",
+        }
+    }
+}
+
+/// One measurement of one target.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    requests: u64,
+    seconds: f64,
+    errors: u64,
+    latency: Percentiles,
+    /// CPU time the proxy process used during the run (0 for direct).
+    cpu_ns: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Agg {
+    rps: f64,
+    errors: u64,
+    lat: Percentiles,
+    /// Proxy CPU time per request, µs (0 for direct).
+    cpu_us: f64,
+}
+
+fn aggregate(samples: &[Sample]) -> Agg {
+    let requests: u64 = samples.iter().map(|s| s.requests).sum();
+    let seconds: f64 = samples.iter().map(|s| s.seconds).sum();
+    let pick = |f: fn(&Percentiles) -> f64| median(samples.iter().map(|s| f(&s.latency)).collect());
+    let cpu: u64 = samples.iter().map(|s| s.cpu_ns).sum();
+    Agg {
+        cpu_us: cpu as f64 / 1000.0 / (requests.max(1) as f64),
+        rps: requests as f64 / seconds.max(1e-9),
+        errors: samples.iter().map(|s| s.errors).sum(),
+        lat: Percentiles {
+            p50: pick(|p| p.p50),
+            p90: pick(|p| p.p90),
+            p99: pick(|p| p.p99),
+            p999: pick(|p| p.p999),
+        },
+    }
+}
+
+async fn measure(
+    env: &Env,
+    w: &World,
+    addr: SocketAddr,
+    authorization: Option<&str>,
+    conns: usize,
+    duration: Duration,
+) -> Result<Sample, String> {
+    match &env.wrk {
+        Some(wrk) => {
+            let r = tools::run_wrk(wrk, &w.scratch, addr, authorization, conns, duration).await?;
+            Ok(Sample {
+                requests: r.requests,
+                seconds: r.seconds,
+                errors: r.non_2xx + r.socket_errors,
+                latency: r.latency,
+                cpu_ns: 0,
+            })
+        }
+        None => {
+            let req = Arc::new(load::get_request(addr, "/bench", authorization));
+            let o = load::closed_loop(addr, req, conns, duration).await;
+            Ok(Sample {
+                requests: o.requests(),
+                seconds: o.elapsed.as_secs_f64(),
+                errors: o.errors + o.status_401 + o.other_status,
+                latency: Percentiles::of(&o.latency),
+                cpu_ns: 0,
+            })
+        }
+    }
+}
+
+fn ok_mark(ok: bool) -> &'static str {
+    if ok {
+        "✅"
+    } else {
+        "❌"
+    }
+}
+
+/// nginx, bare Pingora and the sidecar in front of the upstream, checked and warmed.
+struct Lineup {
+    nginx: Proc,
+    bare: Proc,
+    sidecar: Sidecar,
+    targets: Vec<(Target, SocketAddr, Option<String>)>,
+}
+
+impl Lineup {
+    /// The process serving `t` (none for direct).
+    fn pid(&self, t: Target) -> Option<u32> {
+        match t {
+            Target::Direct => None,
+            Target::Nginx => Some(self.nginx.pid),
+            Target::Bare => Some(self.bare.pid),
+            Target::Sidecar => Some(self.sidecar.proc.pid),
+        }
+    }
+}
+
+async fn lineup(env: &Env, w: &World) -> Result<Lineup, String> {
+    let auth = w.static_authorization();
+    let direct = w.upstream.addr;
+    let nginx_addr = procs::free_port()?;
+    let nginx = tools::start_nginx(&env.nginx_bin, &w.scratch, nginx_addr, direct, &auth, 1024)?;
+    let bare_addr = procs::free_port()?;
+    let mut cmd = Command::new(&env.bare_bin);
+    cmd.arg(bare_addr.to_string())
+        .arg(direct.to_string())
+        .arg(&auth);
+    let bare = procs::spawn("bare-pingora", cmd, &w.scratch.path("bare.log"), false)?;
+    procs::wait_port(bare_addr, bare.pid, Duration::from_secs(10))?;
+    let sidecar = start_sidecar(env, w, "throughput", "").await?;
+    let targets = vec![
+        (Target::Direct, direct, Some(auth)),
+        (Target::Nginx, nginx_addr, None),
+        (Target::Bare, bare_addr, None),
+        (Target::Sidecar, sidecar.listen, None),
+    ];
+    for (t, addr, a) in &targets {
+        ready(*addr, a.as_deref())
+            .await
+            .map_err(|e| format!("{}: {e}", t.name()))?;
+    }
+    // Warm-up: connection pools, page cache, CPU frequency.
+    for (_, addr, a) in &targets {
+        let req = Arc::new(load::get_request(*addr, "/bench", a.as_deref()));
+        let _ = load::closed_loop(*addr, req, 16, env.plan.warm).await;
+    }
+    Ok(Lineup {
+        nginx,
+        bare,
+        sidecar,
+        targets,
+    })
+}
+
+async fn throughput(env: &Env, w: &World) -> Result<String, String> {
+    let plan = &env.plan;
+    let l = lineup(env, w).await?;
+    let targets = &l.targets;
+
+    let conn_counts = [1usize, 16, 128];
+    let mut samples: Vec<(usize, Target, Sample)> = Vec::new();
+    for &conns in &conn_counts {
+        for round in 0..plan.rounds {
+            // A B C D, then D C B A: drift cancels out.
+            let order: Vec<_> = if round % 2 == 0 {
+                targets.iter().collect()
+            } else {
+                targets.iter().rev().collect()
+            };
+            for (t, addr, a) in order {
+                let pid = l.pid(*t);
+                let cpu0 = pid.map(procs::cpu_ns).unwrap_or(0);
+                let mut s = measure(env, w, *addr, a.as_deref(), conns, plan.run).await?;
+                s.cpu_ns = pid.map(procs::cpu_ns).unwrap_or(0).saturating_sub(cpu0);
+                eprintln!(
+                    "bench:   {conns:>3} conns  {:<13} {:>9.0} req/s  p50 {:>7.1} µs  p99 {:>8.1} µs  cpu {:>5.1} µs/req  errors {}",
+                    t.name(),
+                    s.requests as f64 / s.seconds.max(1e-9),
+                    s.latency.p50,
+                    s.latency.p99,
+                    s.cpu_ns as f64 / 1000.0 / s.requests.max(1) as f64,
+                    s.errors
+                );
+                if s.requests == 0 {
+                    return Err(format!("{} served no request", t.name()));
+                }
+                samples.push((conns, *t, s));
+            }
+        }
+    }
+    let rss = |pid: u32| -> String {
+        let kib: u64 = procs::tree(pid)
+            .iter()
+            .filter_map(|p| procs::rss_kib(*p))
+            .sum();
+        format!("{:.1} MiB", kib as f64 / 1024.0)
+    };
+    let rss_line = format!(
+        "RSS after the run: nginx (master + worker) {}, bare Pingora {}, sidecar {}.",
+        rss(l.nginx.pid),
+        rss(l.bare.pid),
+        rss(l.sidecar.proc.pid)
+    );
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## 1. Throughput and latency\n\n{} round(s) of {} s per target and connection count, \
+         targets alternating (A B C D, D C B A). Requests/s summed over rounds; latency \
+         percentiles are the median over rounds, in µs. CPU/req: CPU time the proxy process \
+         (all threads; nginx master + worker) used during the runs divided by the requests \
+         served: unlike req/s it hardly moves when other work shares the machine.\n",
+        plan.rounds,
+        plan.run.as_secs()
+    );
+    s.push_str("| conns | target | req/s | p50 | p90 | p99 | p99.9 | CPU µs/req | errors |\n");
+    s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut aggs = Vec::new();
+    for &conns in &conn_counts {
+        for (t, _, _) in targets {
+            let mine: Vec<Sample> = samples
+                .iter()
+                .filter(|(c, tt, _)| *c == conns && tt == t)
+                .map(|(_, _, s)| *s)
+                .collect();
+            let a = aggregate(&mine);
+            let _ = writeln!(
+                s,
+                "| {conns} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                t.name(),
+                a.rps,
+                a.lat.p50,
+                a.lat.p90,
+                a.lat.p99,
+                a.lat.p999,
+                if a.cpu_us > 0.0 {
+                    format!("{:.1}", a.cpu_us)
+                } else {
+                    "–".into()
+                },
+                a.errors
+            );
+            aggs.push((conns, *t, a));
+        }
+    }
+    let get = |conns: usize, t: Target| {
+        aggs.iter()
+            .find(|(c, tt, _)| *c == conns && *tt == t)
+            .map(|(_, _, a)| a)
+    };
+    s.push_str(
+        "\n| conns | sidecar/nginx (≥ 0.9) | sidecar/bare (≥ 0.95) | bare/nginx | \
+         by CPU/req: sidecar/nginx | sidecar/bare | added p50 vs direct (≤ 100 µs) | \
+         added p99 vs direct (≤ 1 ms) |\n",
+    );
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for &conns in &conn_counts {
+        let (Some(d), Some(n), Some(b), Some(sc)) = (
+            get(conns, Target::Direct),
+            get(conns, Target::Nginx),
+            get(conns, Target::Bare),
+            get(conns, Target::Sidecar),
+        ) else {
+            continue;
+        };
+        let vs_nginx = sc.rps / n.rps;
+        let vs_bare = sc.rps / b.rps;
+        let add50 = sc.lat.p50 - d.lat.p50;
+        let add99 = sc.lat.p99 - d.lat.p99;
+        let _ = writeln!(
+            s,
+            "| {conns} | {vs_nginx:.2} {} | {vs_bare:.2} {} | {:.2} | {:.2} | {:.2} | {add50:.0} µs {} | {add99:.0} µs {} |",
+            ok_mark(vs_nginx >= 0.9),
+            ok_mark(vs_bare >= 0.95),
+            b.rps / n.rps,
+            n.cpu_us / sc.cpu_us.max(1e-9),
+            b.cpu_us / sc.cpu_us.max(1e-9),
+            ok_mark(add50 <= 100.0),
+            ok_mark(add99 <= 1000.0),
+        );
+    }
+    let _ = writeln!(s, "\n{rss_line}");
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Refresh storm
+
+const STORM_IDP_LATENCY: Duration = Duration::from_millis(50);
+
+async fn storm(env: &Env, w: &World) -> Result<String, String> {
+    let n = env.plan.storm;
+    let sidecar = start_sidecar(env, w, "storm", "").await?;
+    // Baseline: the same burst straight to the upstream.
+    let auth = w.static_authorization();
+    let direct = w.upstream.addr;
+    let direct_req = load::get_request(direct, "/bench", Some(&auth));
+    let conns = load::open_warm(direct, &direct_req, n, 200).await?;
+    let (base, conns) = load::burst(conns, &direct_req, Duration::from_secs(20)).await;
+    drop(conns);
+    if base.ok == 0 {
+        return Err(format!(
+            "the direct burst got no answer: {:?}",
+            base.first_error
+        ));
+    }
+
+    let req = load::get_request(sidecar.listen, "/bench", None);
+    let conns = load::open_warm(sidecar.listen, &req, n, 200).await?;
+    if conns.len() != n {
+        return Err(format!("only {} of {n} connections opened", conns.len()));
+    }
+    // Second baseline: the same burst through the sidecar while its token is valid, so that
+    // what the expiry itself adds can be told from the cost of 1,000 requests at once.
+    let (own, conns) = load::burst(conns, &req, Duration::from_secs(20)).await;
+    if own.ok != own.requests() || conns.len() != n {
+        return Err(format!(
+            "the sidecar burst with a valid token failed: {} of {} answered 200 ({:?})",
+            own.ok,
+            own.requests(),
+            own.first_error
+        ));
+    }
+    w.idp.set_latency(STORM_IDP_LATENCY);
+    let calls_before = w.idp.calls();
+    // Every token the sidecar holds is now dead: each request gets a 401 upstream.
+    w.registry.revoke_all();
+    let (o, conns) = load::burst(conns, &req, Duration::from_secs(30)).await;
+    drop(conns);
+    let calls = w.idp.calls() - calls_before;
+    w.idp.set_latency(Duration::ZERO);
+    drop(sidecar);
+    if o.requests() == 0 {
+        return Err(format!("the storm got no answer: {:?}", o.first_error));
+    }
+    let p = Percentiles::of(&o.latency);
+    let b = Percentiles::of(&base.latency);
+    let v = Percentiles::of(&own.latency);
+    let added = p.p99 - b.p99;
+    let added_own = p.p99 - v.p99;
+    let limit = STORM_IDP_LATENCY.as_secs_f64() * 1e6 + 5000.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## 2. Refresh storm\n\n{n} keep-alive connections each send one request at the same \
+         moment right after every token was revoked at the IdP (the upstream answers 401 to the \
+         sidecar's token); the IdP answers in {} ms. Baselines: the same burst sent directly to \
+         the upstream with a valid token (\"direct\"), and through the sidecar just before the \
+         revocation (\"valid token\"): the second difference is what the expiry itself costs, \
+         the first also holds the sidecar's cost of taking 1,000 requests at once.\n",
+        STORM_IDP_LATENCY.as_millis()
+    );
+    s.push_str("| requests | IdP calls (= 1) | client 401s (= 0) | other errors | replayed | p50 | p99 | max | direct p99 | valid-token p99 | added p99 vs direct (≤ IdP + 5 ms) | added p99 vs valid token |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let _ = writeln!(
+        s,
+        "| {} | {calls} {} | {} {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms {} | {:.1} ms {} |",
+        o.requests() + o.errors,
+        ok_mark(calls == 1),
+        o.status_401,
+        ok_mark(o.status_401 == 0),
+        o.other_status + o.errors,
+        o.replayed.count(),
+        p.p50 / 1000.0,
+        p.p99 / 1000.0,
+        o.latency.percentile_us(100.0) / 1000.0,
+        b.p99 / 1000.0,
+        v.p99 / 1000.0,
+        added / 1000.0,
+        ok_mark(added <= limit),
+        added_own / 1000.0,
+        ok_mark(added_own <= limit),
+    );
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Replay cost
+
+async fn replay(env: &Env, w: &World) -> Result<String, String> {
+    let plan = &env.plan;
+    let sidecar = start_sidecar(env, w, "replay", "").await?;
+    let req = Arc::new(load::get_request(sidecar.listen, "/bench", None));
+    let _ = load::closed_loop(sidecar.listen, req.clone(), 128, plan.warm).await;
+    let calls_before = w.idp.calls();
+    let registry = w.registry.clone();
+    let every = plan.revoke_every;
+    let run = plan.replay_run;
+    let revoker = tokio::spawn(async move {
+        let mut n = 0u32;
+        let started = Instant::now();
+        // Bounded by the run's length.
+        loop {
+            tokio::time::sleep(every).await;
+            if started.elapsed() + every / 2 > run {
+                break;
+            }
+            registry.revoke_all();
+            n += 1;
+        }
+        n
+    });
+    let o = load::closed_loop(sidecar.listen, req, 128, run).await;
+    let revocations = revoker.await.unwrap_or(0);
+    let calls = w.idp.calls() - calls_before;
+    drop(sidecar);
+    if o.ok == 0 {
+        return Err(format!("no request succeeded: {:?}", o.first_error));
+    }
+    let r = Percentiles::of(&o.replayed);
+    let p = Percentiles::of(&o.plain);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## 3. Replay cost\n\n128 connections, closed loop for {} s; every token revoked {} time(s) \
+         (every {} ms), IdP answering at once. Replayed answers are recognised by the sidecar's \
+         `X-Sidecar-Replayed` debug header. Latency in µs.\n",
+        run.as_secs(),
+        revocations,
+        every.as_millis()
+    );
+    s.push_str("| requests | replayed | IdP calls | client 401s | errors | p50 plain | p99 plain | p50 replayed | p99 replayed | p99.9 replayed |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let _ = writeln!(
+        s,
+        "| {} | {} | {calls} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        o.requests(),
+        o.replayed.count(),
+        o.status_401,
+        o.errors + o.other_status,
+        p.p50,
+        p.p99,
+        r.p50,
+        r.p99,
+        r.p999
+    );
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Rate-limit accuracy
+
+async fn rate_limit(env: &Env, w: &World) -> Result<String, String> {
+    let plan = &env.plan;
+    let rate = plan.rate_per_s;
+    let extra = format!(
+        "rate_limits:\n  - {{ name: bench, upstream: api, match: {{ path: \"/**\" }}, rate: {rate}/1s, burst: 10, mode: reject }}\n"
+    );
+    let sidecar = start_sidecar(env, w, "rate", &extra).await?;
+    let req = Arc::new(load::get_request(sidecar.listen, "/bench", None));
+    let offered = f64::from(rate) * 3.0;
+    let run = plan.rate_run;
+    // Measure at the upstream over the middle of the run (the initial burst excluded).
+    let skip = (run / 10).clamp(Duration::from_millis(200), Duration::from_secs(2));
+    let counters = w.upstream.counters.clone();
+    let load = tokio::spawn(load::paced(sidecar.listen, req, 32, offered, run));
+    tokio::time::sleep(skip).await;
+    let (c0, t0) = (
+        counters.ok.load(std::sync::atomic::Ordering::Relaxed),
+        Instant::now(),
+    );
+    tokio::time::sleep(run - skip * 2).await;
+    let (c1, t1) = (
+        counters.ok.load(std::sync::atomic::Ordering::Relaxed),
+        Instant::now(),
+    );
+    let o = load.await.map_err(|e| format!("load task: {e}"))?;
+    drop(sidecar);
+    let delivered = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
+    let error = (delivered / f64::from(rate) - 1.0) * 100.0;
+    if o.requests() == 0 {
+        return Err(format!("no answer: {:?}", o.first_error));
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## 4. Rate-limit accuracy\n\nRule `rate: {rate}/1s, burst: 10, mode: reject`; 32 \
+         connections offer 3× that, paced, for {} s. Delivered rate counted at the upstream over \
+         the middle {:.1} s (the first burst left out).\n",
+        run.as_secs(),
+        (t1 - t0).as_secs_f64()
+    );
+    s.push_str("| configured | offered | delivered at upstream | error (±1 %) | answered 429 | other errors |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|\n");
+    let _ = writeln!(
+        s,
+        "| {rate}/s | {:.0}/s | {delivered:.1}/s | {error:+.2} % {} | {} | {} |",
+        o.requests() as f64 / o.elapsed.as_secs_f64(),
+        ok_mark(error.abs() <= 1.0),
+        o.other_status,
+        o.errors + o.status_401
+    );
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Memory
+
+async fn memory(env: &Env, w: &World) -> Result<String, String> {
+    let sidecar = start_sidecar(env, w, "memory", "").await?;
+    let pid = sidecar.proc.pid;
+    let req = load::get_request(sidecar.listen, "/bench", None);
+    // Idle: started, token fetched, a few requests served.
+    let warm = load::open_warm(sidecar.listen, &req, 4, 4).await?;
+    drop(warm);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mib = |kib: Option<u64>| kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0));
+    let idle_kib = procs::rss_kib(pid);
+    let idle = mib(idle_kib).ok_or("cannot read the sidecar's VmRSS")?;
+    let mut rows = vec![(
+        "idle".to_string(),
+        idle,
+        idle_kib.is_some_and(|k| k <= 30 * 1024),
+    )];
+    let mut held: Vec<load::Conn> = Vec::new();
+    let mut notes = Vec::new();
+    for &n in &env.plan.memory_conns {
+        // This process holds n client sockets and the sidecar n + its upstream pool.
+        if (n as u64) + 512 > env.fd_limit {
+            notes.push(format!(
+                "{n} connections skipped: the open-file limit is {} and could not be raised",
+                env.fd_limit
+            ));
+            continue;
+        }
+        let more = n.saturating_sub(held.len());
+        let opened = load::open_warm(sidecar.listen, &req, more, 200).await?;
+        held.extend(opened);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss = mib(procs::rss_kib(pid)).ok_or("cannot read the sidecar's VmRSS")?;
+        rows.push((format!("{n} open keep-alive connections"), rss, true));
+    }
+    drop(held);
+    drop(sidecar);
+    let mut s = String::new();
+    s.push_str("## 5. Memory\n\nThe sidecar's VmRSS (/proc/PID/status), a fresh process; each connection served one request and stays open.\n\n");
+    s.push_str("| state | RSS |\n|---|---:|\n");
+    for (i, (state, rss, ok)) in rows.iter().enumerate() {
+        let mark = if i == 0 {
+            format!(" {} (≤ 30 MiB)", ok_mark(*ok))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "| {state} | {rss}{mark} |");
+    }
+    for n in notes {
+        let _ = writeln!(s, "\n{n}.");
+    }
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Profiling helper (not a scenario)
+
+/// Drives `target` (sidecar, bare, nginx) with `conns` connections for `secs` while `perf record`
+/// samples it; returns `perf report`'s flat profile.
+pub async fn profile(env: &Env, target: &str, secs: u64, conns: usize) -> Result<String, String> {
+    let w = World::start()?;
+    let l = lineup(env, &w).await?;
+    let (pid, addr) = match target {
+        "sidecar" => (l.sidecar.proc.pid, l.targets[3].1),
+        "bare" => (l.bare.pid, l.targets[2].1),
+        // The worker, not the master.
+        "nginx" => (
+            *procs::tree(l.nginx.pid)
+                .last()
+                .ok_or("nginx has no worker")?,
+            l.targets[1].1,
+        ),
+        other => {
+            return Err(format!(
+                "unknown profile target {other} (sidecar, bare, nginx)"
+            ))
+        }
+    };
+    let data = w.scratch.path("perf.data");
+    let mut perf = tokio::process::Command::new("perf");
+    perf.args(["record", "-F", "2999", "-g", "-p", &pid.to_string(), "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &secs.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let perf = perf
+        .spawn()
+        .map_err(|e| format!("perf (apt-get install linux-perf): {e}"))?;
+    let cpu0 = procs::cpu_ns(pid);
+    let sample = measure(env, &w, addr, None, conns, Duration::from_secs(secs)).await?;
+    let cpu_us =
+        procs::cpu_ns(pid).saturating_sub(cpu0) as f64 / 1000.0 / sample.requests.max(1) as f64;
+    let _ = tokio::time::timeout(Duration::from_secs(30), perf.wait_with_output()).await;
+    let report = tokio::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "0.4",
+        ])
+        .args(["--sort", "dso,symbol", "-g", "none", "-i"])
+        .arg(&data)
+        .output()
+        .await
+        .map_err(|e| format!("perf report: {e}"))?;
+    // Kept for call-graph digging (`perf report -g caller -i FILE`).
+    let kept = std::env::temp_dir().join(format!("sidecar-bench-perf-{target}.data"));
+    let _ = std::fs::copy(&data, &kept);
+    let flat: String = String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| format!("{}\n", l.trim_end()))
+        .collect();
+    Ok(format!(
+        "{target}: {:.0} req/s, {cpu_us:.1} CPU µs/req at {conns} connections while profiled; perf data kept in {}\n{flat}",
+        sample.requests as f64 / sample.seconds.max(1e-9),
+        kept.display()
+    ))
+}
