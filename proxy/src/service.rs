@@ -364,101 +364,10 @@ impl ProxyHttp for Sidecar {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let status = upstream_response.status.as_u16();
-        ctx.class = class_of(status);
-        let (Some(live), Some(i)) = (ctx.live.clone(), ctx.upstream) else {
-            return Ok(());
-        };
-        let up = &live.upstreams[i];
-        let retry = &live.config.raw.retry;
-        let retry_after = if status == 429 || status == 503 {
-            let after = upstream_response
-                .headers
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, SystemTime::now()));
-            if let Some(d) = after {
-                // Further requests to this upstream wait until then (bounded by max_retry_after).
-                self.app.holds.hold_for(&up.config.name, d);
-            }
-            after
-        } else {
-            None
-        };
-        let transient =
-            retry.statuses.contains(&status) || (status == 429 && retry_after.is_some());
-        if transient
-            && ctx.replay.is_ok()
-            && (ctx.transient as usize) < retry.backoff.len()
-            && body_whole(session)
-        {
-            let backoff = jittered(retry.backoff[ctx.transient as usize].0);
-            ctx.retry_delay = Some(match retry_after {
-                Some(d) if retry.respect_retry_after => d.min(retry.max_retry_after.0),
-                _ => backoff,
-            });
-            ctx.transient += 1;
-            let mut e = Error::explain(RETRY, "transient upstream answer; retrying");
-            e.set_retry(true);
-            return Err(e);
-        }
-        let Some(token) = ctx.token.clone() else {
-            return Ok(());
-        };
-        let www = upstream_response
-            .headers
-            .get(http::header::WWW_AUTHENTICATE)
-            .map(|v| v.as_bytes());
-        let verdict = classify(upstream_response.status.as_u16(), www, &up.config.expiry);
-        if verdict == ExpiryVerdict::NotExpired {
-            return Ok(());
-        }
-        if let Err(reason) = ctx.replay {
-            if verdict == ExpiryVerdict::Expired {
-                skipped(up, reason);
-            }
-            return Ok(());
-        }
-        let body_whole = body_whole(session);
-        if verdict == ExpiryVerdict::CheckBody {
-            if ctx.attempts >= live.config.replay.max_attempts {
-                return Ok(());
-            }
-            ctx.rejected = Some(Box::new(upstream_response.clone()));
-            return Err(Error::explain(
-                CHECK_BODY,
-                "the answer's body decides whether the token expired",
-            ));
-        }
-        match self.next_token(&live, up, ctx, token.generation).await {
-            Ok(()) => {}
-            Err(reason) => {
-                skipped(up, reason);
-                return Ok(());
-            }
-        }
-        if body_whole {
-            let mut e = Error::explain(
-                RETRY,
-                "token expired upstream; replaying with a fresh token",
-            );
-            e.set_retry(true);
-            Err(e)
-        } else {
-            ctx.rejected = Some(Box::new(upstream_response.clone()));
-            Err(Error::explain(
-                OWN_REPLAY,
-                "token expired upstream; replaying a large body",
-            ))
-        }
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
+        self.inspect_response(session, upstream_response, ctx)
+            .await?;
+        // The answer goes to the client. (Done here rather than in `response_filter`: one hook
+        // less per request.)
         if ctx.replays > 0
             && ctx
                 .live
@@ -654,6 +563,105 @@ pub(crate) fn method_label(m: &str) -> &'static str {
         "PATCH" => "PATCH",
         "OPTIONS" => "OPTIONS",
         _ => "other",
+    }
+}
+
+impl Sidecar {
+    /// Expired-token and transient-failure decisions on an upstream answer's header; `Err`
+    /// hands the request to a replay or retry.
+    async fn inspect_response(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        ctx.class = class_of(status);
+        let (Some(live), Some(i)) = (ctx.live.clone(), ctx.upstream) else {
+            return Ok(());
+        };
+        let up = &live.upstreams[i];
+        let retry = &live.config.raw.retry;
+        let retry_after = if status == 429 || status == 503 {
+            let after = upstream_response
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            if let Some(d) = after {
+                // Further requests to this upstream wait until then (bounded by max_retry_after).
+                self.app.holds.hold_for(&up.config.name, d);
+            }
+            after
+        } else {
+            None
+        };
+        let transient =
+            retry.statuses.contains(&status) || (status == 429 && retry_after.is_some());
+        if transient
+            && ctx.replay.is_ok()
+            && (ctx.transient as usize) < retry.backoff.len()
+            && body_whole(session)
+        {
+            let backoff = jittered(retry.backoff[ctx.transient as usize].0);
+            ctx.retry_delay = Some(match retry_after {
+                Some(d) if retry.respect_retry_after => d.min(retry.max_retry_after.0),
+                _ => backoff,
+            });
+            ctx.transient += 1;
+            let mut e = Error::explain(RETRY, "transient upstream answer; retrying");
+            e.set_retry(true);
+            return Err(e);
+        }
+        let Some(token) = ctx.token.clone() else {
+            return Ok(());
+        };
+        let www = upstream_response
+            .headers
+            .get(http::header::WWW_AUTHENTICATE)
+            .map(|v| v.as_bytes());
+        let verdict = classify(upstream_response.status.as_u16(), www, &up.config.expiry);
+        if verdict == ExpiryVerdict::NotExpired {
+            return Ok(());
+        }
+        if let Err(reason) = ctx.replay {
+            if verdict == ExpiryVerdict::Expired {
+                skipped(up, reason);
+            }
+            return Ok(());
+        }
+        let body_whole = body_whole(session);
+        if verdict == ExpiryVerdict::CheckBody {
+            if ctx.attempts >= live.config.replay.max_attempts {
+                return Ok(());
+            }
+            ctx.rejected = Some(Box::new(upstream_response.clone()));
+            return Err(Error::explain(
+                CHECK_BODY,
+                "the answer's body decides whether the token expired",
+            ));
+        }
+        match self.next_token(&live, up, ctx, token.generation).await {
+            Ok(()) => {}
+            Err(reason) => {
+                skipped(up, reason);
+                return Ok(());
+            }
+        }
+        if body_whole {
+            let mut e = Error::explain(
+                RETRY,
+                "token expired upstream; replaying with a fresh token",
+            );
+            e.set_retry(true);
+            Err(e)
+        } else {
+            ctx.rejected = Some(Box::new(upstream_response.clone()));
+            Err(Error::explain(
+                OWN_REPLAY,
+                "token expired upstream; replaying a large body",
+            ))
+        }
     }
 }
 
