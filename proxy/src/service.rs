@@ -142,6 +142,18 @@ impl Sidecar {
 impl ProxyHttp for Sidecar {
     type CTX = Ctx;
 
+    /// Pingora's error lines summarise the request with its raw target; the query may carry a
+    /// token (browser SignalR clients), so only method, path and host are shown.
+    fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("-");
+        format!("{} {}, Host: {host}", req.method, req.uri.path())
+    }
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             _inflight: self.app.enter(),

@@ -554,3 +554,21 @@ async fn expected_duration_header_is_never_forwarded_even_without_a_provider() {
         None
     );
 }
+
+#[tokio::test]
+async fn error_logs_never_print_query_strings() {
+    // Pingora's own error lines summarise the request; a browser client may carry a token in
+    // the query (SignalR), so the summary must not include it.
+    let dead = support::free_port();
+    let sc = Sidecar::start(&format!(
+        "upstreams:\n  - {{ name: dead, url: \"http://127.0.0.1:{dead}\" }}\nretry: {{ backoff: [10ms] }}\n"
+    ))
+    .await;
+    let r = reqwest::get(sc.url("/hub?access_token=query-secret-from-client"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let logs = sc.logs();
+    assert!(logs.contains("/hub"), "the failure is logged: {logs}");
+    assert!(!logs.contains("query-secret-from-client"), "{logs}");
+}
