@@ -2,7 +2,10 @@
 //! atomically on reload; counters of in-flight and waiting requests.
 
 use std::collections::HashMap;
-use std::net::ToSocketAddrs;
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -112,6 +115,7 @@ impl Live {
         handle: &tokio::runtime::Handle,
     ) -> Result<Live, BuildError> {
         let mut providers = HashMap::new();
+        let mut fresh = Vec::new();
         for (name, p) in &config.providers {
             let reused = previous.and_then(|prev| {
                 let same = prev.config.providers.get(name) == Some(p);
@@ -119,28 +123,19 @@ impl Live {
             });
             let source = reused.unwrap_or_else(|| {
                 let s = TokenSource::new(p, handle.clone());
-                s.start();
+                fresh.push(s.clone());
                 s
             });
             providers.insert(name.clone(), source);
         }
-        let mut upstreams = Vec::with_capacity(config.upstreams.len());
-        for u in &config.upstreams {
-            upstreams.push(UpstreamRt {
-                peer: peer_for(u)?,
-                host_header: HeaderValue::from_str(&u.authority).map_err(|e| {
-                    BuildError::Upstream {
-                        upstream: u.name.clone(),
-                        message: format!("bad host: {e}"),
-                    }
-                })?,
-                tokens: u.provider.as_ref().and_then(|p| providers.get(p).cloned()),
-                replay_client: replay_client(u)?,
-                replay_base: replay_base(u),
-                breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
-                metrics: UpstreamMetrics::new(&u.name),
-                config: u.clone(),
-            });
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamRt::build(u, &providers))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Only now: a config that fails to build must not leave refreshers running.
+        for s in fresh {
+            s.start();
         }
         let limiter = match previous {
             Some(prev) => prev.limiter.rebuild(&config.rate_limits),
@@ -166,16 +161,41 @@ impl Live {
     }
 }
 
-fn peer_for(u: &Upstream) -> Result<HttpPeer, BuildError> {
-    let err = |message: String| BuildError::Upstream {
-        upstream: u.name.clone(),
-        message,
-    };
-    let addr = (u.host.as_str(), u.port)
-        .to_socket_addrs()
-        .map_err(|e| err(format!("cannot resolve {}: {e}", u.host)))?
-        .next()
-        .ok_or_else(|| err(format!("{} resolves to no address", u.host)))?;
+impl UpstreamRt {
+    /// Resolves the upstream once and reads its CA file once; the Pingora peer and the replay
+    /// client both use the result, so both reach the same address with the same trust.
+    fn build(
+        u: &Upstream,
+        providers: &HashMap<String, TokenSource>,
+    ) -> Result<UpstreamRt, BuildError> {
+        let err = |message: String| BuildError::Upstream {
+            upstream: u.name.clone(),
+            message,
+        };
+        let addr = (u.host.as_str(), u.port)
+            .to_socket_addrs()
+            .map_err(|e| err(format!("cannot resolve {}: {e}", u.host)))?
+            .next()
+            .ok_or_else(|| err(format!("{} resolves to no address", u.host)))?;
+        let ca = match &u.ca_file {
+            Some(path) => Some(load_ca(path).map_err(&err)?),
+            None => None,
+        };
+        Ok(UpstreamRt {
+            peer: peer_for(u, addr, ca.as_deref()),
+            host_header: HeaderValue::from_str(&u.authority)
+                .map_err(|e| err(format!("bad host: {e}")))?,
+            tokens: u.provider.as_ref().and_then(|p| providers.get(p).cloned()),
+            replay_client: replay_client(u, addr, ca.as_deref()).map_err(err)?,
+            replay_base: replay_base(u),
+            breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
+            metrics: UpstreamMetrics::new(&u.name),
+            config: u.clone(),
+        })
+    }
+}
+
+fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>]>) -> HttpPeer {
     let sni = u.server_name.clone().unwrap_or_else(|| u.host.clone());
     let mut peer = HttpPeer::new(addr, u.tls, sni);
     let o = &mut peer.options;
@@ -186,16 +206,25 @@ fn peer_for(u: &Upstream) -> Result<HttpPeer, BuildError> {
     o.idle_timeout = Some(u.idle_timeout);
     if u.tls {
         o.alpn = pingora::protocols::ALPN::H2H1;
-        if let Some(path) = &u.ca_file {
-            o.ca = Some(Arc::from(load_ca(path).map_err(err)?));
+        if let Some(certs) = ca {
+            let wrapped: Vec<WrappedX509> = certs
+                .iter()
+                .map(|c| WrappedX509::new(c.as_ref().to_vec(), parse_x509))
+                .collect();
+            o.ca = Some(Arc::from(wrapped));
         }
     }
-    Ok(peer)
+    peer
+}
+
+/// The host name the replay client puts in its URLs (and its SNI).
+fn replay_host(u: &Upstream) -> &str {
+    u.server_name.as_deref().unwrap_or(&u.host)
 }
 
 fn replay_base(u: &Upstream) -> String {
     let scheme = if u.tls { "https" } else { "http" };
-    let host = u.server_name.as_deref().unwrap_or(&u.host);
+    let host = replay_host(u);
     if host.contains(':') {
         format!("{scheme}://[{host}]:{}", u.port)
     } else {
@@ -205,58 +234,34 @@ fn replay_base(u: &Upstream) -> String {
 
 /// The replay client connects to the same address as the Pingora peer, with the same timeouts
 /// and trust; it never follows redirects and never decompresses, so answers pass unchanged.
-fn replay_client(u: &Upstream) -> Result<reqwest::Client, BuildError> {
-    let err = |message: String| BuildError::Upstream {
-        upstream: u.name.clone(),
-        message,
-    };
+fn replay_client(
+    u: &Upstream,
+    addr: SocketAddr,
+    ca: Option<&[CertificateDer<'static>]>,
+) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(u.connect_timeout)
         .read_timeout(u.read_timeout)
-        .pool_idle_timeout(u.idle_timeout);
-    if let Some(name) = &u.server_name {
-        let addr = (u.host.as_str(), u.port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| err(format!("cannot resolve {}", u.host)))?;
-        b = b.resolve(name, addr);
-    }
-    if let Some(path) = &u.ca_file {
-        let pem =
-            std::fs::read(path).map_err(|e| err(format!("ca_file {}: {e}", path.display())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| err(format!("ca_file {}: {e}", path.display())))?;
+        .pool_idle_timeout(u.idle_timeout)
+        .resolve(replay_host(u), addr);
+    if let Some(certs) = ca {
         b = b.tls_built_in_root_certs(false);
         for c in certs {
-            b = b.add_root_certificate(c);
+            let cert =
+                reqwest::Certificate::from_der(c.as_ref()).map_err(|e| format!("ca_file: {e}"))?;
+            b = b.add_root_certificate(cert);
         }
     }
-    b.build().map_err(|e| err(format!("replay client: {e}")))
+    b.build().map_err(|e| format!("replay client: {e}"))
 }
 
-fn load_ca(path: &std::path::Path) -> Result<Vec<WrappedX509>, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-    let mut certs = Vec::new();
-    let mut rest = text.as_str();
-    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-    const END: &str = "-----END CERTIFICATE-----";
-    while let Some(start) = rest.find(BEGIN) {
-        let after = &rest[start + BEGIN.len()..];
-        let end = after
-            .find(END)
-            .ok_or_else(|| format!("ca_file {}: unterminated certificate", path.display()))?;
-        let b64: String = after[..end].split_whitespace().collect();
-        use base64::Engine;
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        certs.push(WrappedX509::new(der, parse_x509));
-        rest = &after[end + END.len()..];
-    }
+/// The certificates of a PEM bundle.
+fn load_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!(
             "ca_file {}: no PEM certificate in it",
