@@ -62,10 +62,19 @@ pub struct UpstreamMetrics {
     pub duration: metrics::Histogram,
 }
 
-const METHODS: [&str; 8] = [
+/// Methods as metric labels: the standard ones, everything else `other` (no unbounded label).
+pub(crate) const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
 ];
 const STATUSES: usize = 600;
+
+/// Index of a method in [`METHODS`].
+pub(crate) fn method_index(m: &str) -> usize {
+    METHODS[..METHODS.len() - 1]
+        .iter()
+        .position(|x| *x == m)
+        .unwrap_or(METHODS.len() - 1)
+}
 
 impl UpstreamMetrics {
     fn new(name: &str) -> UpstreamMetrics {
@@ -81,11 +90,8 @@ impl UpstreamMetrics {
 
     /// `sidecar_requests_total{upstream,method,status}`.
     pub fn requests(&self, method: &str, status: u16) -> &metrics::Counter {
-        let m = crate::service::method_label(method);
-        let mi = METHODS
-            .iter()
-            .position(|x| *x == m)
-            .unwrap_or(METHODS.len() - 1);
+        let mi = method_index(method);
+        let m = METHODS[mi];
         let si = usize::from(status).min(STATUSES - 1);
         self.requests[mi * STATUSES + si].get_or_init(|| {
             metrics::counter!("sidecar_requests_total", "upstream" => self.label.clone(), "method" => m, "status" => crate::service::status_label(status))
@@ -305,10 +311,30 @@ impl App {
         }))
     }
 
+    /// A place among the requests waiting for a token, if fewer than `max` wait already. The
+    /// `sidecar_waiting_requests` gauge follows; the place is given back when the guard drops
+    /// (also when the waiting request is cancelled).
+    pub fn wait_slot(self: &Arc<Self>, max: usize) -> Option<WaitSlot> {
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let slot = WaitSlot(self.clone());
+        metrics::gauge!("sidecar_waiting_requests").set((before + 1) as f64);
+        (before < max).then_some(slot)
+    }
+
     /// Counts a request as in flight until the guard drops.
     pub fn enter(self: &Arc<Self>) -> InflightGuard {
         self.inflight.fetch_add(1, Ordering::AcqRel);
         InflightGuard(self.clone())
+    }
+}
+
+/// One request waiting for a token; see [`App::wait_slot`].
+pub struct WaitSlot(Arc<App>);
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        let left = self.0.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!("sidecar_waiting_requests").set(left as f64);
     }
 }
 

@@ -1,7 +1,6 @@
 //! The Pingora `ProxyHttp` adapter: each hook asks `sidecar-filters` or the token source for a
 //! decision and acts on it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -95,46 +94,32 @@ impl Sidecar {
         Ok(true)
     }
 
-    /// A usable token, waiting for one within the configured bounds.
+    /// A usable token, waiting for one within the configured bounds; with `expected`, one that
+    /// lasts 1.5× that long.
     async fn token_for(
         &self,
-        live: &Live,
-        upstream: usize,
+        source: &TokenSource,
+        cfg: &sidecar_config::Replay,
         expected: Option<Duration>,
     ) -> std::result::Result<Arc<Token>, LocalAnswer> {
-        let up = &live.upstreams[upstream];
-        let Some(source) = &up.tokens else {
-            return Err(LocalAnswer::token_unavailable(
-                "no provider".into(),
-                Duration::from_secs(1),
-            ));
-        };
-        let replay = &live.config.replay;
         if expected.is_none() {
             if let Some(t) = source.usable() {
                 return Ok(t);
             }
         }
-        let waiting = self.app.waiting.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!("sidecar_waiting_requests").set((waiting + 1) as f64);
-        let result = if waiting >= replay.max_waiting {
-            Err(LocalAnswer::token_unavailable(
-                format!(
-                    "too many requests are waiting for a token of provider {}",
-                    source.name()
-                ),
-                Duration::from_secs(1),
-            ))
-        } else {
-            let got = match expected {
-                Some(d) => source.ensure(d.mul_f64(1.5), replay.wait_for_token).await,
-                None => source.wait_usable(replay.wait_for_token).await,
-            };
-            got.map_err(|e| LocalAnswer::token_unavailable(e.to_string(), Duration::from_secs(1)))
+        let unavailable =
+            |message: String| LocalAnswer::token_unavailable(message, Duration::from_secs(1));
+        let Some(_slot) = self.app.wait_slot(cfg.max_waiting) else {
+            return Err(unavailable(format!(
+                "too many requests are waiting for a token of provider {}",
+                source.name()
+            )));
         };
-        let left = self.app.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::gauge!("sidecar_waiting_requests").set(left as f64);
-        result
+        match expected {
+            Some(d) => source.ensure(d.mul_f64(1.5), cfg.wait_for_token).await,
+            None => source.wait_usable(cfg.wait_for_token).await,
+        }
+        .map_err(|e| unavailable(e.to_string()))
     }
 }
 
@@ -212,17 +197,18 @@ impl ProxyHttp for Sidecar {
         ctx.upstream = Some(index);
         ctx.path = path;
         let up = &live.upstreams[index];
+        // The provider whose token goes on this request, if any.
         let inject = match &up.tokens {
-            None => false,
-            Some(_) => {
+            None => None,
+            Some(source) => {
                 let has_own = req.headers.contains_key(AUTHORIZATION);
                 match client_authorization(up.config.client_authorization, has_own) {
                     AuthzDecision::Reject => {
                         let answer = LocalAnswer::client_authorization();
                         return self.answer(session, ctx, answer).await;
                     }
-                    AuthzDecision::KeepClient => false,
-                    AuthzDecision::Inject => true,
+                    AuthzDecision::KeepClient => None,
+                    AuthzDecision::Inject => Some(source),
                 }
             }
         };
@@ -268,7 +254,7 @@ impl ProxyHttp for Sidecar {
         );
         // Never forwarded, whatever the route (SPEC §5).
         ctx.expected_header = req.headers.contains_key(EXPECTED_DURATION);
-        if inject {
+        if let Some(source) = inject {
             let expected = match req.headers.get(EXPECTED_DURATION) {
                 None => None,
                 Some(v) => match v.to_str().ok().map(sidecar_config::parse_duration) {
@@ -281,12 +267,11 @@ impl ProxyHttp for Sidecar {
                     }
                 },
             };
-            match self.token_for(&live, index, expected).await {
+            match self.token_for(source, cfg, expected).await {
                 Ok(t) => ctx.token = Some(t),
                 Err(answer) => return self.answer(session, ctx, answer).await,
             }
         }
-        ctx.live = Some(live);
         Ok(false)
     }
 
@@ -566,16 +551,7 @@ impl ProxyHttp for Sidecar {
 /// Methods as metric labels: the standard ones, everything else `other`, so no label is
 /// unbounded.
 pub(crate) fn method_label(m: &str) -> &'static str {
-    match m {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "PATCH" => "PATCH",
-        "OPTIONS" => "OPTIONS",
-        _ => "other",
-    }
+    crate::app::METHODS[crate::app::method_index(m)]
 }
 
 impl Sidecar {
@@ -731,22 +707,14 @@ impl Sidecar {
         failed_generation: u64,
         cfg: &sidecar_config::Replay,
     ) -> Option<Arc<Token>> {
-        let waiting = self.app.waiting.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!("sidecar_waiting_requests").set((waiting + 1) as f64);
-        let result = if waiting >= cfg.max_waiting {
-            None
-        } else {
-            tokio::time::timeout(
-                cfg.wait_for_token,
-                source.refresh(Trigger::Unauthorized, Some(failed_generation)),
-            )
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-        };
-        let left = self.app.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::gauge!("sidecar_waiting_requests").set(left as f64);
-        result
+        let _slot = self.app.wait_slot(cfg.max_waiting)?;
+        tokio::time::timeout(
+            cfg.wait_for_token,
+            source.refresh(Trigger::Unauthorized, Some(failed_generation)),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
     }
 }
 
