@@ -64,6 +64,10 @@ impl Breaker {
             return;
         }
         if ok {
+            // A read first: a healthy upstream costs no write to a shared cache line.
+            if self.failures.load(Ordering::Acquire) == 0 {
+                return;
+            }
             if self.failures.swap(0, Ordering::AcqRel) >= self.threshold {
                 *self.open.lock().unwrap_or_else(|p| p.into_inner()) = Open::default();
             }

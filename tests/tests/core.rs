@@ -33,6 +33,26 @@ async fn idp_with(ttl: Duration, latency: Duration) -> MockIdp {
     .await
 }
 
+/// The usual line-up: a mock IdP (`ttl`, `latency`), an upstream that accepts only its tokens,
+/// and a sidecar with provider `main` and the upstream list item `item` (`{api}` stands for the
+/// upstream's URL), plus `extra` YAML.
+async fn stack(
+    ttl: Duration,
+    latency: Duration,
+    item: &str,
+    extra: &str,
+) -> (MockIdp, MockUpstream, Sidecar) {
+    let idp = idp_with(ttl, latency).await;
+    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
+    let yaml = format!(
+        "{}upstreams:\n  - {}\n{extra}",
+        provider_yaml(&idp, ""),
+        item.replace("{api}", &api.url())
+    );
+    let sc = Sidecar::start(&yaml).await;
+    (idp, api, sc)
+}
+
 /// Sends raw bytes and returns the status code of the answer.
 async fn raw_status(addr: std::net::SocketAddr, request: &str) -> u16 {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -58,14 +78,7 @@ async fn raw_status(addr: std::net::SocketAddr, request: &str) -> u16 {
 
 #[tokio::test]
 async fn injects_the_token_and_overwrites_the_clients() {
-    let idp = idp_with(Duration::from_secs(3600), Duration::ZERO).await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "{}upstreams:\n  - {{ name: api, url: \"{}/base\", provider: main, match: {{ path_prefix: /api, strip_prefix: true }} }}\n",
-        provider_yaml(&idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start(&yaml).await;
+    let (idp, api, sc) = stack(Duration::from_secs(3600), Duration::ZERO, "{ name: api, url: \"{api}/base\", provider: main, match: { path_prefix: /api, strip_prefix: true } }", "").await;
     let client = reqwest::Client::new();
     let r = client
         .get(sc.url("/api/orders?page=2"))
@@ -160,14 +173,13 @@ async fn client_authorization_keep_and_reject() {
 
 #[tokio::test]
 async fn query_injection_replaces_the_clients_value_and_stays_out_of_logs() {
-    let idp = idp_with(Duration::from_secs(3600), Duration::ZERO).await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "{}upstreams:\n  - {{ name: hub, url: \"{}\", provider: main, inject: {{ header: null, query: access_token }} }}\nlog: {{ level: debug }}\n",
-        provider_yaml(&idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start(&yaml).await;
+    let (_idp, api, sc) = stack(
+        Duration::from_secs(3600),
+        Duration::ZERO,
+        "{ name: hub, url: \"{api}\", provider: main, inject: { header: null, query: access_token } }",
+        "log: { level: debug }\n",
+    )
+    .await;
     let r = reqwest::get(sc.url("/hub/negotiate?access_token=fake&x=1"))
         .await
         .unwrap();
@@ -184,14 +196,13 @@ async fn query_injection_replaces_the_clients_value_and_stays_out_of_logs() {
 
 #[tokio::test]
 async fn three_second_tokens_under_ten_seconds_of_traffic_never_401() {
-    let idp = idp_with(Duration::from_secs(3), Duration::from_millis(20)).await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\n",
-        provider_yaml(&idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start(&yaml).await;
+    let (idp, api, sc) = stack(
+        Duration::from_secs(3),
+        Duration::from_millis(20),
+        "{ name: api, url: \"{api}\", provider: main }",
+        "",
+    )
+    .await;
     let client = reqwest::Client::new();
     let end = std::time::Instant::now() + Duration::from_secs(10);
     let (mut ok, mut bad) = (0, 0);
@@ -221,14 +232,13 @@ async fn three_second_tokens_under_ten_seconds_of_traffic_never_401() {
 
 #[tokio::test]
 async fn two_hundred_concurrent_requests_before_the_first_token_make_one_idp_call() {
-    let idp = idp_with(Duration::from_secs(3600), Duration::from_millis(1500)).await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\nreplay: {{ max_waiting: 500 }}\n",
-        provider_yaml(&idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start(&yaml).await;
+    let (idp, _api, sc) = stack(
+        Duration::from_secs(3600),
+        Duration::from_millis(1500),
+        "{ name: api, url: \"{api}\", provider: main }",
+        "replay: { max_waiting: 500 }\n",
+    )
+    .await;
     // The first token is still being fetched (the IdP takes 1.5 s).
     let status = reqwest::get(sc.admin_url("/readyz"))
         .await
@@ -325,14 +335,13 @@ async fn forbidden_targets_and_unmatched_paths_never_leave() {
 
 #[tokio::test]
 async fn websocket_upgrade_carries_the_token_and_echoes() {
-    let idp = idp_with(Duration::from_secs(3600), Duration::ZERO).await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\n",
-        provider_yaml(&idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start(&yaml).await;
+    let (_idp, api, sc) = stack(
+        Duration::from_secs(3600),
+        Duration::ZERO,
+        "{ name: api, url: \"{api}\", provider: main }",
+        "",
+    )
+    .await;
     let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", sc.listen))
         .await
         .expect("websocket through the sidecar");
@@ -423,14 +432,13 @@ async fn sigterm_on_an_idle_sidecar_exits_at_once() {
 
 #[tokio::test]
 async fn status_and_manual_refresh_never_show_the_token() {
-    let idp = idp_with(Duration::from_secs(3600), Duration::ZERO).await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\n",
-        provider_yaml(&idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start(&yaml).await;
+    let (_idp, api, sc) = stack(
+        Duration::from_secs(3600),
+        Duration::ZERO,
+        "{ name: api, url: \"{api}\", provider: main }",
+        "",
+    )
+    .await;
     reqwest::get(sc.url("/a")).await.unwrap();
     let first_token = api.requests()[0].token.clone().unwrap();
     let client = reqwest::Client::new();
