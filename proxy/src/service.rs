@@ -104,7 +104,11 @@ impl Sidecar {
     ) -> std::result::Result<Arc<Token>, LocalAnswer> {
         if expected.is_none() {
             if let Some(t) = source.usable() {
-                return Ok(t);
+                return Ok(if source.is_rejected(&t) {
+                    self.replacement(source, t, cfg).await
+                } else {
+                    t
+                });
             }
         }
         let unavailable =
@@ -245,17 +249,15 @@ impl ProxyHttp for Sidecar {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        ctx.replay = replayable(
-            &req.method,
-            req.headers.contains_key(&cfg.idempotency_header),
-            declared,
-            up.config.replay,
-            cfg,
-        );
+        // The key only matters for methods that are not idempotent by themselves.
+        let has_key = !cfg.idempotent_methods.contains(&req.method)
+            && req.headers.contains_key(&cfg.idempotency_header);
+        ctx.replay = replayable(&req.method, has_key, declared, up.config.replay, cfg);
+        let expected_header = req.headers.get(EXPECTED_DURATION);
         // Never forwarded, whatever the route (SPEC §5).
-        ctx.expected_header = req.headers.contains_key(EXPECTED_DURATION);
+        ctx.expected_header = expected_header.is_some();
         if let Some(source) = inject {
-            let expected = match req.headers.get(EXPECTED_DURATION) {
+            let expected = match expected_header {
                 None => None,
                 Some(v) => match v.to_str().ok().map(sidecar_config::parse_duration) {
                     Some(Ok(d)) => Some(d),
@@ -298,6 +300,16 @@ impl ProxyHttp for Sidecar {
     ) -> Result<()> {
         ctx.attempts += 1;
         ctx.retry_buffer_next = ctx.attempts > 1;
+        let refused = match (&ctx.live, ctx.upstream, &ctx.token) {
+            (Some(l), Some(i), Some(t)) => l.upstreams[i]
+                .tokens
+                .as_ref()
+                .is_some_and(|s| s.is_rejected(t)),
+            _ => false,
+        };
+        if refused {
+            self.swap_refused_token(ctx).await;
+        }
         let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
@@ -604,9 +616,14 @@ impl Sidecar {
         let Some(token) = ctx.token.clone() else {
             return Ok(());
         };
-        let www = upstream_response
-            .headers
-            .get(http::header::WWW_AUTHENTICATE)
+        // A success or redirect is never an expired-token answer: no header lookup for it.
+        let www = (status >= 400)
+            .then(|| {
+                upstream_response
+                    .headers
+                    .get(http::header::WWW_AUTHENTICATE)
+            })
+            .flatten()
             .map(|v| v.as_bytes());
         let verdict = classify(upstream_response.status.as_u16(), www, &up.config.expiry);
         if verdict == ExpiryVerdict::NotExpired {
@@ -654,6 +671,37 @@ impl Sidecar {
 }
 
 impl Sidecar {
+    /// The token that replaces `refused` (refused by an upstream, its replacement in flight):
+    /// joins that refresh rather than send a request bound to be refused and replayed — on a
+    /// refresh storm a wait for the one identity-provider call instead of a wasted upstream
+    /// round trip per request. Takes no `max_waiting` slot: it joins a call already under way
+    /// (bounded by `wait_for_token`) and holds no buffered body. If the refresh fails, the
+    /// refused token goes out as it would have.
+    async fn replacement(
+        &self,
+        source: &TokenSource,
+        refused: Arc<Token>,
+        cfg: &sidecar_config::Replay,
+    ) -> Arc<Token> {
+        let refresh = source.refresh(Trigger::Unauthorized, Some(refused.generation));
+        match tokio::time::timeout(cfg.wait_for_token, refresh).await {
+            Ok(Ok(t)) => t,
+            _ => refused,
+        }
+    }
+
+    /// `upstream_request_filter`'s side of [`Sidecar::replacement`]: the token was refused
+    /// after this request took it.
+    async fn swap_refused_token(&self, ctx: &mut Ctx) {
+        let (Some(live), Some(i), Some(t)) = (ctx.live.clone(), ctx.upstream, ctx.token.clone())
+        else {
+            return;
+        };
+        if let Some(source) = &live.upstreams[i].tokens {
+            ctx.token = Some(self.replacement(source, t, &live.config.replay).await);
+        }
+    }
+
     /// Makes `ctx.token` the token to replay with, per the generation rule: joins (or starts) the
     /// one refresh for `failed_generation`, or takes the newer token someone else already got.
     /// Waiting for the refresh counts against `max_waiting` and `wait_for_token`.

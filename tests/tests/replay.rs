@@ -272,3 +272,47 @@ async fn websocket_upgrade_is_replayed_after_revocation() {
         .collect();
     assert_eq!(seen, vec![401, 101]);
 }
+
+#[tokio::test]
+async fn requests_arriving_during_the_refresh_wait_instead_of_being_refused() {
+    let (idp, api, sc) = setup("", "").await;
+    let client = reqwest::Client::new();
+    idp.set_latency(Duration::from_millis(1500));
+    idp.registry().revoke_all();
+    api.clear();
+    // The first request is refused and starts the refresh (1.5 s at the IdP).
+    let first = tokio::spawn({
+        let c = client.clone();
+        let url = sc.url("/first");
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    sc.wait_status(Duration::from_secs(10), |v| {
+        v["providers"][0]["state"] == "refreshing"
+    })
+    .await;
+    // Requests arriving now hold back for the new token: none is sent with the refused one.
+    let later = futures::future::join_all((0..20).map(|i| {
+        let c = client.clone();
+        let url = sc.url(&format!("/later/{i}"));
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    }))
+    .await;
+    assert_eq!(first.await.unwrap().unwrap(), 200, "{}", sc.logs());
+    assert!(later.iter().all(|s| matches!(s, Ok(200))), "{later:?}");
+    let refused: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 401)
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        refused,
+        vec!["/first".to_string()],
+        "only the first request meets the refusal"
+    );
+    assert_eq!(
+        api.count(),
+        22,
+        "20 requests + the first one and its replay"
+    );
+}

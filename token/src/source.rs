@@ -1,6 +1,7 @@
 //! [`TokenSource`]: one provider's current token, its state machine, the single-flight refresh
 //! and the background refresher.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -162,6 +163,9 @@ struct Inner {
     schedule: Schedule,
     default_ttl: Duration,
     current: ArcSwapOption<Token>,
+    /// The newest generation an upstream rejected while its replacement is being fetched (0:
+    /// none). Such a token is not handed out: a request would only be sent to be refused.
+    rejected: AtomicU64,
     book: Mutex<Book>,
     /// Bumped after every finished refresh attempt, to wake waiters and the refresher.
     changed: watch::Sender<u64>,
@@ -219,6 +223,7 @@ impl TokenSource {
                 schedule: Schedule::new(config.refresh.clone()),
                 default_ttl: config.default_ttl,
                 current: ArcSwapOption::empty(),
+                rejected: AtomicU64::new(0),
                 book: Mutex::new(Book::default()),
                 changed,
                 handle,
@@ -249,6 +254,13 @@ impl TokenSource {
         (Instant::now() < token.usable_until).then_some(token)
     }
 
+    /// An upstream refused this token and the refresh that replaces it is in flight: a request
+    /// holding it had better join that refresh ([`TokenSource::refresh`] with
+    /// `Trigger::Unauthorized` and its generation) than be sent to be refused too.
+    pub fn is_rejected(&self, token: &Token) -> bool {
+        token.generation <= self.inner.rejected.load(Ordering::Relaxed)
+    }
+
     /// The current token, usable or not.
     pub fn current(&self) -> Option<Arc<Token>> {
         self.inner.current.load_full()
@@ -267,6 +279,10 @@ impl TokenSource {
             if let (Some(g), Some(cur)) = (stale, self.inner.current.load_full()) {
                 if cur.generation > g {
                     return Ok(cur);
+                }
+                if trigger == Trigger::Unauthorized {
+                    // Until the refresh ends, requests holding this token join it.
+                    self.inner.rejected.fetch_max(g, Ordering::Relaxed);
                 }
             }
             match &book.inflight {
@@ -716,6 +732,9 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
                 Ok(token)
             }
             Err(error) => {
+                // Nothing newer came: the refused token is the best there is again (another
+                // upstream may still take it; the next refusal starts another refresh).
+                inner.rejected.store(0, Ordering::Relaxed);
                 if error.is_invalid_grant() {
                     // A refused refresh token never works again; the next attempt logs in.
                     book.refresh_token = None;

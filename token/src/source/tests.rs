@@ -128,6 +128,38 @@ async fn concurrent_unauthorized_refreshes_coalesce() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_refused_token_is_marked_until_its_replacement_arrives() {
+    let r = rig(HOUR, Duration::from_millis(50));
+    let first = r.source.wait_usable(Duration::from_secs(1)).await.unwrap();
+    assert!(!r.source.is_rejected(&first));
+    // An upstream refuses generation 1: the refresh takes 50 ms.
+    let s = r.source.clone();
+    let refusal = tokio::spawn(async move { s.refresh(Trigger::Unauthorized, Some(1)).await });
+    tokio::task::yield_now().await;
+    assert!(r.source.is_rejected(&first), "refused token not marked");
+    // A request holding it joins the refresh in flight: still one identity-provider call.
+    let joined = r
+        .source
+        .refresh(Trigger::Unauthorized, Some(first.generation))
+        .await
+        .unwrap();
+    assert_eq!(joined.generation, 2);
+    assert_eq!(refusal.await.unwrap().unwrap().generation, 2);
+    assert_eq!(r.calls.load(Ordering::SeqCst), 2);
+    assert!(!r.source.is_rejected(&joined));
+
+    // When no replacement can be had, the mark goes: the refused token is the best there is.
+    r.failing.store(true, Ordering::SeqCst);
+    assert!(r
+        .source
+        .refresh(Trigger::Unauthorized, Some(2))
+        .await
+        .is_err());
+    assert!(!r.source.is_rejected(&joined));
+    assert_eq!(r.source.usable().unwrap().generation, 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn refresher_renews_before_expiry_and_requests_never_wait() {
     let r = rig(Duration::from_secs(3), Duration::from_millis(20));
     r.source.start();
