@@ -102,7 +102,7 @@ http {{
     proxy_temp_path {d}/tmp/proxy;
     upstream bench_upstream {{
         server {upstream};
-        keepalive 128;
+        keepalive {pool};
     }}
     server {{
         listen {listen} backlog=4096;
@@ -116,6 +116,8 @@ http {{
 }}
 "#,
         rlimit = worker_connections * 2 + 64,
+        // Idle upstream connections kept, as many as the Pingora proxies keep.
+        pool = token_sidecar::cli::UPSTREAM_POOL,
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).map_err(|e| format!("nginx.conf: {e}"))?;

@@ -19,6 +19,12 @@ use crate::app::{App, Live};
 use crate::service::Sidecar;
 use crate::shutdown::Signals;
 
+/// Idle upstream connections kept for reuse (Pingora's default is 128). An application that
+/// sends a burst of a thousand requests would otherwise open most of them afresh next time:
+/// measured on a 1,000-request burst, the connects were most of the sidecar's cost
+/// (bench/PROFILE.md §7).
+pub const UPSTREAM_POOL: usize = 1024;
+
 /// An authenticating egress sidecar: point your API base URL at it and it injects, refreshes
 /// and (when safe) replays bearer tokens.
 #[derive(Debug, Parser)]
@@ -230,6 +236,7 @@ pub fn serve_with(
         // even when idle).
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: UPSTREAM_POOL,
         upgrade_sock: upgrade.upgrade_sock.clone(),
         ..ServerConf::default()
     };

@@ -98,6 +98,7 @@ fn main() {
         work_stealing: false,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: token_sidecar::cli::UPSTREAM_POOL,
         ..ServerConf::default()
     };
     if let Some(v) = knob("BARE_PINGORA_WORK_STEALING") {
