@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sidecar_mocks::{IdpConfig, MockIdp, TokenRegistry};
 
-use crate::load::{self, Percentiles};
+use crate::load::{self, Histogram, Percentiles};
 use crate::procs::{self, Proc, Scratch};
 use crate::tools;
 use crate::upstream::{self, Upstream};
@@ -470,8 +470,8 @@ async fn throughput(env: &Env, w: &World) -> Result<String, String> {
     };
     s.push_str(
         "\n| conns | sidecar/nginx (≥ 0.9) | sidecar/bare (≥ 0.95) | bare/nginx | \
-         by CPU/req: sidecar/nginx | sidecar/bare | added p50 vs direct (≤ 100 µs) | \
-         added p99 vs direct (≤ 1 ms) |\n",
+         by CPU/req: sidecar/nginx | sidecar/bare | p50 over direct (saturated) | \
+         p99 over direct (saturated) |\n",
     );
     s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for &conns in &conn_counts {
@@ -489,17 +489,102 @@ async fn throughput(env: &Env, w: &World) -> Result<String, String> {
         let add99 = sc.lat.p99 - d.lat.p99;
         let _ = writeln!(
             s,
-            "| {conns} | {vs_nginx:.2} {} | {vs_bare:.2} {} | {:.2} | {:.2} | {:.2} | {add50:.0} µs {} | {add99:.0} µs {} |",
+            "| {conns} | {vs_nginx:.2} {} | {vs_bare:.2} {} | {:.2} | {:.2} | {:.2} | {add50:.0} µs | {add99:.0} µs |",
             ok_mark(vs_nginx >= 0.9),
             ok_mark(vs_bare >= 0.95),
             b.rps / n.rps,
             n.cpu_us / sc.cpu_us.max(1e-9),
             b.cpu_us / sc.cpu_us.max(1e-9),
-            ok_mark(add50 <= 100.0),
-            ok_mark(add99 <= 1000.0),
         );
     }
     let _ = writeln!(s, "\n{rss_line}");
+    s.push_str(&fixed_rate_latency(env, &l).await?);
+    Ok(s)
+}
+
+/// Requests per second and connections of the added-latency measurement: far below what any
+/// target serves, so that latency is the cost of the path and not time spent queueing.
+const LATENCY_RATE: f64 = 1000.0;
+const LATENCY_CONNS: usize = 4;
+
+/// Added latency where it means something: at a fixed rate well below saturation (open loop,
+/// the in-repo generator). Under the closed loops above every target is CPU-bound and latency
+/// is only connections ÷ throughput (Little's law).
+async fn fixed_rate_latency(env: &Env, l: &Lineup) -> Result<String, String> {
+    let plan = &env.plan;
+    let mut samples: Vec<(Target, Histogram)> = Vec::new();
+    for round in 0..plan.rounds {
+        let order: Vec<_> = if round % 2 == 0 {
+            l.targets.iter().collect()
+        } else {
+            l.targets.iter().rev().collect()
+        };
+        for (t, addr, a) in order {
+            let req = Arc::new(load::get_request(*addr, "/bench", a.as_deref()));
+            let o = load::paced(*addr, req, LATENCY_CONNS, LATENCY_RATE, plan.run).await;
+            let failed = o.errors + o.status_401 + o.other_status;
+            if failed > 0 || o.ok == 0 {
+                return Err(format!(
+                    "{} at {LATENCY_RATE} req/s: {} ok, {failed} failed ({})",
+                    t.name(),
+                    o.ok,
+                    o.first_error.as_deref().unwrap_or("non-2xx answers")
+                ));
+            }
+            let p = Percentiles::of(&o.latency);
+            eprintln!(
+                "bench:   {LATENCY_RATE} req/s  {:<13} p50 {:>7.1} µs  p99 {:>8.1} µs",
+                t.name(),
+                p.p50,
+                p.p99
+            );
+            samples.push((*t, o.latency));
+        }
+    }
+    let merged = |t: Target| {
+        let mut h = Histogram::default();
+        for (_, s) in samples.iter().filter(|(tt, _)| *tt == t) {
+            h.merge(s);
+        }
+        Percentiles::of(&h)
+    };
+    let direct = merged(Target::Direct);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n### Added latency at a fixed rate\n\n{LATENCY_RATE:.0} requests/s over \
+         {LATENCY_CONNS} keep-alive connections (open loop, the in-repo generator), {} round(s) \
+         of {} s per target, alternating; percentiles over all rounds, in µs. This is the SPEC \
+         §12 added-latency measurement: every target is far from saturation here.\n",
+        plan.rounds,
+        plan.run.as_secs()
+    );
+    s.push_str(
+        "| target | p50 | p90 | p99 | p99.9 | added p50 vs direct (≤ 100 µs) | added p99 vs direct (≤ 1 ms) |\n",
+    );
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+    for (t, _, _) in &l.targets {
+        let p = merged(*t);
+        let (add50, add99) = (p.p50 - direct.p50, p.p99 - direct.p99);
+        let added = if *t == Target::Direct {
+            "– | –".to_string()
+        } else {
+            format!(
+                "{add50:.0} µs {} | {add99:.0} µs {}",
+                ok_mark(add50 <= 100.0),
+                ok_mark(add99 <= 1000.0)
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {added} |",
+            t.name(),
+            p.p50,
+            p.p90,
+            p.p99,
+            p.p999
+        );
+    }
     Ok(s)
 }
 
@@ -511,85 +596,131 @@ const STORM_IDP_LATENCY: Duration = Duration::from_millis(50);
 async fn storm(env: &Env, w: &World) -> Result<String, String> {
     let n = env.plan.storm;
     let sidecar = start_sidecar(env, w, "storm", "").await?;
-    // Baseline: the same burst straight to the upstream.
     let auth = w.static_authorization();
     let direct = w.upstream.addr;
     let direct_req = load::get_request(direct, "/bench", Some(&auth));
-    let conns = load::open_warm(direct, &direct_req, n, 200).await?;
-    let (base, conns) = load::burst(conns, &direct_req, Duration::from_secs(20)).await;
-    drop(conns);
-    if base.ok == 0 {
-        return Err(format!(
-            "the direct burst got no answer: {:?}",
-            base.first_error
-        ));
-    }
-
+    let mut direct_conns = load::open_warm(direct, &direct_req, n, 200).await?;
     let req = load::get_request(sidecar.listen, "/bench", None);
-    let conns = load::open_warm(sidecar.listen, &req, n, 200).await?;
+    let mut conns = load::open_warm(sidecar.listen, &req, n, 200).await?;
     if conns.len() != n {
         return Err(format!("only {} of {n} connections opened", conns.len()));
     }
-    // Second baseline: the same burst through the sidecar while its token is valid, so that
-    // what the expiry itself adds can be told from the cost of 1,000 requests at once.
-    let (own, conns) = load::burst(conns, &req, Duration::from_secs(20)).await;
-    if own.ok != own.requests() || conns.len() != n {
-        return Err(format!(
-            "the sidecar burst with a valid token failed: {} of {} answered 200 ({:?})",
-            own.ok,
-            own.requests(),
-            own.first_error
-        ));
-    }
-    w.idp.set_latency(STORM_IDP_LATENCY);
-    let calls_before = w.idp.calls();
-    // Every token the sidecar holds is now dead: each request gets a 401 upstream.
-    w.registry.revoke_all();
-    let (o, conns) = load::burst(conns, &req, Duration::from_secs(30)).await;
-    drop(conns);
-    let calls = w.idp.calls() - calls_before;
-    w.idp.set_latency(Duration::ZERO);
-    drop(sidecar);
-    if o.requests() == 0 {
-        return Err(format!("the storm got no answer: {:?}", o.first_error));
-    }
-    let p = Percentiles::of(&o.latency);
-    let b = Percentiles::of(&base.latency);
-    let v = Percentiles::of(&own.latency);
-    let added = p.p99 - b.p99;
-    let added_own = p.p99 - v.p99;
     let limit = STORM_IDP_LATENCY.as_secs_f64() * 1e6 + 5000.0;
+    let mut rows = String::new();
+    let (mut added_all, mut added_own_all) = (Vec::new(), Vec::new());
+    let mut all_good = true;
+    // One burst is one sample of a noisy machine: several rounds, each with its own baselines.
+    for round in 1..=env.plan.rounds {
+        // Baseline: the same burst straight to the upstream (with a token issued after the
+        // last round's revocation).
+        let direct_req = if round == 1 {
+            direct_req.clone()
+        } else {
+            load::get_request(direct, "/bench", Some(&w.static_authorization()))
+        };
+        let (base, back) = load::burst(direct_conns, &direct_req, Duration::from_secs(20)).await;
+        direct_conns = back;
+        if base.ok != base.requests() || direct_conns.len() != n {
+            return Err(format!(
+                "round {round}: the direct burst failed: {} of {} answered 200, {} connections \
+                 left ({:?})",
+                base.ok,
+                base.requests(),
+                direct_conns.len(),
+                base.first_error
+            ));
+        }
+        // Second baseline: the same burst through the sidecar while its token is valid, so
+        // that what the expiry itself adds can be told from the cost of 1,000 requests at once.
+        let (own, back) = load::burst(conns, &req, Duration::from_secs(20)).await;
+        conns = back;
+        if own.ok != own.requests() || conns.len() != n {
+            return Err(format!(
+                "round {round}: the sidecar burst with a valid token failed: {} of {} answered \
+                 200 ({:?})",
+                own.ok,
+                own.requests(),
+                own.first_error
+            ));
+        }
+        w.idp.set_latency(STORM_IDP_LATENCY);
+        let calls_before = w.idp.calls();
+        // Every token the sidecar holds is now dead: each request gets a 401 upstream.
+        w.registry.revoke_all();
+        let (o, back) = load::burst(conns, &req, Duration::from_secs(30)).await;
+        conns = back;
+        let calls = w.idp.calls() - calls_before;
+        w.idp.set_latency(Duration::ZERO);
+        if o.requests() == 0 {
+            return Err(format!("the storm got no answer: {:?}", o.first_error));
+        }
+        if conns.len() != n {
+            return Err(format!("the storm lost {} connections", n - conns.len()));
+        }
+        let p = Percentiles::of(&o.latency);
+        let b = Percentiles::of(&base.latency);
+        let v = Percentiles::of(&own.latency);
+        let added = p.p99 - b.p99;
+        let added_own = p.p99 - v.p99;
+        eprintln!(
+            "bench:   round {round}: storm p99 {:.1} ms (direct {:.1} ms, valid token {:.1} ms), \
+             {calls} IdP call(s), {} 401s, {} replayed",
+            p.p99 / 1000.0,
+            b.p99 / 1000.0,
+            v.p99 / 1000.0,
+            o.status_401,
+            o.replayed.count()
+        );
+        added_all.push(added);
+        added_own_all.push(added_own);
+        all_good &= calls == 1 && o.status_401 == 0;
+        let _ = writeln!(
+            rows,
+            "| {round} | {} | {calls} {} | {} {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms {} | {:.1} ms {} |",
+            o.requests() + o.errors,
+            ok_mark(calls == 1),
+            o.status_401,
+            ok_mark(o.status_401 == 0),
+            o.other_status + o.errors,
+            o.replayed.count(),
+            p.p50 / 1000.0,
+            p.p99 / 1000.0,
+            o.latency.percentile_us(100.0) / 1000.0,
+            b.p99 / 1000.0,
+            v.p99 / 1000.0,
+            added / 1000.0,
+            ok_mark(added <= limit),
+            added_own / 1000.0,
+            ok_mark(added_own <= limit),
+        );
+    }
+    drop(sidecar);
+    let (added, added_own) = (median(added_all), median(added_own_all));
     let mut s = String::new();
     let _ = writeln!(
         s,
         "## 2. Refresh storm\n\n{n} keep-alive connections each send one request at the same \
          moment right after every token was revoked at the IdP (the upstream answers 401 to the \
-         sidecar's token); the IdP answers in {} ms. Baselines: the same burst sent directly to \
-         the upstream with a valid token (\"direct\"), and through the sidecar just before the \
-         revocation (\"valid token\"): the second difference is what the expiry itself costs, \
-         the first also holds the sidecar's cost of taking 1,000 requests at once.\n",
+         sidecar's token); the IdP answers in {} ms. Baselines, measured just before in each \
+         round: the same burst sent directly to the upstream with a valid token (\"direct\"), \
+         and through the sidecar with a valid token (\"valid token\"): the second difference is \
+         what the expiry itself costs, the first also holds the sidecar's cost of taking 1,000 \
+         requests at once.\n",
         STORM_IDP_LATENCY.as_millis()
     );
-    s.push_str("| requests | IdP calls (= 1) | client 401s (= 0) | other errors | replayed | p50 | p99 | max | direct p99 | valid-token p99 | added p99 vs direct (≤ IdP + 5 ms) | added p99 vs valid token |\n");
-    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| round | requests | IdP calls (= 1) | client 401s (= 0) | other errors | replayed | p50 | p99 | max | direct p99 | valid-token p99 | added p99 vs direct (≤ IdP + 5 ms) | added p99 vs valid token |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str(&rows);
     let _ = writeln!(
         s,
-        "| {} | {calls} {} | {} {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms {} | {:.1} ms {} |",
-        o.requests() + o.errors,
-        ok_mark(calls == 1),
-        o.status_401,
-        ok_mark(o.status_401 == 0),
-        o.other_status + o.errors,
-        o.replayed.count(),
-        p.p50 / 1000.0,
-        p.p99 / 1000.0,
-        o.latency.percentile_us(100.0) / 1000.0,
-        b.p99 / 1000.0,
-        v.p99 / 1000.0,
+        "\nMedian over {} round(s): added p99 {:.1} ms vs direct {}, {:.1} ms vs valid token {}; \
+         exactly one IdP call and no 401 in every round: {}.",
+        env.plan.rounds,
         added / 1000.0,
         ok_mark(added <= limit),
         added_own / 1000.0,
         ok_mark(added_own <= limit),
+        ok_mark(all_good)
     );
     Ok(s)
 }
