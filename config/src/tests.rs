@@ -182,6 +182,15 @@ fn bad_upstreams() {
         err("upstreams:\n  - name: a\n    url: http://x\n    expiry: { statuses: [99] }\n")
             .contains("99")
     );
+    assert!(err(
+        "upstreams:\n  - name: a\n    url: http://x\n    expiry: { body_statuses: [200] }\n"
+    )
+    .contains("200 is not an error status"));
+    let e = err("upstreams: []\nretry:\n  statuses: [502, 302]\n");
+    assert!(
+        e.starts_with("bad.yaml:3:") && e.contains("302 is not an error status"),
+        "{e}"
+    );
     assert!(err("listen: nowhere\n").starts_with("bad.yaml:1:"));
 }
 

@@ -55,6 +55,10 @@ impl Locator<'_> {
     }
 }
 
+/// Statuses an expired-token answer or a transient failure can have: only errors, so that the
+/// proxy can pass every success and redirect on without looking further.
+const ERROR_STATUSES: std::ops::RangeInclusive<u16> = 400..=599;
+
 pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config, ConfigError> {
     let at = Locator { text, file };
     let listen = parse_addr(&raw.listen).map_err(|m| at.error(&["listen:"], m))?;
@@ -98,6 +102,18 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
             }
         }
         upstreams.push(upstream(u).map_err(here)?);
+    }
+
+    if let Some(s) = raw
+        .retry
+        .statuses
+        .iter()
+        .find(|s| !ERROR_STATUSES.contains(s))
+    {
+        return Err(at.error(
+            &["retry:", "statuses:"],
+            format!("retry.statuses: {s} is not an error status (400-599)"),
+        ));
     }
 
     let r = &raw.replay;
@@ -618,8 +634,10 @@ fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
         ));
     }
     for s in u.expiry.statuses.iter().chain(&u.expiry.body_statuses) {
-        if !(100..=599).contains(s) {
-            return Err(format!("upstream {name:?}: {s} is not an HTTP status"));
+        if !ERROR_STATUSES.contains(s) {
+            return Err(format!(
+                "upstream {name:?}: expiry status {s} is not an error status (400-599)"
+            ));
         }
     }
     Ok(Upstream {

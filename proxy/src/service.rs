@@ -577,6 +577,10 @@ impl Sidecar {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.class = class_of(status);
+        if status < 400 {
+            // Expiry and retry statuses are errors (config validation): nothing to decide.
+            return Ok(());
+        }
         let (Some(live), Some(i)) = (ctx.live.clone(), ctx.upstream) else {
             return Ok(());
         };
@@ -616,14 +620,9 @@ impl Sidecar {
         let Some(token) = ctx.token.clone() else {
             return Ok(());
         };
-        // A success or redirect is never an expired-token answer: no header lookup for it.
-        let www = (status >= 400)
-            .then(|| {
-                upstream_response
-                    .headers
-                    .get(http::header::WWW_AUTHENTICATE)
-            })
-            .flatten()
+        let www = upstream_response
+            .headers
+            .get(http::header::WWW_AUTHENTICATE)
             .map(|v| v.as_bytes());
         let verdict = classify(upstream_response.status.as_u16(), www, &up.config.expiry);
         if verdict == ExpiryVerdict::NotExpired {
