@@ -4,6 +4,7 @@
 //! Kubernetes ConfigMap updates (an atomic swap of the `..data` symlink) are seen too. Events are
 //! debounced and a reload happens only when the bytes behind the path actually changed.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -13,6 +14,26 @@ use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 
 use crate::app::App;
+
+/// Whether `event` can mean that the config changed: something wrote, created, removed or renamed
+/// the config file (`name`) or one of Kubernetes' `..data` entries. Not a busy neighbour (a log
+/// file in the same directory must not keep resetting the debounce), and not opening or reading
+/// the file: the watcher's own read after each event would otherwise wake it again, ten times a
+/// second for ever. Attribute changes alone (chmod, atime) leave the content as it was.
+fn relevant(event: &notify::Event, name: Option<&OsStr>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let may_change = match event.kind {
+        // The end of a write.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        _ => true,
+    };
+    may_change
+        && event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| Some(n) == name || n.to_string_lossy().starts_with(".."))
+        })
+}
 
 fn digest(path: &Path) -> Option<Vec<u8>> {
     std::fs::read(path)
@@ -27,15 +48,7 @@ pub fn spawn(app: Arc<App>, path: PathBuf) -> Option<notify::RecommendedWatcher>
     let name = path.file_name().map(|n| n.to_os_string());
     let mut watcher =
         match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // Only the config file itself and Kubernetes' `..data` swap matter; a busy neighbour
-            // (a log file in the same directory) must not keep resetting the debounce.
-            let relevant = event.is_ok_and(|e| {
-                e.paths.iter().any(|p| {
-                    p.file_name().is_some_and(|n| {
-                        Some(n) == name.as_deref() || n.to_string_lossy().starts_with("..")
-                    })
-                })
-            });
+            let relevant = event.is_ok_and(|e| relevant(&e, name.as_deref()));
             if relevant {
                 let _ = tx.send(());
             }
@@ -75,4 +88,59 @@ pub fn spawn(app: Arc<App>, path: PathBuf) -> Option<notify::RecommendedWatcher>
         })
         .ok()?;
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, MetadataKind, ModifyKind,
+        RemoveKind, RenameMode,
+    };
+    use notify::Event;
+
+    use super::*;
+
+    fn on(kind: EventKind, file: &str) -> bool {
+        let event = Event::new(kind).add_path(PathBuf::from("/etc/sidecar").join(file));
+        relevant(&event, Some(OsStr::new("sidecar.yaml")))
+    }
+
+    #[test]
+    fn writes_renames_and_configmap_swaps_count() {
+        let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(on(data, "sidecar.yaml"));
+        assert!(on(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            "sidecar.yaml"
+        ));
+        assert!(on(EventKind::Create(CreateKind::File), "sidecar.yaml"));
+        assert!(on(EventKind::Remove(RemoveKind::File), "sidecar.yaml"));
+        assert!(on(
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            "sidecar.yaml"
+        ));
+        assert!(on(EventKind::Create(CreateKind::Any), "..data_tmp"));
+        assert!(on(EventKind::Any, "sidecar.yaml"));
+    }
+
+    #[test]
+    fn reading_the_file_and_busy_neighbours_do_not() {
+        // The watcher's own digest opens, reads and closes the file.
+        for access in [
+            AccessKind::Open(AccessMode::Read),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Any,
+        ] {
+            assert!(!on(EventKind::Access(access), "sidecar.yaml"), "{access:?}");
+        }
+        assert!(!on(
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)),
+            "sidecar.yaml"
+        ));
+        assert!(!on(
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            "sidecar.log"
+        ));
+    }
 }
