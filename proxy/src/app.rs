@@ -63,21 +63,29 @@ pub struct UpstreamMetrics {
 }
 
 /// Methods as metric labels: the standard ones, everything else `other` (no unbounded label).
-pub(crate) const METHODS: [&str; 8] = [
+const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
 ];
-const STATUSES: usize = 600;
+/// Status labels: `0` … `599` (0: no answer was written), then `other`.
+const STATUSES: usize = 601;
 
-/// Index of a method in [`METHODS`].
-pub(crate) fn method_index(m: &str) -> usize {
+fn method_index(m: &str) -> usize {
     METHODS[..METHODS.len() - 1]
         .iter()
         .position(|x| *x == m)
         .unwrap_or(METHODS.len() - 1)
 }
 
+/// The label of status index `i` (see [`STATUSES`]), built once.
+fn status_label(i: usize) -> &'static str {
+    static LABELS: OnceLock<Vec<String>> = OnceLock::new();
+    let labels = LABELS.get_or_init(|| (0..STATUSES - 1).map(|s| s.to_string()).collect());
+    labels.get(i).map_or("other", String::as_str)
+}
+
 impl UpstreamMetrics {
-    fn new(name: &str) -> UpstreamMetrics {
+    /// The metrics of upstream `name`; `""` for requests that matched no upstream.
+    pub(crate) fn new(name: &str) -> UpstreamMetrics {
         let label: Arc<str> = Arc::from(name);
         UpstreamMetrics {
             duration: metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label.clone()),
@@ -91,10 +99,9 @@ impl UpstreamMetrics {
     /// `sidecar_requests_total{upstream,method,status}`.
     pub fn requests(&self, method: &str, status: u16) -> &metrics::Counter {
         let mi = method_index(method);
-        let m = METHODS[mi];
         let si = usize::from(status).min(STATUSES - 1);
         self.requests[mi * STATUSES + si].get_or_init(|| {
-            metrics::counter!("sidecar_requests_total", "upstream" => self.label.clone(), "method" => m, "status" => crate::service::status_label(status))
+            metrics::counter!("sidecar_requests_total", "upstream" => self.label.clone(), "method" => METHODS[mi], "status" => status_label(si))
         })
     }
 }
@@ -291,6 +298,8 @@ pub struct App {
     pub waiting: AtomicUsize,
     /// Upstreams that asked, with `Retry-After`, not to be sent anything until a moment.
     pub holds: UpstreamHolds,
+    /// Request metrics of requests that matched no upstream (label `upstream=""`).
+    pub unrouted: UpstreamMetrics,
 }
 
 impl App {
@@ -308,6 +317,7 @@ impl App {
             idle: Notify::new(),
             waiting: AtomicUsize::new(0),
             holds,
+            unrouted: UpstreamMetrics::new(""),
         }))
     }
 

@@ -510,26 +510,17 @@ impl ProxyHttp for Sidecar {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
-        let upstream = ctx
+        let route = ctx
             .live
-            .as_ref()
+            .as_deref()
             .zip(ctx.upstream)
-            .map_or("", |(l, i)| l.upstreams[i].config.name.as_str());
+            .map(|(l, i)| &l.upstreams[i]);
+        let upstream = route.map_or("", |up| up.config.name.as_str());
         let method = session.req_header().method.as_str();
-        match ctx.live.as_ref().zip(ctx.upstream) {
-            Some((l, i)) => {
-                let m = &l.upstreams[i].metrics;
-                m.requests(method, status).increment(1);
-                m.duration.record(elapsed.as_secs_f64());
-            }
-            None => {
-                metrics::counter!("sidecar_requests_total", "upstream" => "", "method" => method_label(method), "status" => status_label(status)).increment(1);
-                metrics::histogram!("sidecar_request_duration_seconds", "upstream" => "")
-                    .record(elapsed.as_secs_f64());
-            }
-        }
-        if let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) {
-            let up = &live.upstreams[i];
+        let m = route.map_or(&self.app.unrouted, |up| &up.metrics);
+        m.requests(method, status).increment(1);
+        m.duration.record(elapsed.as_secs_f64());
+        if let Some(up) = route {
             if ctx.attempts > 0 || ctx.class.is_some() {
                 let failed = matches!(ctx.class, Some("network" | "timeout" | "server"));
                 up.breaker.record(!failed, Instant::now());
@@ -558,12 +549,6 @@ impl ProxyHttp for Sidecar {
             );
         }
     }
-}
-
-/// Methods as metric labels: the standard ones, everything else `other`, so no label is
-/// unbounded.
-pub(crate) fn method_label(m: &str) -> &'static str {
-    crate::app::METHODS[crate::app::method_index(m)]
 }
 
 impl Sidecar {
@@ -836,14 +821,4 @@ fn body_whole(session: &mut Session) -> bool {
 /// A backoff step with ±20 % jitter, so that retries of many requests spread out.
 fn jittered(d: Duration) -> Duration {
     d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
-}
-
-/// Status codes as `&'static str` metric labels, built once, so counting a request allocates
-/// nothing.
-pub(crate) fn status_label(status: u16) -> &'static str {
-    static LABELS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let labels = LABELS.get_or_init(|| (0..600).map(|s| s.to_string()).collect());
-    labels
-        .get(usize::from(status))
-        .map_or("other", String::as_str)
 }
