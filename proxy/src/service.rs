@@ -300,16 +300,7 @@ impl ProxyHttp for Sidecar {
     ) -> Result<()> {
         ctx.attempts += 1;
         ctx.retry_buffer_next = ctx.attempts > 1;
-        let refused = match (&ctx.live, ctx.upstream, &ctx.token) {
-            (Some(l), Some(i), Some(t)) => l.upstreams[i]
-                .tokens
-                .as_ref()
-                .is_some_and(|s| s.is_rejected(t)),
-            _ => false,
-        };
-        if refused {
-            self.swap_refused_token(ctx).await;
-        }
+        self.swap_refused_token(ctx).await;
         let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
@@ -667,22 +658,27 @@ impl Sidecar {
         refused: Arc<Token>,
         cfg: &sidecar_config::Replay,
     ) -> Arc<Token> {
-        let refresh = source.refresh(Trigger::Unauthorized, Some(refused.generation));
-        match tokio::time::timeout(cfg.wait_for_token, refresh).await {
-            Ok(Ok(t)) => t,
-            _ => refused,
-        }
+        join_refresh(source, refused.generation, cfg)
+            .await
+            .unwrap_or(refused)
     }
 
     /// `upstream_request_filter`'s side of [`Sidecar::replacement`]: the token was refused
-    /// after this request took it.
+    /// after this request took it. Costs one atomic load when it was not.
     async fn swap_refused_token(&self, ctx: &mut Ctx) {
-        let (Some(live), Some(i), Some(t)) = (ctx.live.clone(), ctx.upstream, ctx.token.clone())
-        else {
-            return;
+        let (live, i, token) = match (&ctx.live, ctx.upstream, &ctx.token) {
+            (Some(l), Some(i), Some(t))
+                if l.upstreams[i]
+                    .tokens
+                    .as_ref()
+                    .is_some_and(|s| s.is_rejected(t)) =>
+            {
+                (l.clone(), i, t.clone())
+            }
+            _ => return,
         };
         if let Some(source) = &live.upstreams[i].tokens {
-            ctx.token = Some(self.replacement(source, t, &live.config.replay).await);
+            ctx.token = Some(self.replacement(source, token, &live.config.replay).await);
         }
     }
 
@@ -740,14 +736,22 @@ impl Sidecar {
         cfg: &sidecar_config::Replay,
     ) -> Option<Arc<Token>> {
         let _slot = self.app.wait_slot(cfg.max_waiting)?;
-        tokio::time::timeout(
-            cfg.wait_for_token,
-            source.refresh(Trigger::Unauthorized, Some(failed_generation)),
-        )
+        join_refresh(source, failed_generation, cfg).await
+    }
+}
+
+/// The token that follows generation `refused`: joins (or starts) the one refresh for it, or
+/// takes the newer token already held; `None` if none came within `wait_for_token`.
+async fn join_refresh(
+    source: &TokenSource,
+    refused: u64,
+    cfg: &sidecar_config::Replay,
+) -> Option<Arc<Token>> {
+    let refresh = source.refresh(Trigger::Unauthorized, Some(refused));
+    tokio::time::timeout(cfg.wait_for_token, refresh)
         .await
         .ok()
         .and_then(|r| r.ok())
-    }
 }
 
 /// The header that carries the token on this upstream, if any.
