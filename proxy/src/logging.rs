@@ -2,6 +2,7 @@
 //! in. `RUST_LOG` overrides the configured level.
 
 use sidecar_config::{LogFormat, RawLog};
+use tracing_log::AsLog;
 use tracing_subscriber::EnvFilter;
 
 /// Pingora's own debug and trace records print raw request lines, headers and bodies, which
@@ -22,13 +23,12 @@ pub fn init(log: &RawLog) {
             filter = filter.add_directive(d);
         }
     }
-    // Pingora's `log` records below info are dropped at the `log` macro itself (they would be
-    // capped below anyway): building and filtering them per request costs measurable CPU.
-    let log_max = if std::env::var_os("RUST_LOG").is_some() {
-        log::LevelFilter::Trace
-    } else {
-        log::LevelFilter::Info
-    };
+    // `log` records (Pingora's, rustls's) finer than anything the filter lets through are
+    // dropped at the `log` macro itself: building and filtering Pingora's per-request debug
+    // records only to throw them away cost measurable CPU.
+    let log_max = filter
+        .max_level_hint()
+        .map_or(log::LevelFilter::Trace, |l| l.as_log());
     let _ = tracing_log::LogTracer::builder()
         .with_max_level(log_max)
         .init();
