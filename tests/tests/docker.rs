@@ -7,13 +7,12 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_yaml::Value;
 use sidecar_mocks::{MockUpstream, UpstreamConfig};
-use support::{run_cli, Scratch};
+use support::{run_cli, wait_until, Scratch, Sidecar};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -431,71 +430,9 @@ fn the_kubernetes_example_mounts_the_configmap_as_a_directory_and_probes_the_adm
 // ---------------------------------------------------------------------------------------------
 // A ConfigMap update, the way the kubelet does it.
 
-/// The sidecar started on a config path of our choosing; its log goes elsewhere.
-struct Running {
-    child: Child,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-    _logs: Scratch,
-}
-
-impl Running {
-    async fn start(config: &Path, listen: SocketAddr, admin: SocketAddr) -> Running {
-        let logs = Scratch::new("k8s-log");
-        let log = logs.path("sidecar.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(support::binary())
-            .arg("run")
-            .arg("-c")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .env_remove("RUST_LOG")
-            .spawn()
-            .expect("start token-sidecar");
-        let mut r = Running {
-            child,
-            listen,
-            admin,
-            log,
-            _logs: logs,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                panic!("sidecar exited with {status}:\n{}", r.logs());
-            }
-            let healthy = reqwest::get(format!("http://{}/healthz", r.admin))
-                .await
-                .is_ok_and(|a| a.status() == 200);
-            if healthy && tokio::net::TcpStream::connect(r.listen).await.is_ok() {
-                return r;
-            }
-            assert!(Instant::now() < deadline, "not healthy:\n{}", r.logs());
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn get(&self, path: &str) -> u16 {
-        reqwest::get(format!("http://{}{path}", self.listen))
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The status of a GET through the sidecar.
+async fn get(sc: &Sidecar, path: &str) -> u16 {
+    reqwest::get(sc.url(path)).await.unwrap().status().as_u16()
 }
 
 /// A new ConfigMap version: a timestamped directory, a `..data_tmp` symlink to it renamed over
@@ -536,32 +473,31 @@ async fn a_configmap_symlink_swap_reloads_the_running_sidecar() {
     std::os::unix::fs::symlink(first, dir.path("..data")).unwrap();
     std::os::unix::fs::symlink("..data/sidecar.yaml", dir.path("sidecar.yaml")).unwrap();
 
-    let sc = Running::start(&dir.path("sidecar.yaml"), listen, admin).await;
-    assert_eq!(sc.get("/one/a").await, 200);
-    assert_eq!(sc.get("/two/a").await, 404);
+    // Its log goes to a scratch directory of its own, not into the watched one.
+    let sc = Sidecar::start_at(&dir.path("sidecar.yaml"), listen, admin).await;
+    assert_eq!(get(&sc, "/one/a").await, 200);
+    assert_eq!(get(&sc, "/two/a").await, 404);
 
     let mut previous = first.to_string();
     for (n, prefix) in [(2, "/two"), (3, "/three")] {
         let next = format!("..2026_11_22_07_00_0{n}.000000001");
         publish(&dir.0, &next, &version(prefix), Some(&previous));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sc.get(&format!("{prefix}/a")).await != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "ConfigMap version {n} not in effect after 10 s:\n{}",
-                sc.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let path = format!("{prefix}/a");
+        wait_until(
+            Duration::from_secs(10),
+            || async { get(&sc, &path).await == 200 },
+            || {
+                format!(
+                    "ConfigMap version {n} not in effect after 10 s:\n{}",
+                    sc.logs()
+                )
+            },
+        )
+        .await;
         previous = next;
     }
-    assert_eq!(sc.get("/one/a").await, 404);
-    let metrics = reqwest::get(format!("http://{}/metrics", sc.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(get(&sc, "/one/a").await, 404);
+    let metrics = sc.admin_text("/metrics").await;
     assert!(
         metrics
             .lines()

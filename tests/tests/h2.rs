@@ -105,7 +105,7 @@ async fn https_upstream_is_reached_over_h2_with_an_issued_token() {
         let token = s.token.as_deref().expect("a bearer token was injected");
         assert!(
             idp.registry().is_valid(token),
-            "{token} was not issued by the IdP"
+            "the injected token was not issued by the IdP"
         );
     }
     assert_eq!(seen[0].query.as_deref(), Some("q=1"));

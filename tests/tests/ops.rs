@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sidecar_mocks::{IdpConfig, MockIdp, MockUpstream, UpstreamConfig};
-use support::Sidecar;
+use support::{open_stack, wait_until, Sidecar};
 
 // ---------------------------------------------------------------------------------------------
 // Prometheus text, parsed by hand: `# HELP`/`# TYPE` lines and `name{labels} value [timestamp]`.
@@ -168,12 +168,7 @@ impl Exposition {
 }
 
 async fn scrape(sc: &Sidecar) -> Exposition {
-    let text = reqwest::get(sc.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sc.admin_text("/metrics").await;
     parse_prometheus(&text)
         .unwrap_or_else(|e| panic!("/metrics is not Prometheus text: {e}\n{text}"))
 }
@@ -312,11 +307,12 @@ async fn twenty_reloads_under_load_fail_no_request() {
         }));
     }
     // Traffic is flowing before the first rewrite.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ok.load(Ordering::Relaxed) < 20 {
-        assert!(Instant::now() < deadline, "no traffic\n{}", sc.logs());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || async { ok.load(Ordering::Relaxed) >= 20 },
+        || format!("no traffic\n{}", sc.logs()),
+    )
+    .await;
     let mut during = Vec::new();
     for round in 1..=20 {
         let before = ok.load(Ordering::Relaxed);
@@ -521,12 +517,7 @@ async fn a_reload_keeps_unchanged_providers_and_restarts_changed_ones() {
 
 #[tokio::test]
 async fn sighup_reloads() {
-    let api = MockUpstream::start(UpstreamConfig::open()).await;
-    let sc = Sidecar::start(&format!(
-        "upstreams:\n  - {{ name: api, url: \"{}\" }}\n",
-        api.url()
-    ))
-    .await;
+    let (_api, sc) = open_stack("").await;
     assert_eq!(reqwest::get(sc.url("/x")).await.unwrap().status(), 200);
     // The file is unchanged, so the watcher has nothing to do: only the signal reloads.
     sc.signal("HUP");
@@ -546,12 +537,7 @@ async fn post_reload_reloads_and_answers_422_for_an_invalid_file() {
     let api = MockUpstream::start(UpstreamConfig::open()).await;
     let good = format!("upstreams:\n  - {{ name: api, url: \"{}\" }}\n", api.url());
     let sc = Sidecar::start(&good).await;
-    let client = reqwest::Client::new();
-    let r = client
-        .post(sc.admin_url("/v1/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.admin_post("/v1/reload").await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<serde_json::Value>().await.unwrap()["status"],
@@ -565,33 +551,33 @@ async fn post_reload_reloads_and_answers_422_for_an_invalid_file() {
         false,
     );
     // The watcher may count the bad file too; the POST answers for itself.
-    let r = client
-        .post(sc.admin_url("/v1/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.admin_post("/v1/reload").await;
     assert_eq!(r.status(), 422);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "invalid_config");
     assert!(reloads(&sc, "error").await >= 1);
     assert_eq!(reloads(&sc, "success").await, 1);
-    assert_eq!(
-        client.get(sc.url("/still")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(reqwest::get(sc.url("/still")).await.unwrap().status(), 200);
     assert_eq!(api.count(), 1);
 }
 
-#[tokio::test]
-async fn metrics_are_prometheus_text_that_moves_with_traffic_and_refreshes() {
+/// A mock IdP, an upstream that accepts only its tokens, and a sidecar with provider `main` and
+/// the upstream `api` on `/api`, plus `extra` YAML.
+async fn main_stack(extra: &str) -> (MockIdp, MockUpstream, Sidecar) {
     let idp = MockIdp::start(IdpConfig::default()).await;
     let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
     let yaml = format!(
-        "providers:\n{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main, match: {{ path_prefix: /api }} }}\n",
+        "providers:\n{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main, match: {{ path_prefix: /api }} }}\n{extra}",
         idp_provider(&idp, "main", "read"),
         api.url()
     );
     let sc = Sidecar::start(&yaml).await;
+    (idp, api, sc)
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_that_moves_with_traffic_and_refreshes() {
+    let (_idp, api, sc) = main_stack("").await;
     sc.wait_status(Duration::from_secs(10), |v| {
         provider(v, "main")["generation"] == 1
     })
@@ -604,11 +590,7 @@ async fn metrics_are_prometheus_text_that_moves_with_traffic_and_refreshes() {
         assert_eq!(get_status(&client, url).await, 200);
     }
     assert_eq!(get_status(&client, sc.url("/unrouted/4242")).await, 404);
-    let r = client
-        .post(sc.admin_url("/v1/token/refresh?provider=main"))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.admin_post("/v1/token/refresh?provider=main").await;
     assert_eq!(r.status(), 200);
     let after = scrape(&sc).await;
 
@@ -672,7 +654,13 @@ async fn metrics_are_prometheus_text_that_moves_with_traffic_and_refreshes() {
                 || v.contains("4242")
                 || v.contains("demo-secret")
                 || tokens.iter().any(|t| v.contains(t.as_str()));
-            assert!(!bad, "label {k}={v:?} on {}", s.name);
+            // Shown with any token masked.
+            let shown = tokens
+                .iter()
+                .fold(v.replace("demo-secret", "<secret>"), |v, t| {
+                    v.replace(t.as_str(), "<token>")
+                });
+            assert!(!bad, "label {k}={shown:?} on {}", s.name);
         }
     }
 }
@@ -699,14 +687,7 @@ fn access_lines(
 
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_an_access_line_per_request_and_no_token() {
-    let idp = MockIdp::start(IdpConfig::default()).await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "providers:\n{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main, match: {{ path_prefix: /api }} }}\nlog: {{ format: json }}\n",
-        idp_provider(&idp, "main", "read"),
-        api.url()
-    );
-    let sc = Sidecar::start(&yaml).await;
+    let (_idp, api, sc) = main_stack("log: { format: json }\n").await;
     let client = reqwest::Client::new();
     assert_eq!(get_status(&client, sc.url("/api/items")).await, 200);
     let r = client
@@ -718,11 +699,7 @@ async fn json_logs_are_one_object_per_line_with_an_access_line_per_request_and_n
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(get_status(&client, sc.url("/nowhere")).await, 404);
-    client
-        .post(sc.admin_url("/v1/token/refresh?provider=main"))
-        .send()
-        .await
-        .unwrap();
+    sc.admin_post("/v1/token/refresh?provider=main").await;
     assert_eq!(get_status(&client, sc.url("/api/again")).await, 200);
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -805,18 +782,16 @@ async fn access_log_false_turns_access_lines_off_and_a_reload_turns_them_on() {
     rewrite(&sc, &yaml(true), true);
     wait_reloads(&sc, "success", 1).await;
     assert_eq!(get_status(&client, sc.url("/loud")).await, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let lines = json_lines(&sc.logs());
-        let access = access_lines(&lines);
-        if !access.is_empty() {
-            assert_eq!(access.len(), 1, "{lines:#?}");
-            assert_eq!(access[0]["path"], "/loud");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no access line\n{}", sc.logs());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || async { !access_lines(&json_lines(&sc.logs())).is_empty() },
+        || format!("no access line\n{}", sc.logs()),
+    )
+    .await;
+    let lines = json_lines(&sc.logs());
+    let access = access_lines(&lines);
+    assert_eq!(access.len(), 1, "{lines:#?}");
+    assert_eq!(access[0]["path"], "/loud");
 }
 
 /// Reloads must not depend on the rest of the config directory being quiet: here another file in
@@ -907,11 +882,12 @@ async fn in_flight_requests_finish_under_the_config_they_started_with() {
     let url = sc.url("/slow?ms=1500");
     let inflight =
         tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status().as_u16()) });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.count() == 0 {
-        assert!(Instant::now() < deadline, "the request never arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || async { api.count() > 0 },
+        || "the request never arrived".to_owned(),
+    )
+    .await;
     // The route the request took disappears while it is in flight.
     rewrite(&sc, &yaml("/other"), true);
     wait_reloads(&sc, "success", 1).await;

@@ -5,11 +5,11 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use sidecar_mocks::{Failure, IdpConfig, MockIdp, MockUpstream, Recorded, UpstreamConfig};
-use support::{run_cli, Scratch, Sidecar};
+use support::{run_cli, wait_until, Scratch, Sidecar};
 
 const HOUR: Duration = Duration::from_secs(3600);
 /// Refresh settings that keep the tests quick and deterministic: no skew, no spacing between
@@ -66,11 +66,9 @@ fn token_of(r: &Recorded) -> String {
 
 /// `POST /v1/token/refresh?provider=NAME`, which must succeed; returns the new status.
 async fn force_refresh(sc: &Sidecar, provider: &str) -> serde_json::Value {
-    let r = reqwest::Client::new()
-        .post(sc.admin_url(&format!("/v1/token/refresh?provider={provider}")))
-        .send()
-        .await
-        .unwrap();
+    let r = sc
+        .admin_post(&format!("/v1/token/refresh?provider={provider}"))
+        .await;
     let status = r.status();
     let text = r.text().await.unwrap();
     assert_eq!(status, 200, "refresh {provider}: {text}\n{}", sc.logs());
@@ -482,7 +480,11 @@ upstreams:
     let logs = sc.logs();
     // stderr is logged (with the env the sidecar passed), stdout never.
     assert!(logs.contains("get-token: issuing for orders-api"), "{logs}");
-    assert!(!logs.contains(&t1) && !logs.contains(&t2), "{logs}");
+    assert!(
+        !logs.contains(&t1) && !logs.contains(&t2),
+        "stdout of the command leaked into the logs:\n{}",
+        logs.replace(&t1, "<token 1>").replace(&t2, "<token 2>")
+    );
     healthy(&sc).await;
 }
 
@@ -637,20 +639,20 @@ upstreams:
     // Replaced by rename (a new inode), like a projected service-account token.
     let t2 = idp.registry().issue(HOUR);
     replace_atomically(&file, &format!("{t2}\n"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = token_of(&through(&sc, &api, "/poll").await);
-        if seen == t2 {
-            break;
-        }
-        assert_eq!(seen, t1);
-        assert!(
-            Instant::now() < deadline,
-            "the new token file was never picked up\n{}",
-            sc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || async {
+            let seen = token_of(&through(&sc, &api, "/poll").await);
+            // Until the new token is picked up, the old one is sent.
+            assert!(
+                seen == t2 || seen == t1,
+                "neither the old nor the new token"
+            );
+            seen == t2
+        },
+        || format!("the new token file was never picked up\n{}", sc.logs()),
+    )
+    .await;
     // From then on only the new token is sent.
     assert_eq!(token_of(&through(&sc, &api, "/b").await), t2);
     healthy(&sc).await;
@@ -684,15 +686,12 @@ async fn file_provider_follows_a_kubernetes_style_symlink_swap() {
     version("..v2", &t2);
     symlink("..v2", dir.path("..data_tmp")).unwrap();
     std::fs::rename(dir.path("..data_tmp"), dir.path("..data")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while token_of(&through(&sc, &api, "/poll").await) != t2 {
-        assert!(
-            Instant::now() < deadline,
-            "the swapped token was never picked up\n{}",
-            sc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || async { token_of(&through(&sc, &api, "/poll").await) == t2 },
+        || format!("the swapped token was never picked up\n{}", sc.logs()),
+    )
+    .await;
     std::fs::remove_dir_all(dir.path("..v1")).unwrap();
     assert_eq!(token_of(&through(&sc, &api, "/b").await), t2);
     healthy(&sc).await;
@@ -992,11 +991,7 @@ upstreams:
     // refused and then uses the configured one.
     through(&sc, &api, "/b").await;
     let calls = idp.calls();
-    let _ = reqwest::Client::new()
-        .post(sc.admin_url("/v1/token/refresh?provider=rt"))
-        .send()
-        .await
-        .unwrap();
+    let _ = sc.admin_post("/v1/token/refresh?provider=rt").await;
     let status = sc
         .wait_status(Duration::from_secs(15), |v| {
             let p = provider_status(v, "rt");
@@ -1245,12 +1240,7 @@ upstreams:
 
 /// The `sidecar_waiting_requests` gauge.
 async fn waiting_requests(sc: &Sidecar) -> f64 {
-    let text = reqwest::get(sc.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sc.admin_text("/metrics").await;
     text.lines()
         .find_map(|l| l.strip_prefix("sidecar_waiting_requests "))
         .and_then(|v| v.trim().parse().ok())
@@ -1281,15 +1271,12 @@ async fn each_upstream_uses_its_own_provider_and_a_failing_idp_blocks_only_its_o
             tokio::spawn(async move { req.await.map(|r| r.status().as_u16()) })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while waiting_requests(&sc).await < 5.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the b requests never waited\n{}",
-            sc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || async { waiting_requests(&sc).await >= 5.0 },
+        || format!("the b requests never waited\n{}", sc.logs()),
+    )
+    .await;
     // Meanwhile a is served, with a's tokens.
     for i in 0..20 {
         through(&sc, &api_a, &format!("/a/{i}")).await;
@@ -1512,22 +1499,14 @@ async fn no_secret_or_token_in_debug_logs_for_any_provider_type() {
         }
     }
     assert!(secrets.len() > 30, "{}", secrets.len());
-    let admin = reqwest::get(sc.admin_url("/v1/token/status"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let metrics = reqwest::get(sc.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let admin = sc.admin_text("/v1/token/status").await;
+    let metrics = sc.admin_text("/metrics").await;
     for (what, secret) in &secrets {
-        let leaks: Vec<&str> = logs
+        // The offending lines are shown with the secret itself masked.
+        let leaks: Vec<String> = logs
             .lines()
             .filter(|l| l.contains(secret.as_str()))
+            .map(|l| l.replace(secret.as_str(), &format!("<{what}>")))
             .collect();
         assert!(leaks.is_empty(), "{what} in the logs: {leaks:#?}");
         assert!(!admin.contains(secret.as_str()), "{what} in the status");

@@ -194,8 +194,10 @@ async fn credentials_revoked_for_good_pass_401_after_one_forced_refresh() {
         (1..=3).contains(&extra),
         "{extra} IdP calls for 100 requests"
     );
-    // No loops: never more than max_attempts (3) sends per request; in practice two.
-    assert!(api.count() <= 300, "{} upstream requests", api.count());
+    // No loops: never more than max_attempts (3) sends per request; in practice two. Every
+    // request did reach the upstream: the 401s are its answers, not the sidecar's.
+    let sent = api.count();
+    assert!((100..=300).contains(&sent), "{sent} upstream requests");
     let _ = sc;
 }
 

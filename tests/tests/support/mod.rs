@@ -1,10 +1,13 @@
 //! Runs the real `token-sidecar` binary on ephemeral loopback ports for integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use sidecar_mocks::{MockUpstream, UpstreamConfig};
 
 /// A free loopback port (bound, then released: the sidecar binds it right after).
 pub fn free_port() -> u16 {
@@ -64,6 +67,23 @@ impl Sidecar {
         let config = scratch.path("sidecar.yaml");
         let text = format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\n{yaml}");
         std::fs::write(&config, text).unwrap();
+        Sidecar::launch(scratch, config, listen, admin, env).await
+    }
+
+    /// Starts the sidecar on a config file the caller laid out, which names `listen` and
+    /// `admin_listen` itself; the log goes to a scratch directory of its own.
+    pub async fn start_at(config: &Path, listen: SocketAddr, admin: SocketAddr) -> Sidecar {
+        let scratch = Scratch::new("sidecar");
+        Sidecar::launch(scratch, config.to_path_buf(), listen, admin, &[]).await
+    }
+
+    async fn launch(
+        scratch: Scratch,
+        config: PathBuf,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Sidecar {
         let log = scratch.path("sidecar.log");
         let child = spawn(&config, &log, env);
         let mut s = Sidecar {
@@ -106,6 +126,25 @@ impl Sidecar {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    /// `GET` on the admin port; the body as text.
+    pub async fn admin_text(&self, path: &str) -> String {
+        reqwest::get(self.admin_url(path))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// `POST` without a body on the admin port (`/v1/token/refresh?...`, `/v1/reload`).
+    pub async fn admin_post(&self, path: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.admin_url(path))
+            .send()
+            .await
+            .unwrap()
     }
 
     pub fn config_path(&self) -> &Path {
@@ -172,6 +211,31 @@ impl Sidecar {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// An open mock upstream and a sidecar whose one upstream, `api`, takes every path to it; `extra`
+/// is more top-level YAML.
+pub async fn open_stack(extra: &str) -> (MockUpstream, Sidecar) {
+    let api = MockUpstream::start(UpstreamConfig::open()).await;
+    let yaml = format!(
+        "upstreams:\n  - {{ name: api, url: \"{}\" }}\n{extra}",
+        api.url()
+    );
+    let sc = Sidecar::start(&yaml).await;
+    (api, sc)
+}
+
+/// Polls `check` every 20 ms until it holds; panics with `failure()` once `limit` has passed.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F, failure: impl FnOnce() -> String)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{}", failure());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
