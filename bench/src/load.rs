@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// Sub-buckets per power of two above 64 ns.
 const SUB: u64 = 32;
@@ -129,10 +130,6 @@ pub struct Conn {
     buf: Vec<u8>,
 }
 
-fn bad(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
-}
-
 impl Conn {
     pub async fn connect(addr: SocketAddr) -> io::Result<Conn> {
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
@@ -162,69 +159,91 @@ impl Conn {
     }
 
     async fn read_reply(&mut self) -> io::Result<Reply> {
-        let (head, status, length, chunked, replayed, close) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&self.buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let status = resp.code.unwrap_or(0);
-                    let mut length = None;
-                    let mut chunked = false;
-                    let mut replayed = false;
-                    let mut close = false;
-                    for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            length = std::str::from_utf8(h.value)
-                                .ok()
-                                .and_then(|v| v.trim().parse::<usize>().ok());
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            chunked = h.value.eq_ignore_ascii_case(b"chunked");
-                        } else if h.name.eq_ignore_ascii_case("x-sidecar-replayed") {
-                            replayed = true;
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            close = h.value.eq_ignore_ascii_case(b"close");
-                        }
-                    }
-                    break (n, status, length, chunked, replayed, close);
-                }
-                Ok(httparse::Status::Partial) => self.fill().await?,
-                Err(_) => return Err(bad("malformed response")),
+        let head = loop {
+            match parse_head(&self.buf)? {
+                Some(head) => break head,
+                None => self.fill().await?,
             }
         };
-        let end = if chunked {
+        let end = if head.chunked {
             // Small bodies only: read until the last chunk's terminator.
             loop {
-                if let Some(pos) = find(&self.buf[head..], b"0\r\n\r\n") {
-                    break head + pos + 5;
+                if let Some(pos) = find(&self.buf[head.len..], b"0\r\n\r\n") {
+                    break head.len + pos + 5;
                 }
                 self.fill().await?;
             }
         } else {
-            let end = head + length.unwrap_or(0);
+            let end = head.len + head.content_length.unwrap_or(0);
             while self.buf.len() < end {
                 self.fill().await?;
             }
             end
         };
         self.buf.drain(..end);
-        Ok(Reply {
-            status,
-            replayed,
-            close,
-        })
+        Ok(head.reply)
     }
+}
+
+/// A response head, as much as [`Conn::read_reply`] needs of it.
+struct Head {
+    /// Its length in bytes.
+    len: usize,
+    content_length: Option<usize>,
+    chunked: bool,
+    reply: Reply,
+}
+
+/// Parses the response head at the start of `buf`; `None` while it is incomplete.
+fn parse_head(buf: &[u8]) -> io::Result<Option<Head>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "malformed response",
+            ))
+        }
+    };
+    let mut head = Head {
+        len,
+        content_length: None,
+        chunked: false,
+        reply: Reply {
+            status: resp.code.unwrap_or(0),
+            replayed: false,
+            close: false,
+        },
+    };
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            head.content_length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            head.chunked = h.value.eq_ignore_ascii_case(b"chunked");
+        } else if h.name.eq_ignore_ascii_case("x-sidecar-replayed") {
+            head.reply.replayed = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            head.reply.close = h.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    Ok(Some(head))
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// `GET {path}` with an optional `Authorization` header.
-pub fn get_request(addr: SocketAddr, path: &str, authorization: Option<&str>) -> Vec<u8> {
+/// `GET /bench` with an optional `Authorization` header.
+pub fn bench_request(addr: SocketAddr, authorization: Option<&str>) -> Vec<u8> {
     let auth = authorization
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
-    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sidecar-bench\r\n{auth}\r\n")
+    format!("GET /bench HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sidecar-bench\r\n{auth}\r\n")
         .into_bytes()
 }
 
@@ -287,6 +306,54 @@ impl Outcome {
     }
 }
 
+/// `c.request(request)`, failing with `TimedOut` after `limit`.
+async fn request_within(c: &mut Conn, request: &[u8], limit: Duration) -> io::Result<Reply> {
+    tokio::time::timeout(limit, c.request(request))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")))
+}
+
+/// One request of a load loop, recorded in `out`: on `conn`, connecting first if there is none,
+/// bounded by `limit(start of the request)`. The connection is kept unless the request failed or
+/// the server closes it. Returns false if it could not connect.
+async fn send_one(
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    request: &[u8],
+    limit: impl FnOnce(Instant) -> Duration,
+    out: &mut Outcome,
+) -> bool {
+    let mut c = match conn.take() {
+        Some(c) => c,
+        None => match Conn::connect(addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                out.add(&Err(e), Duration::ZERO);
+                return false;
+            }
+        },
+    };
+    let t = Instant::now();
+    let r = request_within(&mut c, request, limit(t)).await;
+    out.add(&r, t.elapsed());
+    if r.is_ok_and(|r| !r.close) {
+        *conn = Some(c);
+    }
+    true
+}
+
+/// Waits for the per-connection tasks of a run that began at `started` and merges what they saw.
+async fn merge_tasks(tasks: Vec<JoinHandle<Outcome>>, started: Instant) -> Outcome {
+    let mut total = Outcome::default();
+    for t in tasks {
+        if let Ok(o) = t.await {
+            total.merge(&o);
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
 /// Closed loop: `conns` connections each send the next request as soon as the previous answer
 /// arrived, for `duration`.
 pub async fn closed_loop(
@@ -297,48 +364,24 @@ pub async fn closed_loop(
 ) -> Outcome {
     let started = Instant::now();
     let deadline = started + duration;
-    let mut tasks = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        let request = request.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Outcome::default();
-            let mut conn = None;
-            // Bounded: every iteration either ends at the deadline or completes one request.
-            while Instant::now() < deadline {
-                let c = match conn.take() {
-                    Some(c) => c,
-                    None => match Conn::connect(addr).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            out.add(&Err(e), Duration::ZERO);
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    },
-                };
-                let mut c = c;
-                let t = Instant::now();
-                let left = deadline.saturating_duration_since(t) + Duration::from_secs(5);
-                let r = match tokio::time::timeout(left, c.request(&request)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")),
-                };
-                out.add(&r, t.elapsed());
-                if r.is_ok_and(|r| !r.close) {
-                    conn = Some(c);
+    let limit = move |t: Instant| deadline.saturating_duration_since(t) + Duration::from_secs(5);
+    let tasks = (0..conns)
+        .map(|_| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut out = Outcome::default();
+                let mut conn = None;
+                // Bounded: every iteration either ends at the deadline or completes one request.
+                while Instant::now() < deadline {
+                    if !send_one(&mut conn, addr, &request, limit, &mut out).await {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
-            }
-            out
-        }));
-    }
-    let mut total = Outcome::default();
-    for t in tasks {
-        if let Ok(o) = t.await {
-            total.merge(&o);
-        }
-    }
-    total.elapsed = started.elapsed();
-    total
+                out
+            })
+        })
+        .collect();
+    merge_tasks(tasks, started).await
 }
 
 /// Opens `n` connections (at most `parallel` connecting at once) and sends one request on each
@@ -391,10 +434,7 @@ pub async fn burst(conns: Vec<Conn>, request: &[u8], limit: Duration) -> (Outcom
             let _ = go.wait_for(|g| *g).await;
             let mut out = Outcome::default();
             let t = Instant::now();
-            let r = match tokio::time::timeout(limit, c.request(&request)).await {
-                Ok(r) => r,
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")),
-            };
+            let r = request_within(&mut c, &request, limit).await;
             out.add(&r, t.elapsed());
             (out, r.is_ok_and(|r| !r.close).then_some(c))
         }));
@@ -425,53 +465,35 @@ pub async fn paced(
     let started = Instant::now();
     let deadline = started + duration;
     let period = Duration::from_secs_f64(conns as f64 / rate);
-    let mut tasks = Vec::with_capacity(conns);
-    for i in 0..conns {
-        let request = request.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Outcome::default();
-            let offset = period.mul_f64(i as f64 / conns as f64);
-            let mut tick = tokio::time::interval_at((started + offset).into(), period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut conn: Option<Conn> = None;
-            loop {
-                tick.tick().await;
-                if Instant::now() >= deadline {
-                    break;
+    let tasks = (0..conns)
+        .map(|i| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut out = Outcome::default();
+                let offset = period.mul_f64(i as f64 / conns as f64);
+                let mut tick = tokio::time::interval_at((started + offset).into(), period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut conn = None;
+                loop {
+                    tick.tick().await;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    // A failed connect waits for the next tick.
+                    send_one(
+                        &mut conn,
+                        addr,
+                        &request,
+                        |_| Duration::from_secs(10),
+                        &mut out,
+                    )
+                    .await;
                 }
-                let mut c = match conn.take() {
-                    Some(c) => c,
-                    None => match Conn::connect(addr).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            out.add(&Err(e), Duration::ZERO);
-                            continue;
-                        }
-                    },
-                };
-                let t = Instant::now();
-                let r = match tokio::time::timeout(Duration::from_secs(10), c.request(&request))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")),
-                };
-                out.add(&r, t.elapsed());
-                if r.is_ok_and(|r| !r.close) {
-                    conn = Some(c);
-                }
-            }
-            out
-        }));
-    }
-    let mut total = Outcome::default();
-    for t in tasks {
-        if let Ok(o) = t.await {
-            total.merge(&o);
-        }
-    }
-    total.elapsed = started.elapsed();
-    total
+                out
+            })
+        })
+        .collect();
+    merge_tasks(tasks, started).await
 }
 
 #[cfg(test)]
@@ -489,6 +511,51 @@ mod tests {
             let err = (back as f64 - v as f64).abs() / (v.max(1) as f64);
             assert!(v < 64 || err < 0.032, "{v} -> {back}");
         }
+    }
+
+    #[test]
+    fn response_heads() {
+        let partial = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n";
+        assert!(parse_head(partial).unwrap().is_none());
+        let text = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\nX-Sidecar-Replayed: 1\r\n\
+                     Connection: close\r\n\r\nab";
+        let h = parse_head(text).unwrap().unwrap();
+        assert_eq!(
+            (h.len, h.content_length, h.chunked),
+            (text.len() - 2, Some(2), false)
+        );
+        assert_eq!(
+            (h.reply.status, h.reply.replayed, h.reply.close),
+            (401, true, true)
+        );
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.chunked && !h.reply.replayed && !h.reply.close);
+        assert!(parse_head(b"nonsense\r\n\r\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn closed_and_paced_loops_against_the_upstream() {
+        let registry = sidecar_mocks::TokenRegistry::new();
+        let up = crate::upstream::start(registry.clone()).unwrap();
+        let auth = format!("Bearer {}", registry.issue(Duration::from_secs(60)));
+        let req = Arc::new(bench_request(up.addr, Some(&auth)));
+        let o = closed_loop(up.addr, req.clone(), 2, Duration::from_millis(200)).await;
+        assert!(
+            o.ok > 0 && o.ok == o.requests() && o.errors == 0,
+            "{:?}",
+            o.first_error
+        );
+        let o = paced(up.addr, req, 2, 100.0, Duration::from_millis(300)).await;
+        assert!(
+            o.ok > 0 && o.ok == o.requests() && o.errors == 0,
+            "{:?}",
+            o.first_error
+        );
+        let denied = Arc::new(bench_request(up.addr, None));
+        let o = closed_loop(up.addr, denied, 1, Duration::from_millis(100)).await;
+        assert!(o.status_401 > 0 && o.ok == 0, "{:?}", o.first_error);
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub struct Plan {
 impl Plan {
     fn from(args: &Args) -> Plan {
         if args.smoke {
-            Plan {
+            return Plan {
                 mode: "smoke",
                 run: Duration::from_secs(1),
                 rounds: 1,
@@ -91,35 +91,34 @@ impl Plan {
                 rate_per_s: 500,
                 memory_conns: vec![200, 1000],
                 watchdog: Duration::from_secs(240),
-            }
-        } else if args.quick {
-            Plan {
-                mode: "quick",
-                run: Duration::from_secs(5),
-                rounds: 2,
-                warm: Duration::from_secs(1),
-                storm: 1000,
-                replay_run: Duration::from_secs(10),
-                revoke_every: Duration::from_secs(1),
-                rate_run: Duration::from_secs(10),
-                rate_per_s: 1000,
-                memory_conns: vec![1000, 10_000],
-                watchdog: Duration::from_secs(30 * 60),
-            }
-        } else {
-            Plan {
-                mode: "full",
-                run: Duration::from_secs(10),
-                rounds: 3,
-                warm: Duration::from_secs(2),
-                storm: 1000,
-                replay_run: Duration::from_secs(20),
-                revoke_every: Duration::from_secs(1),
-                rate_run: Duration::from_secs(60),
-                rate_per_s: 1000,
-                memory_conns: vec![1000, 10_000],
-                watchdog: Duration::from_secs(90 * 60),
-            }
+            };
+        }
+        let quick = Plan {
+            mode: "quick",
+            run: Duration::from_secs(5),
+            rounds: 2,
+            warm: Duration::from_secs(1),
+            storm: 1000,
+            replay_run: Duration::from_secs(10),
+            revoke_every: Duration::from_secs(1),
+            rate_run: Duration::from_secs(10),
+            rate_per_s: 1000,
+            memory_conns: vec![1000, 10_000],
+            watchdog: Duration::from_secs(30 * 60),
+        };
+        if args.quick {
+            return quick;
+        }
+        // The full plan: the quick one, longer.
+        Plan {
+            mode: "full",
+            run: Duration::from_secs(10),
+            rounds: 3,
+            warm: Duration::from_secs(2),
+            replay_run: Duration::from_secs(20),
+            rate_run: Duration::from_secs(60),
+            watchdog: Duration::from_secs(90 * 60),
+            ..quick
         }
     }
 }

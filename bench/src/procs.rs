@@ -95,15 +95,12 @@ fn scratch_dir() -> PathBuf {
 fn terminate(mut list: Vec<Managed>) {
     // Descendants (nginx's worker) are collected before the master goes away.
     let mut orphans = Vec::new();
-    for m in &list {
+    for m in &mut list {
         orphans.extend(children_of(m.child.id()));
         if m.graceful {
-            let _ = Command::new("kill")
-                .args(["-TERM", &m.child.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
+            signal(m.child.id(), "-TERM");
         } else {
-            let _ = m_kill(m);
+            let _ = m.child.kill();
         }
     }
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -119,21 +116,17 @@ fn terminate(mut list: Vec<Managed>) {
     }
     for pid in orphans {
         if Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
+            signal(pid, "-KILL");
         }
     }
 }
 
-fn m_kill(m: &Managed) -> std::io::Result<()> {
-    // `Child::kill` needs `&mut`; `kill -KILL` does the same from a shared reference.
-    Command::new("kill")
-        .args(["-KILL", &m.child.id().to_string()])
+/// `kill {sig} {pid}`, errors ignored.
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &pid.to_string()])
         .stderr(Stdio::null())
-        .status()
-        .map(|_| ())
+        .status();
 }
 
 /// Direct children of `pid` (from /proc).

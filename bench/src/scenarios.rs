@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,7 +128,7 @@ log: {{ level: warn, format: text, access_log: false }}
 
 /// Waits (bounded, 10 s) until `addr` answers `GET /bench` with 200.
 async fn ready(addr: SocketAddr, authorization: Option<&str>) -> Result<(), String> {
-    let req = load::get_request(addr, "/bench", authorization);
+    let req = load::bench_request(addr, authorization);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -294,7 +295,7 @@ async fn measure(
             })
         }
         None => {
-            let req = Arc::new(load::get_request(addr, "/bench", authorization));
+            let req = Arc::new(load::bench_request(addr, authorization));
             let o = load::closed_loop(addr, req, conns, duration).await;
             Ok(Sample {
                 requests: o.requests(),
@@ -305,6 +306,11 @@ async fn measure(
             })
         }
     }
+}
+
+/// `kib` as "12.3 MiB".
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
 fn ok_mark(ok: bool) -> &'static str {
@@ -331,6 +337,15 @@ impl Lineup {
             Target::Nginx => Some(self.nginx.pid),
             Target::Bare => Some(self.bare.pid),
             Target::Sidecar => Some(self.sidecar.proc.pid),
+        }
+    }
+
+    /// The targets in the order of `round`: A B C D, then D C B A, so that drift cancels out.
+    fn order(&self, round: usize) -> Vec<&(Target, SocketAddr, Option<String>)> {
+        if round % 2 == 1 {
+            self.targets.iter().rev().collect()
+        } else {
+            self.targets.iter().collect()
         }
     }
 }
@@ -361,7 +376,7 @@ async fn lineup(env: &Env, w: &World) -> Result<Lineup, String> {
     }
     // Warm-up: connection pools, page cache, CPU frequency.
     for (_, addr, a) in &targets {
-        let req = Arc::new(load::get_request(*addr, "/bench", a.as_deref()));
+        let req = Arc::new(load::bench_request(*addr, a.as_deref()));
         let _ = load::closed_loop(*addr, req, 16, env.plan.warm).await;
     }
     Ok(Lineup {
@@ -375,19 +390,12 @@ async fn lineup(env: &Env, w: &World) -> Result<Lineup, String> {
 async fn throughput(env: &Env, w: &World) -> Result<String, String> {
     let plan = &env.plan;
     let l = lineup(env, w).await?;
-    let targets = &l.targets;
 
     let conn_counts = [1usize, 16, 128];
     let mut samples: Vec<(usize, Target, Sample)> = Vec::new();
     for &conns in &conn_counts {
         for round in 0..plan.rounds {
-            // A B C D, then D C B A: drift cancels out.
-            let order: Vec<_> = if round % 2 == 0 {
-                targets.iter().collect()
-            } else {
-                targets.iter().rev().collect()
-            };
-            for (t, addr, a) in order {
+            for (t, addr, a) in l.order(round) {
                 let pid = l.pid(*t);
                 let cpu0 = pid.map(procs::cpu_ns).unwrap_or(0);
                 let mut s = measure(env, w, *addr, a.as_deref(), conns, plan.run).await?;
@@ -408,12 +416,11 @@ async fn throughput(env: &Env, w: &World) -> Result<String, String> {
             }
         }
     }
-    let rss = |pid: u32| -> String {
-        let kib: u64 = procs::tree(pid)
+    let rss = |pid: u32| {
+        mib(procs::tree(pid)
             .iter()
             .filter_map(|p| procs::rss_kib(*p))
-            .sum();
-        format!("{:.1} MiB", kib as f64 / 1024.0)
+            .sum())
     };
     let rss_line = format!(
         "RSS after the run: nginx (master + worker) {}, bare Pingora {}, sidecar {}.",
@@ -437,7 +444,7 @@ async fn throughput(env: &Env, w: &World) -> Result<String, String> {
     s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut aggs = Vec::new();
     for &conns in &conn_counts {
-        for (t, _, _) in targets {
+        for (t, _, _) in &l.targets {
             let mine: Vec<Sample> = samples
                 .iter()
                 .filter(|(c, tt, _)| *c == conns && tt == t)
@@ -514,13 +521,8 @@ async fn fixed_rate_latency(env: &Env, l: &Lineup) -> Result<String, String> {
     let plan = &env.plan;
     let mut samples: Vec<(Target, Histogram)> = Vec::new();
     for round in 0..plan.rounds {
-        let order: Vec<_> = if round % 2 == 0 {
-            l.targets.iter().collect()
-        } else {
-            l.targets.iter().rev().collect()
-        };
-        for (t, addr, a) in order {
-            let req = Arc::new(load::get_request(*addr, "/bench", a.as_deref()));
+        for (t, addr, a) in l.order(round) {
+            let req = Arc::new(load::bench_request(*addr, a.as_deref()));
             let o = load::paced(*addr, req, LATENCY_CONNS, LATENCY_RATE, plan.run).await;
             let failed = o.errors + o.status_401 + o.other_status;
             if failed > 0 || o.ok == 0 {
@@ -596,11 +598,10 @@ const STORM_IDP_LATENCY: Duration = Duration::from_millis(50);
 async fn storm(env: &Env, w: &World) -> Result<String, String> {
     let n = env.plan.storm;
     let sidecar = start_sidecar(env, w, "storm", "").await?;
-    let auth = w.static_authorization();
     let direct = w.upstream.addr;
-    let direct_req = load::get_request(direct, "/bench", Some(&auth));
+    let mut direct_req = load::bench_request(direct, Some(&w.static_authorization()));
     let mut direct_conns = load::open_warm(direct, &direct_req, n, 200).await?;
-    let req = load::get_request(sidecar.listen, "/bench", None);
+    let req = load::bench_request(sidecar.listen, None);
     let mut conns = load::open_warm(sidecar.listen, &req, n, 200).await?;
     if conns.len() != n {
         return Err(format!("only {} of {n} connections opened", conns.len()));
@@ -613,11 +614,9 @@ async fn storm(env: &Env, w: &World) -> Result<String, String> {
     for round in 1..=env.plan.rounds {
         // Baseline: the same burst straight to the upstream (with a token issued after the
         // last round's revocation).
-        let direct_req = if round == 1 {
-            direct_req.clone()
-        } else {
-            load::get_request(direct, "/bench", Some(&w.static_authorization()))
-        };
+        if round > 1 {
+            direct_req = load::bench_request(direct, Some(&w.static_authorization()));
+        }
         let (base, back) = load::burst(direct_conns, &direct_req, Duration::from_secs(20)).await;
         direct_conns = back;
         if base.ok != base.requests() || direct_conns.len() != n {
@@ -731,7 +730,7 @@ async fn storm(env: &Env, w: &World) -> Result<String, String> {
 async fn replay(env: &Env, w: &World) -> Result<String, String> {
     let plan = &env.plan;
     let sidecar = start_sidecar(env, w, "replay", "").await?;
-    let req = Arc::new(load::get_request(sidecar.listen, "/bench", None));
+    let req = Arc::new(load::bench_request(sidecar.listen, None));
     let _ = load::closed_loop(sidecar.listen, req.clone(), 128, plan.warm).await;
     let calls_before = w.idp.calls();
     let registry = w.registry.clone();
@@ -798,23 +797,18 @@ async fn rate_limit(env: &Env, w: &World) -> Result<String, String> {
         "rate_limits:\n  - {{ name: bench, upstream: api, match: {{ path: \"/**\" }}, rate: {rate}/1s, burst: 10, mode: reject }}\n"
     );
     let sidecar = start_sidecar(env, w, "rate", &extra).await?;
-    let req = Arc::new(load::get_request(sidecar.listen, "/bench", None));
+    let req = Arc::new(load::bench_request(sidecar.listen, None));
     let offered = f64::from(rate) * 3.0;
     let run = plan.rate_run;
     // Measure at the upstream over the middle of the run (the initial burst excluded).
     let skip = (run / 10).clamp(Duration::from_millis(200), Duration::from_secs(2));
-    let counters = w.upstream.counters.clone();
+    let ok = &w.upstream.counters.ok;
+    let ok_now = || (ok.load(Ordering::Relaxed), Instant::now());
     let load = tokio::spawn(load::paced(sidecar.listen, req, 32, offered, run));
     tokio::time::sleep(skip).await;
-    let (c0, t0) = (
-        counters.ok.load(std::sync::atomic::Ordering::Relaxed),
-        Instant::now(),
-    );
+    let (c0, t0) = ok_now();
     tokio::time::sleep(run - skip * 2).await;
-    let (c1, t1) = (
-        counters.ok.load(std::sync::atomic::Ordering::Relaxed),
-        Instant::now(),
-    );
+    let (c1, t1) = ok_now();
     let o = load.await.map_err(|e| format!("load task: {e}"))?;
     drop(sidecar);
     let delivered = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
@@ -850,18 +844,16 @@ async fn rate_limit(env: &Env, w: &World) -> Result<String, String> {
 async fn memory(env: &Env, w: &World) -> Result<String, String> {
     let sidecar = start_sidecar(env, w, "memory", "").await?;
     let pid = sidecar.proc.pid;
-    let req = load::get_request(sidecar.listen, "/bench", None);
+    let req = load::bench_request(sidecar.listen, None);
     // Idle: started, token fetched, a few requests served.
     let warm = load::open_warm(sidecar.listen, &req, 4, 4).await?;
     drop(warm);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mib = |kib: Option<u64>| kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0));
-    let idle_kib = procs::rss_kib(pid);
-    let idle = mib(idle_kib).ok_or("cannot read the sidecar's VmRSS")?;
+    let rss = || procs::rss_kib(pid).ok_or("cannot read the sidecar's VmRSS");
+    let idle = rss()?;
     let mut rows = vec![(
         "idle".to_string(),
-        idle,
-        idle_kib.is_some_and(|k| k <= 30 * 1024),
+        format!("{} {} (≤ 30 MiB)", mib(idle), ok_mark(idle <= 30 * 1024)),
     )];
     let mut held: Vec<load::Conn> = Vec::new();
     let mut notes = Vec::new();
@@ -878,21 +870,15 @@ async fn memory(env: &Env, w: &World) -> Result<String, String> {
         let opened = load::open_warm(sidecar.listen, &req, more, 200).await?;
         held.extend(opened);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss = mib(procs::rss_kib(pid)).ok_or("cannot read the sidecar's VmRSS")?;
-        rows.push((format!("{n} open keep-alive connections"), rss, true));
+        rows.push((format!("{n} open keep-alive connections"), mib(rss()?)));
     }
     drop(held);
     drop(sidecar);
     let mut s = String::new();
     s.push_str("## 5. Memory\n\nThe sidecar's VmRSS (/proc/PID/status), a fresh process; each connection served one request and stays open.\n\n");
     s.push_str("| state | RSS |\n|---|---:|\n");
-    for (i, (state, rss, ok)) in rows.iter().enumerate() {
-        let mark = if i == 0 {
-            format!(" {} (≤ 30 MiB)", ok_mark(*ok))
-        } else {
-            String::new()
-        };
-        let _ = writeln!(s, "| {state} | {rss}{mark} |");
+    for (state, rss) in rows {
+        let _ = writeln!(s, "| {state} | {rss} |");
     }
     for n in notes {
         let _ = writeln!(s, "\n{n}.");

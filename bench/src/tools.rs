@@ -59,16 +59,14 @@ pub fn wrk() -> Option<PathBuf> {
 
 /// nginx, installed (nginx-light, else nginx) if missing.
 pub fn nginx() -> Result<PathBuf, String> {
-    let known = ["/usr/sbin/nginx", "/usr/bin/nginx"];
-    if let Some(p) = find(&known).or_else(|| on_path("nginx")) {
+    let locate = || find(&["/usr/sbin/nginx", "/usr/bin/nginx"]).or_else(|| on_path("nginx"));
+    if let Some(p) = locate() {
         return Ok(p);
     }
     if apt_install(&["nginx-light"]).is_err() {
         apt_install(&["nginx"])?;
     }
-    find(&known)
-        .or_else(|| on_path("nginx"))
-        .ok_or_else(|| "nginx is not installed and could not be installed".into())
+    locate().ok_or_else(|| "nginx is not installed and could not be installed".into())
 }
 
 /// Starts nginx as a plain reverse proxy with a static `Authorization` header: one worker, a

@@ -55,12 +55,9 @@ impl ProxyHttp for Bare {
 fn knob<T: std::str::FromStr>(name: &str) -> Option<T> {
     let v = std::env::var(name).ok()?;
     match v.parse() {
-        Ok(v) => {
-            eprintln!(
-                "bare-pingora: {name}={}",
-                std::env::var(name).unwrap_or_default()
-            );
-            Some(v)
+        Ok(parsed) => {
+            eprintln!("bare-pingora: {name}={v}");
+            Some(parsed)
         }
         Err(_) => {
             eprintln!("bare-pingora: ignoring {name}={v}: not a valid value");
