@@ -18,7 +18,7 @@ use http::{HeaderName, Method};
 
 pub use schema::RateLimitMode;
 pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};
-pub use values::{parse_duration, parse_rate, parse_size, Rate, Secret, SecretJson};
+pub use values::{parse_duration, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION};
 
 /// A config that could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -30,14 +30,24 @@ impl Serialize for Dur {
     }
 }
 
-/// Parses `250ms`, `30s`, `1h 30m`; a bare `0` means zero.
+/// The longest duration anything accepts: a config value, a client header, an identity
+/// provider's `expires_in` or JWT `exp`. Values past it are errors where they enter, so the rest
+/// of the code can add any of them to an `Instant` or a `SystemTime` without overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Parses `250ms`, `30s`, `1h 30m`; a bare `0` means zero. At most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("invalid duration {t:?} ({e}); write it like 250ms, 30s, 5m or 24h"))
+    let d = humantime::parse_duration(t).map_err(|e| {
+        format!("invalid duration {t:?} ({e}); write it like 250ms, 30s, 5m or 24h")
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!("duration {t:?} is too long (at most 100 years)"));
+    }
+    Ok(d)
 }
 
 /// A byte size written as `64KiB`, `1MiB`, `10MB` or a plain number of bytes.
@@ -348,6 +358,9 @@ mod tests {
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("100y").is_ok());
+        assert!(parse_duration("101y").unwrap_err().contains("too long"));
+        assert!(parse_duration("400000000000y").is_err());
     }
 
     #[test]
