@@ -33,7 +33,8 @@ impl Serialize for Dur {
 /// The longest duration anything accepts: a config value, a client header, an identity
 /// provider's `expires_in` or JWT `exp`. Values past it are errors where they enter, so the rest
 /// of the code can add any of them to an `Instant` or a `SystemTime` without overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// (100 years of 365.25 days, as humantime counts a `y`.)
+pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
 
 /// Parses `250ms`, `30s`, `1h 30m`; a bare `0` means zero. At most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
