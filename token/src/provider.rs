@@ -88,6 +88,9 @@ pub enum ProviderError {
     /// not start, a missing token file).
     #[error("{0}")]
     Setup(String),
+    /// A fault of the sidecar itself (a refresh that panicked or was cancelled).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ProviderError {

@@ -1,6 +1,7 @@
 //! [`TokenSource`]: one provider's current token, its state machine, the single-flight refresh
 //! and the background refresher.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -8,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Serialize;
-use sidecar_config::Provider as ProviderConfig;
+use sidecar_config::{Provider as ProviderConfig, MAX_DURATION};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -143,6 +144,8 @@ type RefreshFuture = Shared<BoxFuture<'static, Result<Arc<Token>, RefreshError>>
 #[derive(Default)]
 struct Book {
     inflight: Option<RefreshFuture>,
+    /// The in-flight refresh has passed its gate and is talking to the identity provider.
+    calling: bool,
     generation: u64,
     last_refresh_at: Option<SystemTime>,
     last_attempt_at: Option<Instant>,
@@ -274,6 +277,18 @@ impl TokenSource {
         trigger: Trigger,
         stale: Option<u64>,
     ) -> Result<Arc<Token>, RefreshError> {
+        self.refresh_gated(trigger, stale, true).await
+    }
+
+    /// [`TokenSource::refresh`]; `gated: false` skips the wait for `min_interval` and the
+    /// backoff, for a token source that changed by itself (a replaced token file: no
+    /// identity-provider call is saved by waiting).
+    async fn refresh_gated(
+        &self,
+        trigger: Trigger,
+        stale: Option<u64>,
+        gated: bool,
+    ) -> Result<Arc<Token>, RefreshError> {
         let flight = {
             let mut book = lock(&self.inner.book);
             if let (Some(g), Some(cur)) = (stale, self.inner.current.load_full()) {
@@ -288,18 +303,32 @@ impl TokenSource {
             match &book.inflight {
                 Some(f) => f.clone(),
                 None => {
+                    let gate = self.gate(&book).filter(|_| gated);
                     let inner = self.inner.clone();
-                    let task = self
-                        .inner
-                        .handle
-                        .spawn(async move { run_refresh(inner, trigger).await });
-                    let name = self.inner.name.clone();
+                    let task = self.inner.handle.spawn(async move {
+                        if let Some(at) = gate {
+                            tokio::time::sleep_until(at).await;
+                        }
+                        let run = AssertUnwindSafe(run_refresh(inner.clone(), trigger));
+                        match run.catch_unwind().await {
+                            Ok(result) => result,
+                            // A bug must not leave the provider with a flight that never
+                            // lands: it counts as a failed refresh and backs off.
+                            Err(_) => settle(
+                                &inner,
+                                trigger,
+                                Err(ProviderError::Internal("the refresh panicked".into())),
+                                None,
+                                Duration::ZERO,
+                            ),
+                        }
+                    });
+                    let inner = self.inner.clone();
                     let f = async move {
                         task.await.unwrap_or_else(|_| {
-                            Err(RefreshError {
-                                provider: name,
-                                error: ProviderError::Network("refresh task stopped".into()),
-                            })
+                            // Cancelled with its runtime: nobody else will land this flight.
+                            let error = ProviderError::Internal("refresh task stopped".into());
+                            settle(&inner, trigger, Err(error), None, Duration::ZERO)
                         })
                     }
                     .boxed()
@@ -416,7 +445,34 @@ impl TokenSource {
         })
     }
 
-    fn unavailable(&self, waited: Duration) -> Unavailable {
+    /// When the next identity-provider call may start, if not now: never sooner than
+    /// `min_interval` after the last one, nor inside the failure backoff, whatever asks for it
+    /// (proactive, a rejected token, `ensure`, a manual refresh).
+    fn gate(&self, book: &Book) -> Option<Instant> {
+        let spacing = self
+            .current()
+            .map_or(self.inner.schedule.min_interval(Duration::MAX), |t| {
+                self.inner.schedule.min_interval(t.lifetime())
+            });
+        let after_last = book.last_attempt_at.map(|last| last + spacing);
+        after_last
+            .max(book.retry_at)
+            .filter(|at| *at > Instant::now())
+    }
+
+    /// How long until the identity provider is called again after a failure (at least 1 s): the
+    /// `Retry-After` of a `token_unavailable` answer.
+    pub fn retry_in(&self) -> Duration {
+        let book = lock(&self.inner.book);
+        book.retry_at
+            .map_or(Duration::ZERO, |r| {
+                r.saturating_duration_since(Instant::now())
+            })
+            .max(Duration::from_secs(1))
+    }
+
+    /// Why no usable token is held: the provider, the wait, the last refresh error.
+    pub fn unavailable(&self, waited: Duration) -> Unavailable {
         Unavailable {
             provider: self.inner.name.clone(),
             waited,
@@ -437,7 +493,11 @@ impl TokenSource {
             usable,
             book.consecutive_failures > 0,
         ) {
-            (true, _, _) => State::Refreshing,
+            (true, _, _) if book.calling => State::Refreshing,
+            (true, true, false) => State::Valid,
+            (true, true, true) => State::Error,
+            (true, false, _) if book.generation == 0 && book.failed == 0 => State::Initial,
+            (true, false, _) => State::Expired,
             (false, true, false) => State::Valid,
             (false, true, true) => State::Error,
             (false, false, _) if book.generation == 0 && book.failed == 0 => State::Initial,
@@ -475,7 +535,7 @@ impl TokenSource {
     /// refreshes ahead of expiry and retries failures after their backoff.
     pub fn start(&self) {
         let me = self.clone();
-        let task = self.inner.handle.spawn(async move { me.refresher().await });
+        let task = self.inner.handle.spawn(async move { me.supervise().await });
         if let Some(old) = lock(&self.inner.refresher).replace(task.abort_handle()) {
             old.abort();
         }
@@ -485,6 +545,24 @@ impl TokenSource {
     pub fn stop(&self) {
         if let Some(task) = lock(&self.inner.refresher).take() {
             task.abort();
+        }
+    }
+
+    /// Runs the refresher, restarting it after a panic (counted and logged) so that a bug in
+    /// one computation never leaves the provider without refreshes.
+    async fn supervise(self) {
+        loop {
+            match AssertUnwindSafe(self.clone().refresher())
+                .catch_unwind()
+                .await
+            {
+                Ok(()) => return,
+                Err(_) => {
+                    tracing::error!(provider = %self.inner.name, "token refresher panicked; restarting it in 1s");
+                    metrics::counter!("sidecar_refresher_restarts_total", "provider" => self.inner.name.clone()).increment(1);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         }
     }
 
@@ -509,7 +587,7 @@ impl TokenSource {
                 }
                 _ = outside => {
                     tracing::info!(provider = %self.inner.name, "token source changed; reading it again");
-                    let _ = self.refresh(Trigger::Proactive, None).await;
+                    let _ = self.refresh_gated(Trigger::Proactive, None, false).await;
                 }
                 changed = changes.changed() => {
                     if changed.is_err() {
@@ -643,17 +721,35 @@ async fn persist(inner: &Arc<Inner>, token: &Token, refresh_token: Option<String
     }
 }
 
-fn ttl_of(fetched: &Fetched, default_ttl: Duration) -> Duration {
-    fetched
-        .expires_in
-        .or_else(|| {
-            jwt_exp(&fetched.access_token).map(|exp| {
-                let exp = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
-                exp.duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO)
-            })
-        })
-        .unwrap_or(default_ttl)
+/// The lifetime of a fetched token: `expires_in`, else the JWT `exp`, else `default_ttl`. A
+/// token that is born expired, or whose expiry lies past [`MAX_DURATION`], is unusable.
+fn ttl_of(fetched: &Fetched, default_ttl: Duration) -> Result<Duration, ProviderError> {
+    let ttl = match fetched.expires_in {
+        Some(d) => d,
+        None => match jwt_exp(&fetched.access_token) {
+            Some(exp) => Duration::from_secs(exp)
+                .checked_sub(unix_now())
+                .unwrap_or(Duration::ZERO),
+            None => default_ttl,
+        },
+    };
+    if ttl > MAX_DURATION {
+        return Err(ProviderError::Malformed(
+            "the token's expiry is more than 100 years away".into(),
+        ));
+    }
+    if ttl.is_zero() {
+        return Err(ProviderError::Malformed(
+            "the identity provider issued a token that has already expired".into(),
+        ));
+    }
+    Ok(ttl)
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
 }
 
 /// One refresh, run as its own task so that callers that give up do not cancel it.
@@ -669,6 +765,7 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
     let held = {
         let mut book = lock(&inner.book);
         book.last_attempt_at = Some(started);
+        book.calling = true;
         Held {
             access_token: inner
                 .current
@@ -686,7 +783,14 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
     // Build the token first; it is published only after the store has it.
     let mut orphan_refresh_token = None;
     let built = result.and_then(|fetched| {
-        let ttl = ttl_of(&fetched, inner.default_ttl);
+        let ttl = match ttl_of(&fetched, inner.default_ttl) {
+            Ok(ttl) => ttl,
+            Err(e) => {
+                // The grant may have rotated the refresh token: keep the new one all the same.
+                orphan_refresh_token = fetched.refresh_token;
+                return Err(e);
+            }
+        };
         let generation = lock(&inner.book).generation + 1;
         let mut token = Token::new(fetched.access_token, generation, ttl);
         token.usable_until = inner
@@ -716,9 +820,22 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
             }
         }
     }
+    settle(&inner, trigger, built, orphan_refresh_token, elapsed)
+}
+
+/// Lands a refresh attempt: publishes the token or records the failure and its backoff, counts
+/// and logs it, and wakes everyone waiting. Every flight ends here, a panicked one included.
+fn settle(
+    inner: &Arc<Inner>,
+    trigger: Trigger,
+    built: Result<(Arc<Token>, Option<String>), ProviderError>,
+    orphan_refresh_token: Option<String>,
+    elapsed: Duration,
+) -> Result<Arc<Token>, RefreshError> {
     let outcome = {
         let mut book = lock(&inner.book);
         book.inflight = None;
+        book.calling = false;
         match built {
             Ok((token, refresh_token)) => {
                 book.generation = token.generation;
@@ -786,7 +903,7 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
             Err(RefreshError { provider, error })
         }
     };
-    finish(&inner);
+    finish(inner);
     result
 }
 

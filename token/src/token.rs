@@ -31,6 +31,8 @@ pub struct Token {
 impl Token {
     /// A token obtained now that lives `ttl`.
     pub fn new(value: String, generation: u64, ttl: std::time::Duration) -> Token {
+        // Bounded so that no expiry arithmetic can overflow, whatever the answer said.
+        let ttl = ttl.min(sidecar_config::MAX_DURATION);
         let now = Instant::now();
         let mut bearer = HeaderValue::from_str(&format!("Bearer {value}"))
             .unwrap_or_else(|_| HeaderValue::from_static(""));

@@ -12,6 +12,10 @@ struct Fake {
     failing: Arc<std::sync::atomic::AtomicBool>,
     ttl: Duration,
     latency: Duration,
+    /// The next fetch panics (a bug in a provider or in the arithmetic around it).
+    panic_next: Arc<std::sync::atomic::AtomicBool>,
+    /// The next `changed()` watch panics inside the background refresher.
+    panic_watch: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Provider for Fake {
@@ -19,6 +23,9 @@ impl Provider for Fake {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(self.latency).await;
+            if self.panic_next.swap(false, Ordering::SeqCst) {
+                panic!("provider bug");
+            }
             if self.failing.load(Ordering::SeqCst) {
                 return Err(ProviderError::Rejected {
                     status: 500,
@@ -28,12 +35,24 @@ impl Provider for Fake {
             Ok(Fetched::token(format!("token-{n}"), Some(self.ttl)))
         })
     }
+
+    fn changed(&self) -> Option<BoxFuture<'_, ()>> {
+        let panic = self.panic_watch.swap(false, Ordering::SeqCst);
+        Some(Box::pin(async move {
+            if panic {
+                panic!("watch bug");
+            }
+            std::future::pending().await
+        }))
+    }
 }
 
 struct Rig {
     source: TokenSource,
     calls: Arc<AtomicUsize>,
     failing: Arc<std::sync::atomic::AtomicBool>,
+    panic_next: Arc<std::sync::atomic::AtomicBool>,
+    panic_watch: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn rig(ttl: Duration, latency: Duration) -> Rig {
@@ -55,11 +74,15 @@ fn rig(ttl: Duration, latency: Duration) -> Rig {
         },
         store: None,
     };
+    let panic_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let panic_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let fake = Fake {
         calls: calls.clone(),
         failing: failing.clone(),
         ttl,
         latency,
+        panic_next: panic_next.clone(),
+        panic_watch: panic_watch.clone(),
     };
     let source =
         TokenSource::with_provider(&config, Box::new(fake), tokio::runtime::Handle::current());
@@ -67,6 +90,8 @@ fn rig(ttl: Duration, latency: Duration) -> Rig {
         source,
         calls,
         failing,
+        panic_next,
+        panic_watch,
     }
 }
 
@@ -518,6 +543,8 @@ fn failures_escalate_after_the_configured_count() {
             failing,
             ttl: HOUR,
             latency: Duration::ZERO,
+            panic_next: Default::default(),
+            panic_watch: Default::default(),
         };
         let source =
             TokenSource::with_provider(&config, Box::new(fake), tokio::runtime::Handle::current());
@@ -683,4 +710,99 @@ async fn ensure_respects_min_interval_and_the_failure_backoff() {
     assert_eq!(r.calls.load(Ordering::SeqCst), 4);
     assert!(r.source.ensure(HOUR, Duration::from_secs(1)).await.is_ok());
     assert_eq!(r.calls.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_refresh_is_a_failed_refresh_and_the_next_one_runs() {
+    let r = rig(HOUR, Duration::ZERO);
+    r.panic_next.store(true, Ordering::SeqCst);
+    let err = r.source.refresh(Trigger::Initial, None).await.unwrap_err();
+    assert!(err.to_string().contains("panicked"), "{err}");
+    // The flight landed: no refresh stays "in flight" for ever, the failure backs off.
+    assert_eq!(r.source.state(), State::Expired);
+    assert_eq!(r.source.status().consecutive_failures, 1);
+    // Waiting for a token takes the next attempt after the backoff (30 s) and gets one.
+    let t = r.source.wait_usable(Duration::from_secs(40)).await.unwrap();
+    assert_eq!(t.generation, 1);
+    assert_eq!(r.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refresher_is_restarted_after_a_panic() {
+    let r = rig(Duration::from_secs(60), Duration::ZERO);
+    r.panic_watch.store(true, Ordering::SeqCst);
+    r.source.start();
+    // 60 s tokens over 5 simulated minutes: the refresher keeps renewing them although its
+    // first loop panicked.
+    let end = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert!(!r.panic_watch.load(Ordering::SeqCst), "the watch never ran");
+    assert!(
+        r.source.usable().is_some(),
+        "no usable token: the refresher died"
+    );
+    assert!(r.calls.load(Ordering::SeqCst) >= 5);
+    r.source.stop();
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_trigger_waits_out_min_interval() {
+    let r = rig(HOUR, Duration::ZERO);
+    let started = Instant::now();
+    r.source.wait_usable(Duration::from_secs(1)).await.unwrap();
+    // An upstream that refuses every token, a manual refresh loop, ensure calls: whatever asks,
+    // the identity provider is called at most once per min_interval (5 s).
+    for i in 0..60u32 {
+        let current = r.source.current().unwrap().generation;
+        let trigger = [Trigger::Unauthorized, Trigger::Manual, Trigger::Proactive][i as usize % 3];
+        r.source.refresh(trigger, Some(current)).await.unwrap();
+    }
+    let calls = r.calls.load(Ordering::SeqCst) as u32;
+    assert_eq!(calls, 61);
+    let spacing = Duration::from_secs(5);
+    assert!(
+        started.elapsed() >= spacing * (calls - 1),
+        "{calls} calls in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_born_expired_is_a_failed_refresh() {
+    let r = rig(Duration::ZERO, Duration::ZERO);
+    let started = Instant::now();
+    let err = r
+        .source
+        .wait_usable(Duration::from_secs(100))
+        .await
+        .unwrap_err();
+    assert!(
+        err.last_error
+            .as_deref()
+            .unwrap()
+            .contains("already expired"),
+        "{err}"
+    );
+    assert_eq!(started.elapsed(), Duration::from_secs(100));
+    // At 0 s, then after the backoff of 30 s and 60 s: three calls in 100 s, not one per
+    // waiter loop.
+    assert_eq!(r.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(r.source.state(), State::Expired);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiry_beyond_a_century_is_unusable_not_a_panic() {
+    for ttl in [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX / 2),
+        MAX_DURATION * 2,
+    ] {
+        let r = rig(ttl, Duration::ZERO);
+        let err = r.source.refresh(Trigger::Initial, None).await.unwrap_err();
+        assert!(err.to_string().contains("100 years"), "{err}");
+        // The status answer (what /v1/token/status renders) does not panic either.
+        let _ = r.source.status();
+    }
 }
