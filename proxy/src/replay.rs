@@ -13,7 +13,9 @@ use sidecar_filters::{body_matches, classify, ExpiryVerdict, SkipReason, BODY_PE
 
 use crate::app::UpstreamRt;
 use crate::errors::LocalAnswer;
-use crate::service::{skipped, token_header, upstream_target, Ctx, Sidecar, EXPECTED_DURATION};
+use crate::service::{
+    skipped, token_header, token_unavailable, upstream_target, Ctx, Sidecar, EXPECTED_DURATION,
+};
 
 /// Headers that belong to one connection, never forwarded by the sidecar's own replays.
 fn hop_by_hop(name: &HeaderName) -> bool {
@@ -114,6 +116,13 @@ pub(crate) async fn own_replay(
                     Ok(()) => {
                         fresh_token = true;
                         continue;
+                    }
+                    Err(SkipReason::NoToken) => {
+                        skipped(up, SkipReason::NoToken);
+                        let answer = token_unavailable(up, cfg.wait_for_token);
+                        ctx.local = Some(answer.code);
+                        answer.write(session).await;
+                        return answer.status;
                     }
                     Err(reason) => skipped(up, reason),
                 }

@@ -73,6 +73,8 @@ pub struct Ctx {
     expected_header: bool,
     /// Error class of the last attempt, for metrics and the log.
     pub(crate) class: Option<&'static str>,
+    /// The 503 to give when a rejected request's replacement token could not be had.
+    unavailable: Option<LocalAnswer>,
 }
 
 /// Pingora retries this error through its own loop (body in its retry buffer).
@@ -81,6 +83,9 @@ const RETRY: ErrorType = ErrorType::Custom("sidecar_replay");
 const OWN_REPLAY: ErrorType = ErrorType::Custom("sidecar_own_replay");
 /// The answer's body decides whether the token expired: the sidecar re-sends and looks.
 const CHECK_BODY: ErrorType = ErrorType::Custom("sidecar_check_body");
+/// A rejected replayable request got no new token within `wait_for_token`: 503, not the 401
+/// (which would tell the client its own credentials are wrong).
+const TOKEN_UNAVAILABLE: ErrorType = ErrorType::Custom("sidecar_token_unavailable");
 
 impl Sidecar {
     async fn answer(
@@ -164,6 +169,7 @@ impl ProxyHttp for Sidecar {
             probe: false,
             expected_header: false,
             class: None,
+            unavailable: None,
         }
     }
 
@@ -390,7 +396,7 @@ impl ProxyHttp for Sidecar {
         if *e.etype() == RETRY {
             return e;
         }
-        if *e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY {
+        if *e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY || *e.etype() == TOKEN_UNAVAILABLE {
             // fail_to_proxy takes it from here; Pingora must not resend on its own.
             let mut e = e;
             e.set_retry(false);
@@ -454,6 +460,7 @@ impl ProxyHttp for Sidecar {
             .map(|(l, i)| l.upstreams[i].config.name.clone())
             .unwrap_or_default();
         let answer = match e.etype() {
+            t if *t == TOKEN_UNAVAILABLE => ctx.unavailable.take(),
             ErrorType::HTTPStatus(code) => Some(LocalAnswer {
                 status: *code,
                 code: "error",
@@ -623,6 +630,14 @@ impl Sidecar {
         }
         match self.next_token(&live, up, ctx, token.generation).await {
             Ok(()) => {}
+            Err(SkipReason::NoToken) => {
+                skipped(up, SkipReason::NoToken);
+                ctx.unavailable = Some(token_unavailable(up, live.config.replay.wait_for_token));
+                return Err(Error::explain(
+                    TOKEN_UNAVAILABLE,
+                    "no replacement for a rejected token within wait_for_token",
+                ));
+            }
             Err(reason) => {
                 skipped(up, reason);
                 return Ok(());
@@ -729,6 +744,8 @@ impl Sidecar {
         }
     }
 
+    /// The replacement of a rejected token, trying again after failed refreshes (each try
+    /// waits out the provider's backoff) until `wait_for_token` runs out.
     async fn wait_refresh(
         &self,
         source: &TokenSource,
@@ -736,7 +753,20 @@ impl Sidecar {
         cfg: &sidecar_config::Replay,
     ) -> Option<Arc<Token>> {
         let _slot = self.app.wait_slot(cfg.max_waiting)?;
-        join_refresh(source, failed_generation, cfg).await
+        let deadline = tokio::time::Instant::now() + cfg.wait_for_token;
+        loop {
+            let refresh = source.refresh(Trigger::Unauthorized, Some(failed_generation));
+            match tokio::time::timeout_at(deadline, refresh).await {
+                Ok(Ok(token)) => return Some(token),
+                // The next try waits for the backoff inside `refresh`; the floor only matters
+                // for a configured backoff of zero.
+                Ok(Err(_)) => {
+                    let floor = tokio::time::Instant::now() + Duration::from_millis(50);
+                    tokio::time::sleep_until(floor.min(deadline)).await;
+                }
+                Err(_) => return None,
+            }
+        }
     }
 }
 
@@ -792,6 +822,18 @@ pub(crate) fn upstream_target(ctx: &Ctx, up: &crate::app::UpstreamRt, uri: &Uri)
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     })
+}
+
+/// 503 `token_unavailable` for a request whose rejected token could not be replaced, with the
+/// provider's last error and when it will be asked again.
+pub(crate) fn token_unavailable(up: &crate::app::UpstreamRt, waited: Duration) -> LocalAnswer {
+    match &up.tokens {
+        Some(source) => LocalAnswer::token_unavailable(
+            source.unavailable(waited).to_string(),
+            source.retry_in(),
+        ),
+        None => LocalAnswer::token_unavailable("no token".into(), Duration::from_secs(1)),
+    }
 }
 
 pub(crate) fn skipped(up: &crate::app::UpstreamRt, reason: SkipReason) {
