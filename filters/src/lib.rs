@@ -7,6 +7,7 @@
 mod authz;
 mod breaker;
 mod inject;
+mod path;
 mod ratelimit;
 mod replay;
 mod route;
@@ -14,6 +15,7 @@ mod route;
 pub use authz::{client_authorization, AuthzDecision};
 pub use breaker::{Breaker, BreakerVerdict};
 pub use inject::{query_with_token, redact_query};
+pub use path::{normalize, PathError};
 pub use ratelimit::{
     parse_retry_after, retry_after_secs, Admission, RateLimiter, RateRequest, UpstreamHolds,
 };

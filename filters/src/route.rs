@@ -1,14 +1,18 @@
 //! Route matching and forbidden targets.
 
+use std::borrow::Cow;
+
 use http::Method;
 use sidecar_config::Upstream;
+
+use crate::path::{normalize, PathError};
 
 /// What the router needs to know of a request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
     /// Request method.
     pub method: &'a Method,
-    /// Path of the request target (no query).
+    /// Path of the request target (no query), as the client sent it: the router normalises it.
     pub path: &'a str,
     /// Authority of an absolute-form target (`GET http://host/x`), if the client sent one.
     pub absolute_authority: Option<&'a str>,
@@ -18,16 +22,22 @@ pub struct RequestView<'a> {
 
 /// The router's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     /// Forward to `upstreams[index]` with this path (before the query).
     Upstream {
         /// Index into the configured upstreams.
         index: usize,
-        /// Path to send upstream; `None` keeps the client's path unchanged.
+        /// The client's path, normalised ([`normalize`]): what the route and the rate limits
+        /// match. Borrowed when the client's path was already normal.
+        normalized: Cow<'a, str>,
+        /// Path to send upstream: the normalised path, prefix stripped and base path prepended
+        /// as configured; `None` when that is the client's path unchanged.
         path: Option<String>,
     },
     /// A target the sidecar must never reach for (SPEC §10 `forbidden_target`).
     Forbidden(&'static str),
+    /// A path that escapes its route or cannot be normalised (SPEC §10 `bad_request`).
+    BadPath(PathError),
     /// No route takes the path (SPEC §10 `no_route`).
     NoRoute,
 }
@@ -119,9 +129,9 @@ impl Routes {
         }
     }
 
-    /// Picks the route: host matches win over path-only routes, then the longest prefix, then
-    /// file order.
-    pub fn route(&self, req: &RequestView<'_>) -> Route {
+    /// Picks the route for the normalised path: host matches win over path-only routes, then
+    /// the longest prefix, then file order.
+    pub fn route<'a>(&self, req: &RequestView<'a>) -> Route<'a> {
         if req.method == Method::CONNECT {
             return Route::Forbidden("CONNECT is not supported: the sidecar is not an open proxy");
         }
@@ -144,13 +154,19 @@ impl Routes {
             None if self.any_host_route => req.host.map(|h| strip_port(h).to_ascii_lowercase()),
             None => None,
         };
+        // Everything below (matching, stripping, joining to the base path) works on the
+        // normalised path: it has no dot segment, so it cannot climb out of the base path.
+        let normalized = match normalize(req.path) {
+            Ok(p) => p,
+            Err(e) => return Route::BadPath(e),
+        };
         let mut best: Option<(usize, (bool, usize))> = None;
         for (i, r) in self.routes.iter().enumerate() {
             let host_ok = match &r.host {
                 Some(want) => host.as_deref() == Some(want.as_str()),
                 None => true,
             };
-            if !host_ok || !prefix_matches(&r.prefix, req.path) {
+            if !host_ok || !prefix_matches(&r.prefix, &normalized) {
                 continue;
             }
             let rank = (r.host.is_some(), r.prefix.len());
@@ -163,12 +179,15 @@ impl Routes {
         };
         let r = &self.routes[index];
         let rest = if r.strip {
-            &req.path[r.prefix.len()..]
+            &normalized[r.prefix.len()..]
         } else {
-            req.path
+            &normalized
         };
         let path = if r.base_path.is_empty() && !r.strip {
-            None
+            match &normalized {
+                Cow::Borrowed(_) => None,
+                Cow::Owned(p) => Some(p.clone()),
+            }
         } else {
             let rest = if rest.is_empty() { "/" } else { rest };
             Some(if r.base_path.is_empty() {
@@ -177,7 +196,11 @@ impl Routes {
                 format!("{}{}", r.base_path, rest)
             })
         };
-        Route::Upstream { index, path }
+        Route::Upstream {
+            index,
+            normalized,
+            path,
+        }
     }
 }
 
@@ -197,6 +220,14 @@ upstreams:
         Routes::new(&Config::parse(yaml, "t.yaml").unwrap().upstreams)
     }
 
+    /// Index and forwarded path of an upstream route.
+    fn fwd(route: Route<'_>) -> (usize, Option<String>) {
+        match route {
+            Route::Upstream { index, path, .. } => (index, path),
+            other => panic!("not an upstream route: {other:?}"),
+        }
+    }
+
     fn view<'a>(method: &'a Method, path: &'a str, host: Option<&'a str>) -> RequestView<'a> {
         RequestView {
             method,
@@ -210,42 +241,18 @@ upstreams:
     fn longest_prefix_and_strip() {
         let r = routes();
         let get = Method::GET;
+        assert_eq!(fwd(r.route(&view(&get, "/x", None))), (0, None));
         assert_eq!(
-            r.route(&view(&get, "/x", None)),
-            Route::Upstream {
-                index: 0,
-                path: None
-            }
+            fwd(r.route(&view(&get, "/api/items/1", None))),
+            (1, Some("/v1/items/1".into()))
         );
         assert_eq!(
-            r.route(&view(&get, "/api/items/1", None)),
-            Route::Upstream {
-                index: 1,
-                path: Some("/v1/items/1".into())
-            }
+            fwd(r.route(&view(&get, "/api", None))),
+            (1, Some("/v1/".into()))
         );
-        assert_eq!(
-            r.route(&view(&get, "/api", None)),
-            Route::Upstream {
-                index: 1,
-                path: Some("/v1/".into())
-            }
-        );
-        assert_eq!(
-            r.route(&view(&get, "/api/keep/x", None)),
-            Route::Upstream {
-                index: 2,
-                path: None
-            }
-        );
+        assert_eq!(fwd(r.route(&view(&get, "/api/keep/x", None))), (2, None));
         // Segment boundary: /apix is not under /api.
-        assert_eq!(
-            r.route(&view(&get, "/apix", None)),
-            Route::Upstream {
-                index: 0,
-                path: None
-            }
-        );
+        assert_eq!(fwd(r.route(&view(&get, "/apix", None))), (0, None));
     }
 
     #[test]
@@ -253,18 +260,12 @@ upstreams:
         let r = routes();
         let get = Method::GET;
         assert_eq!(
-            r.route(&view(&get, "/api/x", Some("Hub.Local:8080"))),
-            Route::Upstream {
-                index: 3,
-                path: None
-            }
+            fwd(r.route(&view(&get, "/api/x", Some("Hub.Local:8080")))),
+            (3, None)
         );
         assert_eq!(
-            r.route(&view(&get, "/x", Some("127.0.0.1:8080"))),
-            Route::Upstream {
-                index: 0,
-                path: None
-            }
+            fwd(r.route(&view(&get, "/x", Some("127.0.0.1:8080")))),
+            (0, None)
         );
     }
 
@@ -285,13 +286,7 @@ upstreams:
             absolute_authority: Some("hub.local"),
             ..view(&get, "/x", None)
         };
-        assert_eq!(
-            r.route(&known),
-            Route::Upstream {
-                index: 3,
-                path: None
-            }
-        );
+        assert_eq!(fwd(r.route(&known)), (3, None));
     }
 
     #[test]
@@ -299,13 +294,7 @@ upstreams:
         let yaml = "upstreams:\n  - { name: a, url: \"http://127.0.0.1:1\", match: { path_prefix: /a } }\n";
         let r = Routes::new(&Config::parse(yaml, "t.yaml").unwrap().upstreams);
         assert_eq!(r.route(&view(&Method::GET, "/b", None)), Route::NoRoute);
-        assert_eq!(
-            r.route(&view(&Method::GET, "/a/b", None)),
-            Route::Upstream {
-                index: 0,
-                path: None
-            }
-        );
+        assert_eq!(fwd(r.route(&view(&Method::GET, "/a/b", None))), (0, None));
     }
 
     #[test]
@@ -328,11 +317,8 @@ upstreams:
             Route::Forbidden(_)
         ));
         assert_eq!(
-            r.route(&abs("127.0.0.1:2", "/api/x")),
-            Route::Upstream {
-                index: 1,
-                path: Some("/v1/x".into())
-            }
+            fwd(r.route(&abs("127.0.0.1:2", "/api/x"))),
+            (1, Some("/v1/x".into()))
         );
         assert_eq!(
             split_authority("[::1]:8080"),
@@ -342,6 +328,96 @@ upstreams:
             split_authority("Example.com"),
             ("example.com".to_string(), None)
         );
+    }
+
+    fn based() -> Routes {
+        let yaml = r#"
+upstreams:
+  - { name: base, url: "http://127.0.0.1:1/api" }
+  - { name: v1, url: "http://127.0.0.1:2/v1", match: { path_prefix: /s, strip_prefix: true } }
+  - { name: keep, url: "http://127.0.0.1:3", match: { path_prefix: /keep } }
+"#;
+        Routes::new(&Config::parse(yaml, "t.yaml").unwrap().upstreams)
+    }
+
+    #[test]
+    fn routes_and_forwards_the_normalised_path() {
+        let r = based();
+        let get = Method::GET;
+        let cases: &[(&str, usize, Option<&str>)] = &[
+            ("/b/../__log", 0, Some("/api/__log")),
+            ("/x", 0, Some("/api/x")),
+            ("/s/x/../y", 1, Some("/v1/y")),
+            ("/s/%2e%2e/keep/x", 2, Some("/keep/x")),
+            ("/keep/./x", 2, Some("/keep/x")),
+            ("/keep//x", 2, Some("/keep/x")),
+            ("/keep/x", 2, None),
+        ];
+        for (path, index, forward) in cases {
+            let got = fwd(r.route(&view(&get, path, None)));
+            assert_eq!(got, (*index, forward.map(String::from)), "{path}");
+        }
+        // What the rate limits match: the normalised client path, borrowed when unchanged.
+        match r.route(&view(&get, "/keep/x/../History/a", None)) {
+            Route::Upstream { normalized, .. } => assert_eq!(normalized, "/keep/History/a"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            r.route(&view(&get, "/keep/History/a", None)),
+            Route::Upstream {
+                normalized: Cow::Borrowed("/keep/History/a"),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_path_that_escapes_is_a_bad_path() {
+        let r = based();
+        let get = Method::GET;
+        for (path, why) in [
+            ("/./../x", PathError::AboveRoot),
+            ("/%2e%2e/__log", PathError::AboveRoot),
+            ("/a/%2E%2E/%2e%2e/x", PathError::AboveRoot),
+            ("/s/../../x", PathError::AboveRoot),
+            ("/s/..%2f..%2fx", PathError::HiddenDotSegment),
+            ("*", PathError::NotAbsolute),
+        ] {
+            assert_eq!(
+                r.route(&view(&get, path, None)),
+                Route::BadPath(why),
+                "{path}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, ..Default::default() })]
+
+        /// Whatever the client sends, a route with a base path forwards under that base path,
+        /// and never a dot segment.
+        #[test]
+        fn nothing_escapes_the_base_path(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "/", ".", "..", "%2e", "%2E", "__log", "s", "keep", "%2f", "\\", "x",
+                ]),
+                0..12,
+            )
+        ) {
+            static ROUTES: std::sync::OnceLock<Routes> = std::sync::OnceLock::new();
+            let r = ROUTES.get_or_init(based);
+            let path = format!("/{}", pieces.concat());
+            if let Route::Upstream { index, path: forward, .. } = r.route(&view(&Method::GET, &path, None)) {
+                let forward = forward.unwrap_or_else(|| path.clone());
+                let base = ["/api/", "/v1/", "/keep"][index];
+                proptest::prop_assert!(forward.starts_with(base), "{} -> {}", path, forward);
+                proptest::prop_assert!(
+                    forward.split('/').all(|s| s != "." && s != ".." && !s.contains("%2e") && !s.contains("%2E")),
+                    "{} -> {}", path, forward
+                );
+            }
+        }
     }
 
     #[test]

@@ -194,10 +194,19 @@ impl ProxyHttp for Sidecar {
             },
             host,
         };
-        let (index, path) = match live.routes.route(&view) {
-            Route::Upstream { index, path } => (index, path),
+        // The route, the rate limits and the upstream all see the normalised path (SPEC §11).
+        let (index, path, normalized) = match live.routes.route(&view) {
+            Route::Upstream {
+                index,
+                path,
+                normalized,
+            } => (index, path, normalized),
             Route::Forbidden(why) => {
                 return self.answer(session, ctx, LocalAnswer::forbidden(why)).await
+            }
+            Route::BadPath(why) => {
+                let answer = LocalAnswer::bad_request(why.to_string());
+                return self.answer(session, ctx, answer).await;
             }
             Route::NoRoute => {
                 let answer = LocalAnswer::no_route(req.uri.path());
@@ -239,7 +248,7 @@ impl ProxyHttp for Sidecar {
             let request = RateRequest {
                 upstream: &up.config.name,
                 method: &req.method,
-                path: req.uri.path(),
+                path: &normalized,
                 client_ip,
                 headers: Some(&req.headers),
             };

@@ -36,7 +36,8 @@ pub struct RateRequest<'a> {
     pub upstream: &'a str,
     /// Request method.
     pub method: &'a Method,
-    /// Path as the client sent it (before any prefix stripping), without the query.
+    /// The client's path, normalised (`Route::Upstream::normalized`: before any prefix
+    /// stripping), without the query.
     pub path: &'a str,
     /// The client's address, for rules keyed by `client_ip`.
     pub client_ip: Option<IpAddr>,
