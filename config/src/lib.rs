@@ -74,8 +74,22 @@ pub struct Config {
     pub replay: Replay,
     /// Client-side rate limits in file order.
     pub rate_limits: Vec<RateLimit>,
+    /// Client connection limits.
+    pub downstream: Downstream,
     /// Logging.
     pub log: RawLog,
+}
+
+/// Limits on client (downstream) connections (SPEC §11), validated: both timeouts are positive,
+/// the cap is at least one. Read per connection, so a reload applies to new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Downstream {
+    /// A request head must be read whole within this.
+    pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    pub idle_timeout: Duration,
+    /// Client connections at once.
+    pub max_connections: usize,
 }
 
 /// One token provider.

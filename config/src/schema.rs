@@ -45,6 +45,9 @@ pub struct RawConfig {
     /// Client-side rate limits (SPEC §7).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RawRateLimit>,
+    /// Client connections: head and idle timeouts, connection cap (SPEC §11).
+    #[serde(default)]
+    pub downstream: RawDownstream,
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
@@ -702,6 +705,43 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Client (downstream) connections. Slow or idle clients must not hold file descriptors for
+/// ever, and a flood of connections gets a clear refusal instead of a stalled accept queue.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDownstream {
+    /// A request head must arrive whole within this, counted from its first byte (from the
+    /// accept for a connection's first request).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Dur,
+    /// A keep-alive connection with no request in flight is closed after this.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// Client connections held at once; more are answered 503 `too_many_connections` and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_header_timeout() -> Dur {
+    secs(10)
+}
+fn default_idle_timeout() -> Dur {
+    secs(60)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+
+impl Default for RawDownstream {
+    fn default() -> Self {
+        RawDownstream {
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+        }
+    }
 }
 
 /// Logging.

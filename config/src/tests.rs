@@ -329,3 +329,54 @@ fn absurd_rate_windows_are_refused() {
         format!("{RATE_BASE}  - {{ name: a, upstream: api, rate: 1/100000h, burst: 1000 }}\n");
     assert!(err(&text).contains("10 years"), "{}", err(&text));
 }
+
+#[test]
+fn downstream_defaults_follow_the_spec() {
+    let c = Config::parse("upstreams: []\n", "x.yaml").unwrap();
+    assert_eq!(c.downstream.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.downstream.idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.downstream.max_connections, 10_000);
+}
+
+#[test]
+fn downstream_settings_parse() {
+    let c = Config::parse(
+        "downstream: { header_timeout: 1500ms, idle_timeout: 2m, max_connections: 5 }\n",
+        "x.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.downstream.header_timeout, Duration::from_millis(1500));
+    assert_eq!(c.downstream.idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.downstream.max_connections, 5);
+    // `check` prints them back in a form that loads again.
+    let again = Config::parse(&c.redacted_yaml(), "again.yaml").unwrap();
+    assert_eq!(again.downstream, c.downstream);
+}
+
+#[test]
+fn bad_downstream_settings_are_located() {
+    for (body, line, want) in [
+        (
+            "downstream:\n  header_timeout: 0\n",
+            2,
+            "header_timeout must be more than 0",
+        ),
+        (
+            "downstream:\n  idle_timeout: 0\n",
+            2,
+            "idle_timeout must be more than 0",
+        ),
+        (
+            "downstream:\n  max_connections: 0\n",
+            2,
+            "max_connections must be at least 1",
+        ),
+        ("downstream:\n  idle_timeout: soon\n", 2, "invalid duration"),
+        ("downstream:\n  max_connections: -1\n", 2, "max_connections"),
+        ("downstream:\n  idle: 5s\n", 2, "unknown field"),
+    ] {
+        let e = err(body);
+        assert!(e.starts_with(&format!("bad.yaml:{line}:")), "{body}: {e}");
+        assert!(e.contains(want), "{body}: {e}");
+    }
+}

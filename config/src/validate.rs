@@ -8,11 +8,13 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use crate::schema::{
-    ClientAuth, ProviderType, RawConfig, RawLogin, RawProvider, RawRateLimit, RawUpstream,
+    ClientAuth, ProviderType, RawConfig, RawDownstream, RawLogin, RawProvider, RawRateLimit,
+    RawUpstream,
 };
 use crate::{
-    ClientCredential, Config, ConfigError, Expiry, Inject, JsonCall, LoginFallback, OAuthClient,
-    Provider, ProviderKind, RefreshPolicy, Replay, Secret, SecretJson, Store, Upstream,
+    ClientCredential, Config, ConfigError, Downstream, Expiry, Inject, JsonCall, LoginFallback,
+    OAuthClient, Provider, ProviderKind, RefreshPolicy, Replay, Secret, SecretJson, Store,
+    Upstream,
 };
 
 /// Builds errors that point at the first line mentioning a key or value; cross-field problems
@@ -161,6 +163,9 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
         rate_limits.push(rate_limit(l, rate).map_err(here)?);
     }
 
+    let downstream =
+        downstream(&raw.downstream).map_err(|(key, m)| at.error(&["downstream:", key], m))?;
+
     Ok(Config {
         listen,
         admin_listen,
@@ -169,9 +174,38 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
         upstreams,
         replay,
         rate_limits,
+        downstream,
         log: raw.log.clone(),
         source: None,
         raw,
+    })
+}
+
+/// A zero timeout would close every connection at once, a zero cap would refuse every client:
+/// both are mistakes, not settings. On error: the key to point at, and the message.
+fn downstream(d: &RawDownstream) -> Result<Downstream, (&'static str, String)> {
+    if d.header_timeout.0.is_zero() {
+        return Err((
+            "header_timeout:",
+            "downstream.header_timeout must be more than 0".into(),
+        ));
+    }
+    if d.idle_timeout.0.is_zero() {
+        return Err((
+            "idle_timeout:",
+            "downstream.idle_timeout must be more than 0".into(),
+        ));
+    }
+    if d.max_connections == 0 {
+        return Err((
+            "max_connections:",
+            "downstream.max_connections must be at least 1".into(),
+        ));
+    }
+    Ok(Downstream {
+        header_timeout: d.header_timeout.0,
+        idle_timeout: d.idle_timeout.0,
+        max_connections: d.max_connections,
     })
 }
 

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
-use pingora::proxy::ProxyServiceBuilder;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
@@ -16,6 +16,7 @@ use sidecar_config::Config;
 
 use crate::admin::Admin;
 use crate::app::{App, Live};
+use crate::connection::Limited;
 use crate::service::Sidecar;
 use crate::shutdown::Signals;
 
@@ -251,10 +252,16 @@ pub fn serve_with(
     // (Pingora's own refusal is a bare 405).
     let mut options = HttpServerOptions::default();
     options.allow_connect_method_proxying = true;
-    let mut proxy = ProxyServiceBuilder::new(&server.configuration, Sidecar::new(app.clone()))
-        .name("token-sidecar proxy")
-        .server_options(options)
-        .build();
+    // HTTP/2 connections (h2c) idle out on Pingora's own timer, read once here; the HTTP/1
+    // limits follow reloads (see `connection`).
+    options.h2_idle_timeout = Some(app.live.load().config.downstream.idle_timeout);
+    let mut proxy = http_proxy(&server.configuration, Sidecar::new(app.clone()));
+    proxy.server_options = Some(options);
+    // Client connection limits (SPEC §11) wrap the proxy: see `connection`.
+    let mut proxy = Service::new(
+        "token-sidecar proxy".to_string(),
+        Limited::new(proxy, app.clone()),
+    );
     proxy.add_tcp(&listen);
     let mut admin = Service::new(
         "token-sidecar admin".to_string(),

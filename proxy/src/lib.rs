@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod connection;
 pub mod demo;
 pub mod errors;
 pub mod logging;

@@ -173,6 +173,11 @@ impl ProxyHttp for Sidecar {
         }
     }
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        crate::connection::head_received(session);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let live = self.app.live.load_full();
         // Set first: the sidecar's own answers are logged and counted under this config too.
@@ -515,6 +520,7 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        crate::connection::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let route = ctx

@@ -1,0 +1,471 @@
+//! Client connections (SPEC §11): a cap on how many are held at once, a time limit on reading a
+//! request head, and an idle limit between keep-alive requests.
+//!
+//! Pingora 0.9 has none of these as settings: its keep-alive timer is hard-coded to 60 s for a
+//! connection's first request and becomes unlimited once a request has been read (an HTTP/1.1
+//! request without `Connection: close` sets it to "infinite"); its header read timeout restarts
+//! with every read, so a client that sends a byte now and then holds the connection for ever;
+//! and its accept loop spawns every connection without a limit. So the proxy's
+//! [`ServerApp`] is wrapped: [`Limited`] counts connections and refuses the ones over the cap
+//! with a 503, and every accepted stream is wrapped in a [`Guarded`] stream whose reads carry
+//! a deadline while a request head or the next request is awaited. The proxy service tells the
+//! stream where the connection stands ([`head_received`], [`request_done`]).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::SslDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora::proxy::Session;
+use pingora::server::ShutdownWatch;
+use sidecar_config::Downstream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::app::App;
+
+/// How long a refused connection may take to get its answer and close (lingering close).
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// What a refused connection may send before it is closed without waiting for its end.
+const REFUSAL_DRAIN: usize = 64 * 1024;
+/// The first bytes of an HTTP/2 connection (RFC 9113 §3.4): no request heads to time out.
+const H2_PREFACE_START: &[u8] = b"PRI ";
+
+/// Wraps the proxy application: at most `downstream.max_connections` client connections at
+/// once, each stream [`Guarded`]. Limits are read from the live config at each accept, so a
+/// reload applies to new connections.
+pub struct Limited<A> {
+    app: Arc<A>,
+    sidecar: Arc<App>,
+    open: AtomicUsize,
+    gauge: metrics::Gauge,
+    refused: metrics::Counter,
+}
+
+impl<A> Limited<A> {
+    /// Wraps `app`.
+    pub fn new(app: A, sidecar: Arc<App>) -> Limited<A> {
+        Limited {
+            app: Arc::new(app),
+            sidecar,
+            open: AtomicUsize::new(0),
+            gauge: metrics::gauge!("sidecar_client_connections"),
+            refused: metrics::counter!("sidecar_client_connections_refused_total"),
+        }
+    }
+
+    /// A place among the open connections, if fewer than `max` are open.
+    fn slot(&self, max: usize) -> Option<Slot<'_, A>> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.gauge.increment(1.0);
+        Some(Slot(self))
+    }
+}
+
+/// One open connection of a [`Limited`] app; given back on drop.
+struct Slot<'a, A>(&'a Limited<A>);
+
+impl<A> Drop for Slot<'_, A> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.decrement(1.0);
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let limits = self.sidecar.live.load().config.downstream;
+        let Some(_slot) = self.slot(limits.max_connections) else {
+            self.refused.increment(1);
+            refuse(stream, limits.max_connections).await;
+            return None;
+        };
+        let mut next = Some(Box::new(Guarded::new(stream, limits)) as Stream);
+        // HTTP applications keep a connection to themselves; a stream handed back is served
+        // here too, so that it keeps its place and its guard.
+        while let Some(stream) = next {
+            next = A::process_new(&self.app, stream, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await;
+    }
+}
+
+/// Answers a connection over the cap: 503 `too_many_connections` with `Connection: close`,
+/// then a lingering close — the client's request is read and dropped until it closes (bounded
+/// in time and bytes), so that closing with unread data does not reset the connection and
+/// destroy the answer before the client has read it.
+async fn refuse(mut stream: Stream, max: usize) {
+    tracing::debug!(max, "client connection refused: too many connections");
+    let body = serde_json::json!({
+        "error": "too_many_connections",
+        "message": format!("the sidecar holds its maximum of {max} client connections; retry shortly"),
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.flush().await?;
+        AsyncWriteExt::shutdown(&mut stream).await?;
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < REFUSAL_DRAIN {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Where a connection stands, as far as the read deadline is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    /// A request head is being read: the whole head within `header_timeout`.
+    Head = 0,
+    /// A request is being served: body and response timeouts are Pingora's.
+    Request = 1,
+    /// Between keep-alive requests: the next request must start within `idle_timeout`.
+    Idle = 2,
+    /// HTTP/2: no heads of ours to time out; the h2 server's own idle timeout applies.
+    H2 = 3,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Head,
+            1 => Phase::Request,
+            2 => Phase::Idle,
+            _ => Phase::H2,
+        }
+    }
+}
+
+/// A client stream whose reads time out while a request head (`header_timeout`, counted from
+/// the head's first byte, or from the accept for the first request) or the next keep-alive
+/// request (`idle_timeout`) is awaited. A head cut short gets a best-effort 408 before the read
+/// fails; an idle connection just closes. Everything else is passed to the inner stream.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: Stream,
+    /// Set by the proxy service through [`head_received`] and [`request_done`].
+    phase: AtomicU8,
+    limits: Downstream,
+    /// The phase the deadline below belongs to; `None` before the first read.
+    seen: Option<Phase>,
+    deadline: Option<Instant>,
+    /// Armed only when a read has to wait: most reads find their bytes ready.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the current head have arrived (a timeout then deserves a 408).
+    head_started: bool,
+    /// Preface bytes matched so far; `None` once the protocol is known.
+    sniffed: Option<usize>,
+    timed_out: bool,
+}
+
+impl Guarded {
+    fn new(inner: Stream, limits: Downstream) -> Guarded {
+        Guarded {
+            inner,
+            phase: AtomicU8::new(Phase::Head as u8),
+            limits,
+            seen: None,
+            deadline: None,
+            timer: None,
+            head_started: false,
+            sniffed: Some(0),
+            timed_out: false,
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        // Once HTTP/2, always HTTP/2.
+        let _ = self
+            .phase
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                (Phase::from_u8(p) != Phase::H2).then_some(phase as u8)
+            });
+    }
+
+    fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// The deadline of the current phase, starting it if the phase is new.
+    fn deadline(&mut self, phase: Phase) -> Option<Instant> {
+        if self.seen != Some(phase) {
+            self.seen = Some(phase);
+            let limit = match phase {
+                Phase::Head => Some(self.limits.header_timeout),
+                Phase::Idle => Some(self.limits.idle_timeout),
+                Phase::Request | Phase::H2 => None,
+            };
+            self.deadline = limit.map(|d| Instant::now() + d);
+            if phase != Phase::Head {
+                self.head_started = false;
+            }
+        }
+        self.deadline
+    }
+
+    /// Whether `deadline` has passed; registers the waker for it otherwise.
+    fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// Looks at the first bytes of the connection: an HTTP/2 preface turns the deadlines off.
+    fn sniff(&mut self, data: &[u8]) {
+        let Some(matched) = self.sniffed else { return };
+        let want = &H2_PREFACE_START[matched..];
+        let n = want.len().min(data.len());
+        if data[..n] != want[..n] {
+            self.sniffed = None;
+        } else if n == want.len() {
+            self.sniffed = None;
+            self.set_phase(Phase::H2);
+        } else {
+            self.sniffed = Some(matched + n);
+        }
+    }
+
+    /// Best effort: one write attempt of a 408 for a client whose head stopped half way.
+    fn answer_timeout(&mut self, cx: &mut Context<'_>) {
+        let body = format!(
+            "{{\"error\":\"request_timeout\",\"message\":\"the request head did not arrive within {}\"}}",
+            humantime_ms(self.limits.header_timeout)
+        );
+        let answer = format!(
+            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let inner = Pin::new(&mut self.inner);
+        if let Poll::Ready(Ok(_)) = inner.poll_write(cx, answer.as_bytes()) {
+            let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        }
+    }
+}
+
+/// `10s`, `1500ms`: how a duration is written in the config.
+fn humantime_ms(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.timed_out {
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
+        let phase = this.phase();
+        let Some(deadline) = this.deadline(phase) else {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let data = &buf.filled()[before..];
+                if !data.is_empty() {
+                    if this.sniffed.is_some() {
+                        let mut first = [0u8; H2_PREFACE_START.len()];
+                        let n = first.len().min(data.len());
+                        first[..n].copy_from_slice(&data[..n]);
+                        this.sniff(&first[..n]);
+                    }
+                    if phase == Phase::Idle {
+                        // The next request has started: its head gets its own deadline.
+                        this.set_phase(Phase::Head);
+                        this.deadline(Phase::Head);
+                    }
+                    this.head_started = true;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if !this.expired(deadline, cx) {
+                    return Poll::Pending;
+                }
+                this.timed_out = true;
+                if phase == Phase::Head && this.head_started {
+                    tracing::debug!("request head not complete in time; answering 408");
+                    this.answer_timeout(cx);
+                } else {
+                    tracing::debug!(?phase, "client connection idle too long; closing it");
+                }
+                Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for Guarded {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(self.inner.as_mut()).await;
+    }
+}
+
+impl UniqueID for Guarded {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Guarded {
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Guarded {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Guarded {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for Guarded {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for Guarded {
+    /// Pingora peeks for the HTTP/2 preface before the first read (with h2c on): that wait is
+    /// part of the first head's time.
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let deadline = self.deadline(Phase::Head);
+        match deadline {
+            Some(at) => tokio::time::timeout_at(at, self.inner.try_peek(buf))
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+            None => self.inner.try_peek(buf).await,
+        }
+    }
+}
+
+fn guarded(session: &Session) -> Option<&Guarded> {
+    session
+        .as_downstream()
+        .stream()?
+        .as_any()
+        .downcast_ref::<Guarded>()
+}
+
+/// A request head has been read: the head deadline is over. Also asks Pingora to answer
+/// pipelined requests in order (RFC 9112 §9.3.2) instead of dropping them with the connection.
+pub fn head_received(session: &mut Session) {
+    session.as_downstream_mut().set_pipelining_enabled(true);
+    if let Some(g) = guarded(session) {
+        g.set_phase(Phase::Request);
+    }
+}
+
+/// The request is answered: the connection waits for the next one, at most `idle_timeout`.
+pub fn request_done(session: &Session) {
+    if let Some(g) = guarded(session) {
+        g.set_phase(Phase::Idle);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,203 @@
+//! The read deadlines of [`Guarded`], on a paused clock over an in-memory stream.
+
+use std::io;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::time::{timeout, Instant};
+
+use super::*;
+
+const HEADER: Duration = Duration::from_secs(5);
+const IDLE: Duration = Duration::from_secs(10);
+
+fn guarded() -> (Guarded, DuplexStream) {
+    let (server, client) = tokio::io::duplex(64 * 1024);
+    let limits = Downstream {
+        header_timeout: HEADER,
+        idle_timeout: IDLE,
+        max_connections: 1,
+    };
+    (Guarded::new(Box::new(server), limits), client)
+}
+
+/// Reads until an error; returns the error kind and what was read.
+async fn read_until_error(g: &mut Guarded) -> (io::ErrorKind, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match g.read(&mut buf).await {
+            Ok(0) => panic!("EOF instead of a timeout"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (e.kind(), got),
+        }
+    }
+}
+
+/// Everything the guarded side wrote, once it is gone.
+async fn written(g: Guarded, mut client: DuplexStream) -> String {
+    drop(g);
+    let mut out = Vec::new();
+    client.read_to_end(&mut out).await.unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_head_cut_short_gets_408_at_the_header_timeout() {
+    let (mut g, mut client) = guarded();
+    let start = Instant::now();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (kind, got) = read_until_error(&mut g).await;
+    assert_eq!(kind, io::ErrorKind::TimedOut);
+    assert_eq!(got, b"GET / HTTP/1.1\r\nHost: x\r\n");
+    assert_eq!(start.elapsed(), HEADER);
+    // Later reads fail too: the connection is done.
+    assert!(g.read(&mut [0u8; 8]).await.is_err());
+    let answer = written(g, client).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    assert!(
+        answer.ends_with(
+            "\"request_timeout\",\"message\":\"the request head did not arrive within 5s\"}"
+        ),
+        "{answer}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_never_speaks_closes_without_an_answer() {
+    let (mut g, client) = guarded();
+    let start = Instant::now();
+    let (kind, got) = read_until_error(&mut g).await;
+    assert_eq!(kind, io::ErrorKind::TimedOut);
+    assert!(got.is_empty());
+    assert_eq!(start.elapsed(), HEADER);
+    assert_eq!(written(g, client).await, "");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dribbled_head_ends_at_the_deadline_however_often_bytes_come() {
+    let (mut g, mut client) = guarded();
+    let start = Instant::now();
+    let dribble = tokio::spawn(async move {
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if client.write_all(b"X").await.is_err() {
+                return client;
+            }
+        }
+    });
+    let (kind, got) = read_until_error(&mut g).await;
+    assert_eq!(kind, io::ErrorKind::TimedOut);
+    assert!(got.len() > 10, "{got:?}");
+    let took = start.elapsed();
+    assert!(
+        took >= HEADER && took < HEADER + Duration::from_millis(300),
+        "{took:?}"
+    );
+    dribble.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_in_flight_has_no_deadline_of_ours() {
+    let (mut g, mut client) = guarded();
+    client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    assert!(g.read(&mut buf).await.unwrap() > 0);
+    g.set_phase(Phase::Request);
+    // A body that takes an hour is Pingora's read timeout's business, not ours.
+    let waited = timeout(Duration::from_secs(3600), g.read(&mut buf)).await;
+    assert!(waited.is_err(), "the read ended: {waited:?}");
+    client.write_all(b"body").await.unwrap();
+    assert_eq!(g.read(&mut buf).await.unwrap(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_connection_closes_quietly_at_the_idle_timeout() {
+    let (mut g, client) = guarded();
+    g.set_phase(Phase::Request);
+    g.set_phase(Phase::Idle);
+    let start = Instant::now();
+    let (kind, _) = read_until_error(&mut g).await;
+    assert_eq!(kind, io::ErrorKind::TimedOut);
+    assert_eq!(start.elapsed(), IDLE);
+    assert_eq!(written(g, client).await, "", "an idle close says nothing");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_head_gets_its_own_deadline_from_its_first_byte() {
+    let (mut g, mut client) = guarded();
+    g.set_phase(Phase::Idle);
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        client.write_all(b"GE").await.unwrap();
+        client
+    });
+    let (kind, got) = read_until_error(&mut g).await;
+    assert_eq!(kind, io::ErrorKind::TimedOut);
+    assert_eq!(got, b"GE");
+    // 8 s idle (under the 10 s idle limit), then 5 s for the head.
+    assert_eq!(start.elapsed(), Duration::from_secs(8) + HEADER);
+    let client = sender.await.unwrap();
+    assert!(written(g, client).await.starts_with("HTTP/1.1 408 "));
+}
+
+#[tokio::test(start_paused = true)]
+async fn http2_connections_have_no_head_deadline() {
+    let (mut g, mut client) = guarded();
+    client
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(g.read(&mut buf).await.unwrap(), 24);
+    // The proxy's markers do not bring deadlines back either.
+    g.set_phase(Phase::Idle);
+    let waited = timeout(Duration::from_secs(3600), g.read(&mut buf)).await;
+    assert!(waited.is_err(), "the read ended: {waited:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// However the first bytes are cut into reads, the stream is taken for HTTP/2 exactly when
+    /// they start with the preface, and nothing panics.
+    #[test]
+    fn sniffing_sees_the_preface_across_any_split(
+        data in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..16),
+            Just(b"PRI * HTTP/2.0".to_vec()),
+            Just(b"PRI".to_vec()),
+            Just(b"POST / HTTP/1.1".to_vec()),
+        ],
+        cuts in proptest::collection::vec(1usize..5, 0..8),
+    ) {
+        let (server, _client) = tokio::io::duplex(16);
+        let limits = Downstream {
+            header_timeout: HEADER,
+            idle_timeout: IDLE,
+            max_connections: 1,
+        };
+        let mut g = Guarded::new(Box::new(server), limits);
+        let mut rest = data.as_slice();
+        for cut in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+            let n = (*cut).min(rest.len());
+            if n == 0 {
+                break;
+            }
+            g.sniff(&rest[..n]);
+            rest = &rest[n..];
+        }
+        let h2 = g.phase() == Phase::H2;
+        prop_assert_eq!(h2, data.starts_with(H2_PREFACE_START));
+    }
+}
