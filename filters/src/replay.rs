@@ -230,4 +230,52 @@ mod tests {
             NextStep::PassThrough(SkipReason::AttemptsExhausted)
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Any `WWW-Authenticate` bytes and any body: a verdict, never a panic; the
+            /// header alone decides only when it names `invalid_token`.
+            #[test]
+            fn classify_takes_any_header_and_body(
+                status in 100u16..1000,
+                www in proptest::collection::vec(any::<u8>(), 0..200),
+                body in proptest::collection::vec(any::<u8>(), 0..6000),
+            ) {
+                let expiry = Config::parse(
+                    "upstreams:\n  - { name: api, url: \"http://127.0.0.1:1\" }\n",
+                    "t.yaml",
+                )
+                .unwrap()
+                .upstreams[0]
+                .expiry
+                .clone();
+                let verdict = classify(status, Some(&www), &expiry);
+                if verdict == ExpiryVerdict::Expired && !expiry.statuses.contains(&status) {
+                    let text = String::from_utf8_lossy(&www).to_ascii_lowercase();
+                    prop_assert!(text.contains("invalid_token"));
+                }
+                let _ = body_matches(&body, &expiry.body_patterns);
+            }
+
+            /// The header form RFC 6750 gives, whatever the spacing, case and quoting.
+            #[test]
+            fn rfc_6750_invalid_token_is_recognised(
+                realm in "[a-z]{0,10}",
+                upper in any::<bool>(),
+                quoted in any::<bool>(),
+                space in " {0,3}",
+            ) {
+                let error = if quoted { "\"invalid_token\"" } else { "invalid_token" };
+                let v = format!("Bearer realm=\"{realm}\",{space}error={error}");
+                let v = if upper { v.to_uppercase() } else { v };
+                prop_assert!(says_invalid_token(v.as_bytes()));
+            }
+        }
+    }
 }

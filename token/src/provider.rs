@@ -113,6 +113,12 @@ pub trait Provider: Send + Sync + 'static {
     fn changed(&self) -> Option<BoxFuture<'_, ()>> {
         None
     }
+
+    /// The token comes from this process or its files, not from a server: asking again costs
+    /// nothing, so no `min_interval` or backoff applies to it.
+    fn local(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the provider a config entry describes.
@@ -207,6 +213,10 @@ struct StaticToken {
 impl Provider for StaticToken {
     fn fetch<'a>(&'a self, _held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
         Box::pin(async move { Ok(Fetched::token(self.token.expose().to_string(), None)) })
+    }
+
+    fn local(&self) -> bool {
+        true
     }
 }
 

@@ -277,18 +277,6 @@ impl TokenSource {
         trigger: Trigger,
         stale: Option<u64>,
     ) -> Result<Arc<Token>, RefreshError> {
-        self.refresh_gated(trigger, stale, true).await
-    }
-
-    /// [`TokenSource::refresh`]; `gated: false` skips the wait for `min_interval` and the
-    /// backoff, for a token source that changed by itself (a replaced token file: no
-    /// identity-provider call is saved by waiting).
-    async fn refresh_gated(
-        &self,
-        trigger: Trigger,
-        stale: Option<u64>,
-        gated: bool,
-    ) -> Result<Arc<Token>, RefreshError> {
         let flight = {
             let mut book = lock(&self.inner.book);
             if let (Some(g), Some(cur)) = (stale, self.inner.current.load_full()) {
@@ -303,7 +291,7 @@ impl TokenSource {
             match &book.inflight {
                 Some(f) => f.clone(),
                 None => {
-                    let gate = self.gate(&book).filter(|_| gated);
+                    let gate = self.gate(&book).filter(|_| !self.inner.provider.local());
                     let inner = self.inner.clone();
                     let task = self.inner.handle.spawn(async move {
                         if let Some(at) = gate {
@@ -587,7 +575,7 @@ impl TokenSource {
                 }
                 _ = outside => {
                     tracing::info!(provider = %self.inner.name, "token source changed; reading it again");
-                    let _ = self.refresh_gated(Trigger::Proactive, None, false).await;
+                    let _ = self.refresh(Trigger::Proactive, None).await;
                 }
                 changed = changes.changed() => {
                     if changed.is_err() {

@@ -511,3 +511,38 @@ fn metrics_count_delays_rejections_and_waits_per_rule() {
         other => panic!("{other:?}"),
     }
 }
+
+mod retry_after_properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        /// Any header text: a delay or `None`, never a panic; and whatever delay it gives, a
+        /// hold placed with it stays within `max_retry_after`.
+        #[test]
+        fn any_value_parses_or_is_refused_and_holds_stay_bounded(value in "\\PC{0,40}") {
+            let now = SystemTime::now();
+            if let Some(d) = parse_retry_after(&value, now) {
+                let holds = UpstreamHolds::new(Duration::from_secs(30));
+                let until = holds.hold_for("api", d);
+                prop_assert!(until <= Instant::now() + Duration::from_secs(30));
+            }
+        }
+
+        #[test]
+        fn seconds_of_any_size(n in any::<u64>()) {
+            prop_assert_eq!(
+                parse_retry_after(&n.to_string(), SystemTime::now()),
+                Some(Duration::from_secs(n))
+            );
+        }
+
+        #[test]
+        fn digits_beyond_u64_are_refused(extra in "[1-9][0-9]{20,39}") {
+            prop_assert_eq!(parse_retry_after(&extra, SystemTime::now()), None);
+        }
+    }
+}

@@ -110,4 +110,8 @@ impl Provider for TokenFile {
             }
         }))
     }
+
+    fn local(&self) -> bool {
+        true
+    }
 }
