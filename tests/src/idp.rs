@@ -6,10 +6,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
@@ -17,6 +20,8 @@ use axum::routing::post;
 use axum::Router;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
+use hyper::body::{Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::registry::TokenRegistry;
@@ -81,6 +86,29 @@ pub enum Failure {
     Down,
 }
 
+/// A hostile or broken identity provider, set with [`MockIdp::set_hostile`]. It applies to
+/// every endpoint (token, JSON login, renew) after the request is recorded, before anything
+/// else is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hostile {
+    /// `307 Temporary Redirect` to this URL: a client that follows it re-sends the request,
+    /// body and credentials included, there.
+    Redirect(String),
+    /// `200` with a body of `bytes` bytes of JSON whitespace (never a token), streamed lazily
+    /// so the mock itself stays small; [`MockIdp::streamed_bytes`] counts what went out. With
+    /// `declare_length` the answer carries its `Content-Length`, else it is chunked.
+    HugeBody {
+        /// Body size.
+        bytes: u64,
+        /// Send `Content-Length`.
+        declare_length: bool,
+    },
+    /// A refusal whose text echoes the request: `401 invalid_client` with
+    /// `error_description` = `"rejected Authorization: <header> body: <raw body>"` on the token
+    /// endpoint, `200 {"success":false,"errorMessage":..}` with the same text on the JSON ones.
+    EchoCredentials,
+}
+
 /// One request received by the token endpoint, as recorded by [`MockIdp`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdpRequest {
@@ -102,7 +130,17 @@ struct Settings {
     ttl: Duration,
     latency: Duration,
     failure: Option<Failure>,
+    hostile: Option<Hostile>,
     rotate: bool,
+}
+
+/// What [`Hostile::HugeBody`] answers sent so far.
+#[derive(Default)]
+struct Streams {
+    /// Bytes handed to the connection (sent or in its socket buffers).
+    produced: AtomicU64,
+    /// Huge bodies still being sent: dropped once finished or once the client went away.
+    open: AtomicUsize,
 }
 
 struct Shared {
@@ -115,6 +153,7 @@ struct Shared {
     requests: Mutex<Vec<IdpRequest>>,
     /// Refresh tokens that are still accepted.
     refresh_tokens: Mutex<std::collections::HashSet<String>>,
+    streams: Arc<Streams>,
 }
 
 /// A mock OAuth2 token endpoint (`POST /oauth2/token`, `client_credentials`
@@ -154,10 +193,12 @@ impl MockIdp {
                 ttl: cfg.ttl,
                 latency: cfg.latency,
                 failure: None,
+                hostile: None,
                 rotate: cfg.rotate_refresh_tokens,
             }),
             requests: Mutex::new(Vec::new()),
             refresh_tokens: Mutex::new(std::collections::HashSet::new()),
+            streams: Arc::default(),
         });
         let router = Router::new()
             .route("/oauth2/token", post(token_endpoint))
@@ -214,6 +255,23 @@ impl MockIdp {
     /// Injects a failure into every following request, or heals with `None`.
     pub fn set_failure(&self, failure: Option<Failure>) {
         lock(&self.shared.settings).failure = failure;
+    }
+
+    /// Makes every following request meet a hostile answer, or heals with `None`.
+    pub fn set_hostile(&self, hostile: Option<Hostile>) {
+        lock(&self.shared.settings).hostile = hostile;
+    }
+
+    /// Bytes of [`Hostile::HugeBody`] answers handed to connections so far: what a client that
+    /// stops reading early made the mock send (socket buffers included).
+    pub fn streamed_bytes(&self) -> u64 {
+        self.shared.streams.produced.load(Ordering::SeqCst)
+    }
+
+    /// [`Hostile::HugeBody`] answers still being sent; zero once each finished or its
+    /// connection closed.
+    pub fn streams_open(&self) -> usize {
+        self.shared.streams.open.load(Ordering::SeqCst)
     }
 
     /// The JSON login endpoint, `{url}/api/Auth/loginKey`.
@@ -348,6 +406,9 @@ async fn token_endpoint(
         client_id: presented_id,
         params: fields,
     });
+    if let Some(resp) = hostile_answer(&shared, &headers, &body, true) {
+        return resp;
+    }
 
     let latency = lock(&shared.settings).latency;
     if !latency.is_zero() {
@@ -473,6 +534,194 @@ async fn token_endpoint(
     resp
 }
 
+/// The answer [`Hostile`] asks for, if any. `oauth`: shaped for the token endpoint, else for
+/// the JSON endpoints.
+fn hostile_answer(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &Result<bytes::Bytes, axum::Error>,
+    oauth: bool,
+) -> Option<Response> {
+    let hostile = lock(&shared.settings).hostile.clone()?;
+    Some(match hostile {
+        Hostile::Redirect(to) => {
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            if let Ok(v) = HeaderValue::from_str(&to) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            resp
+        }
+        Hostile::HugeBody {
+            bytes,
+            declare_length,
+        } => {
+            shared.streams.open.fetch_add(1, Ordering::SeqCst);
+            let body = Spaces {
+                left: bytes,
+                exact: declare_length,
+                streams: Arc::clone(&shared.streams),
+            };
+            let mut resp = Response::new(Body::new(body));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if declare_length {
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes));
+            }
+            resp
+        }
+        Hostile::EchoCredentials => {
+            let authorization = headers
+                .get(header::AUTHORIZATION)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            let raw = body
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            let text = format!("rejected Authorization: {authorization} body: {raw}");
+            if oauth {
+                oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", Some(&text))
+            } else {
+                json_response(
+                    StatusCode::OK,
+                    serde_json::json!({"success": false, "errorMessage": text}).to_string(),
+                )
+            }
+        }
+    })
+}
+
+/// The body of [`Hostile::HugeBody`]: spaces, 64 KiB at a time, produced only as fast as the
+/// connection takes them.
+struct Spaces {
+    left: u64,
+    exact: bool,
+    streams: Arc<Streams>,
+}
+
+static SPACES: [u8; 64 * 1024] = [b' '; 64 * 1024];
+
+impl HttpBody for Spaces {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(SPACES.len() as u64);
+        self.left -= n;
+        self.streams.produced.fetch_add(n, Ordering::SeqCst);
+        // n is at most SPACES.len().
+        let chunk = &SPACES[..usize::try_from(n).unwrap_or(SPACES.len())];
+        Poll::Ready(Some(Ok(Frame::data(bytes::Bytes::from_static(chunk)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.exact {
+            SizeHint::with_exact(self.left)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+impl Drop for Spaces {
+    fn drop(&mut self) {
+        self.streams.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A loopback server standing for a foreign host (the target of a hostile redirect). It counts
+/// every connection and keeps every byte it receives, and answers each request with a token
+/// answer any provider type would accept, so a client that followed a redirect to it would
+/// visibly get a token from it. Dropping the handle stops it.
+pub struct Catcher {
+    addr: SocketAddr,
+    seen: Arc<Mutex<(usize, Vec<u8>)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Catcher {
+    /// Starts it on `127.0.0.1:0` on the current tokio runtime.
+    ///
+    /// # Panics
+    /// If no loopback port can be bound.
+    pub async fn start() -> Catcher {
+        let (listener, addr) = server::bind_loopback()
+            .await
+            .expect("catcher: cannot bind 127.0.0.1:0");
+        let seen: Arc<Mutex<(usize, Vec<u8>)>> = Arc::default();
+        let state = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                lock(&state).0 += 1;
+                tokio::spawn(catch(stream, Arc::clone(&state)));
+            }
+        });
+        Catcher { addr, seen, task }
+    }
+
+    /// `http://127.0.0.1:PORT/stolen`: where a hostile IdP redirects to.
+    pub fn url(&self) -> String {
+        format!("http://{}/stolen", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        lock(&self.seen).0
+    }
+
+    /// Every byte received so far, all connections together.
+    pub fn received(&self) -> Vec<u8> {
+        lock(&self.seen).1.clone()
+    }
+}
+
+impl Drop for Catcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl fmt::Debug for Catcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Catcher").field("addr", &self.addr).finish()
+    }
+}
+
+/// Keeps what one connection sends until it pauses (the whole request), then answers.
+async fn catch(mut stream: tokio::net::TcpStream, seen: Arc<Mutex<(usize, Vec<u8>)>>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0usize;
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await
+    {
+        if n == 0 || total > MAX_BODY {
+            break;
+        }
+        total += n;
+        lock(&seen).1.extend_from_slice(&buf[..n]);
+    }
+    let body = r#"{"access_token":"caught-token","token":"caught-token","newToken":"caught-token","success":true,"token_type":"Bearer","expires_in":3600,"expiresIn":3600}"#;
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(resp.as_bytes()).await;
+}
+
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// A form field of the raw body (the recorded `params` leave out none of these).
@@ -548,8 +797,13 @@ async fn json_prelude(shared: &Shared) -> Option<Response> {
 
 /// `POST /api/Auth/loginKey` with `{"userName": .., "apiKey": ..}`: `{"success":true,
 /// "token":..,"expiresIn":..}`, or `200 {"success":false,"errorMessage":..}` like the real API.
-async fn login_key_endpoint(State(shared): State<Arc<Shared>>, body: Body) -> Response {
-    let body = axum::body::to_bytes(body, MAX_BODY).await.ok();
+async fn login_key_endpoint(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let raw = axum::body::to_bytes(body, MAX_BODY).await;
+    let body = raw.as_ref().ok().cloned();
     let json: Option<serde_json::Value> = body.and_then(|b| serde_json::from_slice(&b).ok());
     let field = |k: &str| {
         json.as_ref()
@@ -565,6 +819,9 @@ async fn login_key_endpoint(State(shared): State<Arc<Shared>>, body: Body) -> Re
         client_id: user.clone(),
         params: HashMap::new(),
     });
+    if let Some(resp) = hostile_answer(&shared, &headers, &raw, false) {
+        return resp;
+    }
     if let Some(resp) = json_prelude(&shared).await {
         return resp;
     }
@@ -590,7 +847,12 @@ async fn login_key_endpoint(State(shared): State<Arc<Shared>>, body: Body) -> Re
 
 /// `POST /api/Auth/validate` with the current token as Bearer: `{"success":true,"newToken":..}`
 /// while that token is valid, else `401 {"success":false,"errorMessage":..}`.
-async fn validate_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+async fn validate_endpoint(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let raw = axum::body::to_bytes(body, MAX_BODY).await;
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -603,6 +865,9 @@ async fn validate_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap
         client_id: None,
         params: HashMap::new(),
     });
+    if let Some(resp) = hostile_answer(&shared, &headers, &raw, false) {
+        return resp;
+    }
     if let Some(resp) = json_prelude(&shared).await {
         return resp;
     }

@@ -23,7 +23,7 @@ mod util;
 #[cfg(test)]
 mod tests;
 
-pub use idp::{Failure, IdpConfig, IdpRequest, MockIdp};
+pub use idp::{Catcher, Failure, Hostile, IdpConfig, IdpRequest, MockIdp};
 pub use registry::TokenRegistry;
 pub use tls::TlsMaterial;
 pub use upstream::{MockUpstream, Recorded, Scripted, UpstreamConfig};

@@ -6,6 +6,7 @@
 //! restarts.
 
 mod provider;
+mod read;
 mod schedule;
 mod source;
 mod store;

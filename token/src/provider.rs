@@ -8,10 +8,14 @@ mod json_login;
 mod oauth;
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
 use futures::future::BoxFuture;
-use sidecar_config::{ProviderKind, Secret};
+use sidecar_config::{ProviderKind, Secret, MAX_DURATION};
+
+use crate::token::{jwt_exp_claim, JwtExp};
 
 pub use assertion::AssertionSigner;
 
@@ -121,8 +125,13 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
-/// Builds the provider a config entry describes.
+/// Builds the provider a config entry describes. Whatever its type, a token it obtains that
+/// says it lives more than [`MAX_DURATION`] is refused as an unusable answer.
 pub fn build_provider(kind: &ProviderKind) -> Box<dyn Provider> {
+    Box::new(Checked(build_unchecked(kind)))
+}
+
+fn build_unchecked(kind: &ProviderKind) -> Box<dyn Provider> {
     match kind {
         ProviderKind::ClientCredentials {
             client,
@@ -196,11 +205,16 @@ pub fn check_provider(kind: &ProviderKind) -> Result<(), String> {
     Ok(())
 }
 
+/// The HTTP client of the identity-provider calls. It never follows a redirect: every such call
+/// carries credentials (a client secret, a password, an API key, a refresh token) meant for the
+/// configured URL only, and a 307/308 would re-send them to wherever `Location` points. The
+/// overall timeout is the time cap of every exchange, body included.
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .pool_idle_timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
         .build()
         .unwrap_or_default()
@@ -218,6 +232,84 @@ impl Provider for StaticToken {
     fn local(&self) -> bool {
         true
     }
+}
+
+/// Every provider built from config, so that no token with an absurd lifetime gets out of this
+/// crate whatever its type: a lifetime past [`MAX_DURATION`] is an unusable answer.
+struct Checked(Box<dyn Provider>);
+
+impl Provider for Checked {
+    fn fetch<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
+        Box::pin(async move { self.0.fetch(held).await.and_then(check_lifetime) })
+    }
+
+    fn changed(&self) -> Option<BoxFuture<'_, ()>> {
+        self.0.changed()
+    }
+}
+
+/// Refuses a token that says it lives longer than [`MAX_DURATION`] (an `expires_in`, or else the
+/// JWT `exp` the source would use).
+pub(crate) fn check_lifetime(fetched: Fetched) -> Result<Fetched, ProviderError> {
+    match fetched.expires_in {
+        Some(d) if d > MAX_DURATION => Err(ProviderError::Malformed(
+            "the token's lifetime is more than 100 years".into(),
+        )),
+        Some(_) => Ok(fetched),
+        None => match jwt_exp_claim(&fetched.access_token) {
+            JwtExp::TooFar => Err(ProviderError::Malformed(
+                "the token's JWT exp is more than 100 years away".into(),
+            )),
+            JwtExp::At(_) | JwtExp::Absent => Ok(fetched),
+        },
+    }
+}
+
+/// Largest identity-provider or `json_login` answer read (SPEC §11); a token answer is a few
+/// hundred bytes.
+pub(crate) const MAX_ANSWER: usize = 1 << 20;
+
+/// Reads an answer body of at most [`MAX_ANSWER`] bytes. A larger one is refused as soon as it
+/// shows (its `Content-Length`, or the running total), without reading the rest: dropping the
+/// response closes the connection. The client's timeout bounds the time.
+async fn read_answer(mut resp: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+    let too_large = || ProviderError::Malformed("answer is larger than 1 MiB".into());
+    if resp.content_length().is_some_and(|n| n > MAX_ANSWER as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(network_error)? {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The answer's status and body, or the refusal of a redirect: where it points is told (its
+/// origin only, scrubbed) but nothing is sent there.
+async fn answer(
+    resp: reqwest::Response,
+    redactor: &Redactor,
+) -> Result<(reqwest::StatusCode, Vec<u8>), ProviderError> {
+    let status = resp.status();
+    if status.is_redirection() {
+        let to = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| resp.url().join(l).ok())
+            .map(|u| format!(" to {}", u.origin().ascii_serialization()))
+            .unwrap_or_default();
+        return Err(ProviderError::Rejected {
+            status: status.as_u16(),
+            message: redactor.clean(&format!(
+                "redirect{to} not followed: credentials go to the configured URL only"
+            )),
+        });
+    }
+    Ok((status, read_answer(resp).await?))
 }
 
 /// Describes a transport error without the URL's query (which never holds secrets here, but
@@ -255,71 +347,185 @@ pub(crate) fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-/// Replaces every occurrence of a secret in a message the identity provider wrote: some echo the
-/// credentials they refused.
-pub(crate) fn scrub<'a>(message: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
-    let mut out = message.to_string();
-    for s in secrets {
-        if s.len() >= 4 && out.contains(s) {
-            out = out.replace(s, "<redacted>");
+/// Takes every secret a provider sends out of the texts its identity provider writes back: some
+/// echo the request they refused, so a secret may return raw, form- or percent-encoded,
+/// JSON-escaped, base64-encoded, or inside the base64 of a `Basic` header (`id:secret`).
+#[derive(Clone, Default)]
+pub(crate) struct Redactor {
+    /// Every encoding of every secret, longest first.
+    needles: Vec<String>,
+}
+
+impl Redactor {
+    /// Shorter secrets are not looked for: replacing them would mangle every message.
+    const MIN_LEN: usize = 4;
+
+    /// Adds a secret in all its encodings.
+    pub(crate) fn secret(&mut self, secret: &str) -> &mut Self {
+        if secret.len() < Self::MIN_LEN {
+            return self;
         }
+        let form = form_encode(secret);
+        let json = serde_json::to_string(secret).unwrap_or_default();
+        let mut found = vec![
+            secret.to_string(),
+            form.replace('+', "%20"),
+            lower_hex(&form),
+            json.trim_matches('"').to_string(),
+            STANDARD_NO_PAD.encode(secret),
+            URL_SAFE_NO_PAD.encode(secret),
+        ];
+        found.push(form);
+        self.add(found);
+        self
     }
+
+    /// Adds a client id and secret as they travel in `Authorization: Basic` (RFC 6749 §2.3.1
+    /// form-encodes both parts first; some clients do not), plus the secret alone.
+    pub(crate) fn basic(&mut self, client_id: &str, secret: &str) -> &mut Self {
+        self.secret(secret);
+        let mut found = Vec::new();
+        for pair in [
+            format!("{client_id}:{secret}"),
+            format!("{}:{}", form_encode(client_id), form_encode(secret)),
+        ] {
+            found.push(STANDARD_NO_PAD.encode(&pair));
+            found.push(URL_SAFE_NO_PAD.encode(&pair));
+        }
+        self.add(found);
+        self
+    }
+
+    fn add(&mut self, found: Vec<String>) {
+        self.needles
+            .extend(found.into_iter().filter(|n| n.len() >= Self::MIN_LEN));
+        self.needles
+            .sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        self.needles.dedup();
+    }
+
+    /// Replaces every occurrence with `<redacted>`.
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for n in &self.needles {
+            if out.contains(n.as_str()) {
+                out = out.replace(n.as_str(), "<redacted>");
+            }
+        }
+        out
+    }
+
+    /// A text from the identity provider made fit for a log line and an admin answer: secrets
+    /// scrubbed (before cutting, so no secret is cut in half and left), control characters
+    /// turned into spaces, at most 200 bytes.
+    pub(crate) fn clean(&self, text: &str) -> String {
+        let scrubbed = self.scrub(text);
+        let flat: String = scrubbed
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        truncate(&flat)
+    }
+}
+
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// `%2F` → `%2f`: some servers echo percent-encoding in lower case.
+fn lower_hex(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut rest = encoded;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let esc = rest.get(at..at + 3).unwrap_or(&rest[at..]);
+        out.push_str(&esc.to_ascii_lowercase());
+        rest = &rest[at + esc.len()..];
+    }
+    out.push_str(rest);
     out
 }
 
-/// `error: error_description` from an OAuth2 error body (or the common alternatives).
-pub(crate) fn error_message(json: &serde_json::Value) -> Option<String> {
+/// `error: error_description` from an OAuth2 error body (or the common alternatives), cleaned
+/// by `redactor`. Nothing else of an answer ever reaches a message.
+pub(crate) fn error_message(json: &serde_json::Value, redactor: &Redactor) -> Option<String> {
     let field = |k: &str| json.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let code = field("error");
     let text = field("error_description")
         .or_else(|| field("errorMessage"))
         .or_else(|| field("message"));
-    match (code, text) {
-        (Some(c), Some(t)) => Some(truncate(&format!("{c}: {t}"))),
-        (Some(c), None) => Some(truncate(&c)),
-        (None, Some(t)) => Some(truncate(&t)),
-        (None, None) => None,
-    }
+    let joined = match (code, text) {
+        (Some(c), Some(t)) => format!("{c}: {t}"),
+        (Some(c), None) => c,
+        (None, Some(t)) => t,
+        (None, None) => return None,
+    };
+    Some(redactor.clean(&joined))
 }
 
-/// Seconds from a JSON number or numeric string; positive and finite only.
-pub(crate) fn seconds(v: &serde_json::Value) -> Option<Duration> {
+/// A relative lifetime (`expires_in`) from a JSON number or numeric string. `Ok(None)` when it
+/// says nothing usable (not a number, NaN, zero or negative): the lifetime then comes from the
+/// JWT or `default_ttl`. More than [`MAX_DURATION`] (infinity included) is an unusable answer.
+pub(crate) fn seconds(
+    v: &serde_json::Value,
+    what: &str,
+) -> Result<Option<Duration>, ProviderError> {
+    let Some(secs) = number(v) else {
+        return Ok(None);
+    };
+    if secs.is_nan() || secs <= 0.0 {
+        return Ok(None);
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(too_far(what));
+    }
+    Ok(Some(Duration::from_secs_f64(secs)))
+}
+
+/// Time left until an absolute expiry (`expires_at`) given as Unix seconds (milliseconds when
+/// implausibly large) or an RFC 3339 string. `Ok(None)` when unreadable, zero or negative;
+/// zero when already past; an unusable answer when more than [`MAX_DURATION`] away.
+pub(crate) fn until(v: &serde_json::Value, what: &str) -> Result<Option<Duration>, ProviderError> {
+    let now = SystemTime::now();
+    let latest = now.checked_add(MAX_DURATION).unwrap_or(now);
+    let at = match number(v) {
+        Some(mut secs) => {
+            if secs.is_nan() || secs <= 0.0 {
+                return Ok(None);
+            }
+            if secs > 1e11 {
+                secs /= 1000.0;
+            }
+            let latest_secs = latest
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            if secs > latest_secs {
+                return Err(too_far(what));
+            }
+            UNIX_EPOCH + Duration::from_secs_f64(secs)
+        }
+        None => match v.as_str().map(|s| humantime::parse_rfc3339_weak(s.trim())) {
+            Some(Ok(at)) => at,
+            _ => return Ok(None),
+        },
+    };
+    if at > latest {
+        return Err(too_far(what));
+    }
+    Ok(Some(at.duration_since(now).unwrap_or(Duration::ZERO)))
+}
+
+/// A JSON number, or a string holding one.
+fn number(v: &serde_json::Value) -> Option<f64> {
     match v {
         serde_json::Value::Number(n) => n.as_f64(),
         serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
     }
-    .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e10)
-    .map(Duration::from_secs_f64)
 }
 
-/// Time left until an absolute expiry given as Unix seconds (milliseconds when implausibly
-/// large) or an RFC 3339 string. `None` when unreadable; zero when already past.
-pub(crate) fn until(v: &serde_json::Value) -> Option<Duration> {
-    let at = match v {
-        serde_json::Value::Number(n) => {
-            let mut secs = n.as_f64()?;
-            if secs > 1e11 {
-                secs /= 1000.0;
-            }
-            if !secs.is_finite() || secs <= 0.0 || secs > 1e11 {
-                return None;
-            }
-            std::time::UNIX_EPOCH + Duration::from_secs_f64(secs)
-        }
-        serde_json::Value::String(s) => {
-            let s = s.trim();
-            match s.parse::<f64>() {
-                Ok(_) => return until(&serde_json::Value::from(s.parse::<f64>().ok()?)),
-                Err(_) => humantime::parse_rfc3339_weak(s).ok()?,
-            }
-        }
-        _ => return None,
-    };
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+fn too_far(what: &str) -> ProviderError {
+    ProviderError::Malformed(format!("{what} is more than 100 years away"))
 }
 
 #[cfg(test)]

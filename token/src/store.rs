@@ -10,13 +10,14 @@
 //! ```
 //!
 //! Writes go to a temp file in the same directory (mode 0600), are fsynced, renamed over the old
-//! file and the directory is fsynced: a crash leaves either the old or the new file, whole.
+//! file and the directory is fsynced: a crash leaves either the old or the new file, whole (and
+//! maybe a temp file, which the next start removes).
 
 use std::fmt;
 use std::io::Write;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -24,6 +25,9 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
+use sidecar_config::MAX_DURATION;
+
+use crate::read::read_regular;
 
 const MAGIC: &[u8; 4] = b"TSK1";
 const VERSION: u8 = 1;
@@ -38,6 +42,8 @@ pub(crate) const PBKDF2_ITERATIONS: u32 = 600_000;
 const MAX_ITERATIONS: u32 = 10_000_000;
 /// A store file is a few hundred bytes; anything this large is not one.
 const MAX_FILE: u64 = 256 * 1024;
+/// A temp file of a running process older than this is not a write in progress.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
 
 /// Why a store file could not be used. Never carries file contents or key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,10 +115,13 @@ impl Record {
             .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64)
     }
 
-    /// Time left until the access token expires, on the wall clock.
+    /// Time left until the access token expires, on the wall clock; at most
+    /// [`MAX_DURATION`], whatever the file says.
     pub fn ttl_left(&self, now: SystemTime) -> Duration {
         let exp = UNIX_EPOCH + Duration::from_millis(self.expires_at_ms);
-        exp.duration_since(now).unwrap_or(Duration::ZERO)
+        exp.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_DURATION)
     }
 
     /// How long ago it was issued, on the wall clock.
@@ -172,6 +181,7 @@ impl Store {
         provider: &str,
         iterations: u32,
     ) -> Store {
+        process_start();
         let trimmed = key.trim();
         let raw = base64::engine::general_purpose::STANDARD
             .decode(trimmed)
@@ -263,14 +273,91 @@ impl Store {
         .ok_or_else(|| self.corrupt("cannot derive a key"))
     }
 
-    /// Reads the stored record. `Ok(None)`: no file yet.
+    /// Reads the stored record. `Ok(None)`: no file yet. Something at the path that is not a
+    /// regular file (a FIFO would block the read for ever) is an error, never read. Temp files
+    /// that an interrupted write left behind are removed first (the process runs this once, at
+    /// its start, before it writes).
     pub fn load(&self) -> Result<Option<Record>, StoreError> {
-        let bytes = match read_limited(&self.path) {
+        self.remove_stale_temp_files();
+        let bytes = match read_regular(&self.path, MAX_FILE) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io(e)),
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: self.path.display().to_string(),
+                    message: e.to_string(),
+                })
+            }
         };
         self.open(&bytes).map(Some)
+    }
+
+    /// The directory of the file and the prefix of its temp files.
+    fn temp_prefix(&self) -> (PathBuf, String) {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "store".into());
+        (dir, format!(".{file_name}.tmp-"))
+    }
+
+    /// Removes `.<name>.tmp-<pid>-<hex>` files of writes that can no longer finish: their writer
+    /// is gone (a kill -9 or power loss between create and rename). A temp file of a live
+    /// process is kept unless it is old: a write takes milliseconds.
+    fn remove_stale_temp_files(&self) {
+        let (dir, prefix) = self.temp_prefix();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let own = std::process::id();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            let modified = meta.modified().ok();
+            let stale = if pid == own {
+                // Ours only if written since this process started; else a previous life of
+                // the same pid (pid 1 in a container) left it.
+                modified.is_none_or(|m| m < *process_start())
+            } else {
+                !process_alive(pid)
+                    || modified.is_none_or(|m| {
+                        SystemTime::now()
+                            .duration_since(m)
+                            .is_ok_and(|age| age > STALE_TEMP_AGE)
+                    })
+            };
+            if stale {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => tracing::info!(
+                        file = %entry.path().display(),
+                        "removed a temp file of an interrupted token store write"
+                    ),
+                    Err(e) => tracing::warn!(
+                        file = %entry.path().display(),
+                        error = %e,
+                        "cannot remove a temp file of an interrupted token store write"
+                    ),
+                }
+            }
+        }
     }
 
     /// Decrypts file contents.
@@ -374,19 +461,11 @@ impl Store {
     }
 
     fn replace_file(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "store".into());
+        let (dir, prefix) = self.temp_prefix();
         let mut suffix = [0u8; 6];
         let _ = self.rng.fill(&mut suffix);
         let tmp = dir.join(format!(
-            ".{file_name}.tmp-{}-{}",
+            "{prefix}{}-{}",
             std::process::id(),
             suffix
                 .iter()
@@ -422,18 +501,18 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let f = std::fs::File::open(path)?;
-    let mut buf = Vec::new();
-    f.take(MAX_FILE + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > MAX_FILE {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "file is too large to be a token store",
-        ));
-    }
-    Ok(buf)
+/// When this process first made a store: temp files of its own pid older than this are from a
+/// previous process with the same pid.
+fn process_start() -> &'static SystemTime {
+    static START: OnceLock<SystemTime> = OnceLock::new();
+    START.get_or_init(SystemTime::now)
+}
+
+/// Whether a process with this pid runs. Without `/proc` nobody can tell: assume it does (the
+/// age rule still removes its temp files eventually).
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || proc.join(pid.to_string()).exists()
 }
 
 #[cfg(unix)]

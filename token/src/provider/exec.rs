@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sidecar_config::Secret;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{seconds, truncate, until, Fetched, Held, Provider, ProviderError};
 
@@ -48,27 +48,25 @@ impl Exec {
         let mut child = cmd
             .spawn()
             .map_err(|e| ProviderError::Setup(format!("cannot run {program}: {e}")))?;
-        let mut stdout = child.stdout.take().map(|s| s.take(MAX_OUTPUT));
-        let mut stderr = child.stderr.take().map(|s| s.take(MAX_OUTPUT));
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
         let work = async {
-            let mut out = Vec::new();
-            let mut err = Vec::new();
-            let read_out = async {
-                if let Some(s) = stdout.as_mut() {
-                    let _ = s.read_to_end(&mut out).await;
-                }
-            };
-            let read_err = async {
-                if let Some(s) = stderr.as_mut() {
-                    let _ = s.read_to_end(&mut err).await;
-                }
-            };
-            tokio::join!(read_out, read_err);
+            // The first stream over the limit ends both reads at once: the command is not
+            // waited for (it would block writing to a pipe nobody reads) but killed on drop.
+            let (out, err) = tokio::try_join!(
+                read_capped(stdout, "standard output"),
+                read_capped(stderr, "standard error")
+            )?;
             let status = child.wait().await;
-            (status, out, err)
+            Ok::<_, &'static str>((status, out, err))
         };
         let (status, out, err) = match tokio::time::timeout(self.timeout, work).await {
-            Ok(done) => done,
+            Ok(Ok(done)) => done,
+            Ok(Err(what)) => {
+                return Err(ProviderError::Malformed(format!(
+                    "{program} wrote more than 1 MiB to {what}; stopped it"
+                )))
+            }
             // Dropping the future drops the child, which kills it (kill_on_drop).
             Err(_) => {
                 return Err(ProviderError::Network(format!(
@@ -105,6 +103,22 @@ impl Exec {
     }
 }
 
+/// Reads a pipe to its end, at most [`MAX_OUTPUT`] bytes; `Err(what)` past that. A read error
+/// ends the output where it happened.
+async fn read_capped(
+    pipe: Option<impl AsyncRead + Unpin>,
+    what: &'static str,
+) -> Result<Vec<u8>, &'static str> {
+    let mut buf = Vec::new();
+    if let Some(p) = pipe {
+        let _ = p.take(MAX_OUTPUT + 1).read_to_end(&mut buf).await;
+    }
+    if buf.len() as u64 > MAX_OUTPUT {
+        return Err(what);
+    }
+    Ok(buf)
+}
+
 impl Provider for Exec {
     fn fetch<'a>(&'a self, _held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
         Box::pin(self.run())
@@ -128,7 +142,10 @@ pub(super) fn parse_output(out: &[u8]) -> Result<Fetched, ProviderError> {
                 .ok_or_else(|| {
                     ProviderError::Malformed("ExecCredential has no status.token".into())
                 })?;
-            let expires_in = status.get("expirationTimestamp").and_then(until);
+            let expires_in = match status.get("expirationTimestamp") {
+                Some(v) => until(v, "status.expirationTimestamp")?,
+                None => None,
+            };
             return Ok(Fetched::token(token.to_string(), expires_in));
         }
         let token = json
@@ -137,10 +154,15 @@ pub(super) fn parse_output(out: &[u8]) -> Result<Fetched, ProviderError> {
             .and_then(|v| v.as_str())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ProviderError::Malformed("command JSON has no token".into()))?;
-        let expires_in = json
-            .get("expires_in")
-            .and_then(seconds)
-            .or_else(|| json.get("expires_at").and_then(until));
+        let mut expires_in = match json.get("expires_in") {
+            Some(v) => seconds(v, "expires_in")?,
+            None => None,
+        };
+        if expires_in.is_none() {
+            if let Some(v) = json.get("expires_at") {
+                expires_in = until(v, "expires_at")?;
+            }
+        }
         return Ok(Fetched::token(token.to_string(), expires_in));
     }
     let line = text.lines().next().unwrap_or("").trim();

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 
 use super::{Fetched, Held, Provider, ProviderError};
+use crate::read::read_regular;
 
 /// How often the file's metadata is checked. A `stat` per second is negligible and, unlike
 /// inotify, follows symlink swaps (`..data` in Kubernetes volumes) and files on any filesystem.
@@ -16,6 +17,10 @@ const POLL: Duration = Duration::from_secs(1);
 
 /// Larger files are not token files.
 const MAX_SIZE: u64 = 1 << 20;
+
+/// A token file is on a local or projected volume; a read that takes longer hangs (a stuck
+/// network filesystem, a path swapped for a FIFO between the type check and the open).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What identifies one version of the file.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -60,27 +65,25 @@ impl TokenFile {
         // Marked seen before reading, so an unreadable version is not retried every poll.
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = self.version();
         let path = self.path.clone();
-        let bytes = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let f = std::fs::File::open(&path)?;
-            let mut buf = Vec::new();
-            f.take(MAX_SIZE + 1).read_to_end(&mut buf)?;
-            Ok::<_, std::io::Error>(buf)
-        })
-        .await
-        .map_err(|_| ProviderError::Setup("token file read was cancelled".into()))?
-        .map_err(|e| {
-            ProviderError::Setup(format!(
-                "cannot read token file {}: {e}",
-                self.path.display()
-            ))
-        })?;
-        if bytes.len() as u64 > MAX_SIZE {
-            return Err(ProviderError::Malformed(format!(
-                "token file {} is larger than 1 MiB",
-                self.path.display()
-            )));
-        }
+        let reading = tokio::task::spawn_blocking(move || read_regular(&path, MAX_SIZE));
+        let bytes = match tokio::time::timeout(READ_TIMEOUT, reading).await {
+            Ok(Ok(Ok(bytes))) => bytes,
+            Ok(Ok(Err(e))) => {
+                return Err(ProviderError::Setup(format!(
+                    "cannot read token file {}: {e}",
+                    self.path.display()
+                )))
+            }
+            Ok(Err(_)) => return Err(ProviderError::Setup("token file read was cancelled".into())),
+            // The blocked thread is left behind; the provider goes on.
+            Err(_) => {
+                return Err(ProviderError::Setup(format!(
+                    "cannot read token file {}: no answer within {}",
+                    self.path.display(),
+                    humantime::format_duration(READ_TIMEOUT)
+                )))
+            }
+        };
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| ProviderError::Malformed("token file is not UTF-8".into()))?;
         let token = text.trim();

@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use sidecar_config::JsonCall;
 
 use super::{
-    network_error, scrub, seconds, truncate, until, Fetched, Held, Provider, ProviderError,
+    answer, network_error, seconds, until, Fetched, Held, Provider, ProviderError, Redactor,
 };
 
 /// Where an error text is looked for when no `error_pointer` is configured.
@@ -16,8 +16,8 @@ pub(super) struct JsonLogin {
     http: reqwest::Client,
     login: JsonCall,
     renew: Option<JsonCall>,
-    /// Body and header values, scrubbed from messages.
-    secrets: Vec<String>,
+    /// Body and header values in every encoding, scrubbed from messages.
+    redactor: Redactor,
 }
 
 impl JsonLogin {
@@ -33,11 +33,15 @@ impl JsonLogin {
                 collect_strings(body.expose(), &mut secrets);
             }
         }
+        let mut redactor = Redactor::default();
+        for s in &secrets {
+            redactor.secret(s);
+        }
         JsonLogin {
             http,
             login,
             renew,
-            secrets,
+            redactor,
         }
     }
 
@@ -58,12 +62,13 @@ impl JsonLogin {
             })?;
             req = req.json(&json);
         }
+        let mut redactor = self.redactor.clone();
+        if let Some(token) = bearer {
+            redactor.secret(token);
+        }
         let resp = req.send().await.map_err(network_error)?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(network_error)?;
+        let (status, bytes) = answer(resp, &redactor).await?;
         let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
-        let mut secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
-        secrets.extend(bearer);
         let message = |json: &serde_json::Value| {
             let found = match &call.error_pointer {
                 Some(p) => json.pointer(p).and_then(text),
@@ -71,7 +76,7 @@ impl JsonLogin {
                     .iter()
                     .find_map(|p| json.pointer(p).and_then(text)),
             };
-            found.map(|m| scrub(&truncate(&m), secrets.iter().copied()))
+            found.map(|m| redactor.clean(&m))
         };
         if !status.is_success() {
             return Err(ProviderError::Rejected {
@@ -113,17 +118,15 @@ impl JsonLogin {
                 )),
             });
         };
-        let expires_in = call
-            .expires_in_pointer
-            .as_ref()
-            .and_then(|p| json.pointer(p))
-            .and_then(seconds)
-            .or_else(|| {
-                call.expires_at_pointer
-                    .as_ref()
-                    .and_then(|p| json.pointer(p))
-                    .and_then(until)
-            });
+        let mut expires_in = None;
+        if let Some((p, v)) = pointed(&json, call.expires_in_pointer.as_deref()) {
+            expires_in = seconds(v, &format!("the expiry at {p}"))?;
+        }
+        if expires_in.is_none() {
+            if let Some((p, v)) = pointed(&json, call.expires_at_pointer.as_deref()) {
+                expires_in = until(v, &format!("the expiry at {p}"))?;
+            }
+        }
         Ok(Fetched::token(token.to_string(), expires_in))
     }
 }
@@ -140,6 +143,15 @@ impl Provider for JsonLogin {
             self.call(&self.login, None).await
         })
     }
+}
+
+/// The value a configured pointer points at, with the pointer.
+fn pointed<'a, 'p>(
+    json: &'a serde_json::Value,
+    pointer: Option<&'p str>,
+) -> Option<(&'p str, &'a serde_json::Value)> {
+    let p = pointer?;
+    json.pointer(p).map(|v| (p, v))
 }
 
 fn text(v: &serde_json::Value) -> Option<String> {

@@ -9,8 +9,8 @@ use futures::future::BoxFuture;
 use sidecar_config::{ClientCredential, LoginFallback, OAuthClient, Secret};
 
 use super::{
-    error_message, network_error, scrub, seconds, AssertionSigner, Fetched, Held, Provider,
-    ProviderError,
+    answer, error_message, form_encode, network_error, seconds, AssertionSigner, Fetched, Held,
+    Provider, ProviderError, Redactor,
 };
 
 /// How a client authenticates, ready to use.
@@ -50,6 +50,8 @@ pub(super) struct OAuth {
     /// The configured refresh token was refused; never send it again (reuse of a rotated
     /// refresh token makes some IdPs revoke the whole family).
     initial_refused: AtomicBool,
+    /// The configured secrets, in every encoding, for messages the IdP writes.
+    redactor: Redactor,
 }
 
 impl OAuth {
@@ -79,7 +81,28 @@ impl OAuth {
             refreshes: false,
             initial_refresh_token: None,
             initial_refused: AtomicBool::new(false),
+            redactor: Redactor::default(),
         }
+        .with_redactor()
+    }
+
+    /// Collects every configured secret into the redactor.
+    fn with_redactor(mut self) -> OAuth {
+        let mut r = Redactor::default();
+        match &self.auth {
+            Auth::Basic(s) | Auth::Post(s) => {
+                r.basic(&self.client_id, s.expose());
+            }
+            Auth::None | Auth::Jwt(_) => {}
+        }
+        if let Login::Password { password, .. } = &self.login {
+            r.secret(password.expose());
+        }
+        if let Some(rt) = &self.initial_refresh_token {
+            r.secret(rt.expose());
+        }
+        self.redactor = r;
+        self
     }
 
     pub(super) fn client_credentials(
@@ -129,6 +152,7 @@ impl OAuth {
             initial_refresh_token: Some(refresh_token.clone()),
             ..OAuth::base(http, client, scopes, params, login)
         }
+        .with_redactor()
     }
 
     /// The refresh token to try: the held one, else the configured one unless it was refused.
@@ -147,22 +171,6 @@ impl OAuth {
             .map(|s| (s.expose().to_string(), true))
     }
 
-    /// Every secret this provider may see, to scrub from messages the IdP writes.
-    fn secrets<'a>(&'a self, extra: &'a [&'a str]) -> Vec<&'a str> {
-        let mut out: Vec<&str> = extra.to_vec();
-        match &self.auth {
-            Auth::Basic(s) | Auth::Post(s) => out.push(s.expose()),
-            Auth::None | Auth::Jwt(_) => {}
-        }
-        if let Login::Password { password, .. } = &self.login {
-            out.push(password.expose());
-        }
-        if let Some(rt) = &self.initial_refresh_token {
-            out.push(rt.expose());
-        }
-        out
-    }
-
     async fn grant(
         &self,
         mut form: Vec<(&str, String)>,
@@ -175,6 +183,11 @@ impl OAuth {
             form.push((k, v.clone()));
         }
         let mut req = self.http.post(&self.token_url);
+        // What this request carries that the configuration does not: scrubbed too.
+        let mut redactor = self.redactor.clone();
+        for s in in_flight_secrets {
+            redactor.secret(s);
+        }
         match &self.auth {
             Auth::None => form.push(("client_id", self.client_id.clone())),
             Auth::Basic(secret) => {
@@ -199,6 +212,7 @@ impl OAuth {
                     "client_assertion_type",
                     "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
                 ));
+                redactor.secret(&assertion);
                 form.push(("client_assertion", assertion));
             }
         }
@@ -211,7 +225,7 @@ impl OAuth {
             .send()
             .await
             .map_err(network_error)?;
-        token_response(resp, &self.secrets(in_flight_secrets)).await
+        token_response(resp, &redactor).await
     }
 
     async fn login(&self) -> Result<Fetched, ProviderError> {
@@ -279,27 +293,21 @@ impl Provider for OAuth {
     }
 }
 
-fn form_encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
 /// Reads an OAuth2 token answer: `access_token`, `expires_in` and `refresh_token` on success,
 /// `error` and `error_description` otherwise. Nothing else of the answer reaches a message, and
-/// `secrets` are scrubbed from what does.
+/// `redactor` cleans what does. A redirect is refused, a body over 1 MiB is not read.
 async fn token_response(
     resp: reqwest::Response,
-    secrets: &[&str],
+    redactor: &Redactor,
 ) -> Result<Fetched, ProviderError> {
-    let status = resp.status();
-    let bytes = resp.bytes().await.map_err(network_error)?;
+    let (status, bytes) = answer(resp, redactor).await?;
     let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     if !status.is_success() {
         return Err(ProviderError::Rejected {
             status: status.as_u16(),
             message: json
                 .as_ref()
-                .and_then(error_message)
-                .map(|m| scrub(&m, secrets.iter().copied()))
+                .and_then(|j| error_message(j, redactor))
                 .unwrap_or_else(|| "no OAuth2 error in the answer".into()),
         });
     }
@@ -310,7 +318,10 @@ async fn token_response(
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ProviderError::Malformed("answer has no access_token".into()))?
         .to_string();
-    let expires_in = json.get("expires_in").and_then(seconds);
+    let expires_in = match json.get("expires_in") {
+        Some(v) => seconds(v, "expires_in")?,
+        None => None,
+    };
     let refresh_token = json
         .get("refresh_token")
         .and_then(|v| v.as_str())

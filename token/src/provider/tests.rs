@@ -1,6 +1,7 @@
 //! Every provider type against the mock IdP (or a tiny in-test server / a real command), built
 //! from YAML through the config crate so the keys of SPEC §5 are exercised too.
 
+use std::path::Path;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -385,7 +386,7 @@ async fn fixed_server(status: u16, body: &'static str) -> String {
 async fn json_login_pointers_and_error_shapes() {
     let ok = fixed_server(
         200,
-        r#"{"data":{"jwt":"tok-abc","exp":"2999-01-01T00:00:00Z"},"ok":"true"}"#,
+        r#"{"data":{"jwt":"tok-abc","exp":"2099-01-01T00:00:00Z"},"ok":"true"}"#,
     )
     .await;
     let p = build(&format!(
@@ -469,7 +470,7 @@ async fn exec_reads_every_output_shape() {
         ("t-json", Some(Duration::from_secs(120)))
     );
     let f = exec(
-        r#"echo '{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"t-k8s","expirationTimestamp":"2999-01-01T00:00:00Z"}}'"#,
+        r#"echo '{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"t-k8s","expirationTimestamp":"2099-01-01T00:00:00Z"}}'"#,
         "5s",
     )
     .fetch(&Held::default())
@@ -574,5 +575,441 @@ fn debug_output_never_shows_secrets() {
     let signer = AssertionSigner::from_pem(EC_PKCS8, None).unwrap();
     for d in [format!("{f:?}"), format!("{h:?}"), format!("{signer:?}")] {
         assert!(!d.contains("SECRET") && !d.contains("MIG"), "{d}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile identity providers (issue 11)
+// ---------------------------------------------------------------------------------------------
+
+use base64::engine::general_purpose::STANDARD;
+use sidecar_config::MAX_DURATION;
+use sidecar_mocks::{Catcher, Hostile};
+
+/// The configs of every provider that sends credentials to an IdP URL, against `idp`; the
+/// secrets they send are `cs/+ SECRET=1&x` (client), `pw/+ SECRET"2` (password) and
+/// `key/+ SECRET"3` (API key, by `var`).
+fn credential_providers(idp: &MockIdp, var: &str) -> Vec<(&'static str, Box<dyn Provider>)> {
+    std::env::set_var(var, "key/+ SECRET\"3");
+    let cc = |auth: &str| {
+        build(&format!(
+            "{{ type: oauth2_client_credentials, token_url: '{}', client_id: 'demo client', \
+             client_secret: 'cs/+ SECRET=1&x', client_auth: {auth} }}",
+            idp.token_url()
+        ))
+    };
+    vec![
+        ("client_secret_basic", cc("client_secret_basic")),
+        ("client_secret_post", cc("client_secret_post")),
+        (
+            "password",
+            build(&format!(
+                "{{ type: oauth2_password, token_url: '{}', client_id: demo-client, \
+                 client_secret: 'cs/+ SECRET=1&x', username: alice, password: 'pw/+ SECRET\"2' }}",
+                idp.token_url()
+            )),
+        ),
+        (
+            "json_login",
+            build(&format!(
+                "{{ type: json_login, login: {{ url: '{}', body: {{ userName: demo-user, \
+                 apiKey: '${{env:{var}}}' }}, token_pointer: /token, success_pointer: /success }} }}",
+                idp.login_url()
+            )),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn redirects_are_refused_and_nothing_reaches_the_redirect_target() {
+    let idp = idp().await;
+    let elsewhere = Catcher::start().await;
+    idp.set_hostile(Some(Hostile::Redirect(elsewhere.url())));
+    for (what, p) in credential_providers(&idp, "SIDECAR_TOKEN_TEST_KEY_REDIRECT") {
+        let err = p.fetch(&Held::default()).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, ProviderError::Rejected { status: 307, .. }),
+            "{what}: {text}"
+        );
+        assert!(text.contains("not followed"), "{what}: {text}");
+        assert!(!text.contains("SECRET"), "{what}: {text}");
+    }
+    assert_eq!(idp.calls(), 4, "each provider asked the IdP once");
+    assert_eq!(
+        elsewhere.connections(),
+        0,
+        "the redirect target was contacted: {:?}",
+        String::from_utf8_lossy(&elsewhere.received())
+    );
+}
+
+/// Every way the secrets of [`credential_providers`] may come back from an IdP that echoes
+/// the request: raw, form-encoded, percent-encoded, JSON-escaped, base64 of `id:secret`.
+fn forbidden_encodings() -> Vec<String> {
+    let form = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let mut out = Vec::new();
+    for s in ["cs/+ SECRET=1&x", "pw/+ SECRET\"2", "key/+ SECRET\"3"] {
+        out.push(s.to_string());
+        out.push(form(s));
+        out.push(form(s).replace('+', "%20"));
+        out.push(
+            serde_json::to_string(s)
+                .unwrap()
+                .trim_matches('"')
+                .to_string(),
+        );
+    }
+    for id in ["demo client", "demo-client"] {
+        for pair in [
+            format!("{id}:cs/+ SECRET=1&x"),
+            format!("{}:{}", form(id), form("cs/+ SECRET=1&x")),
+        ] {
+            out.push(STANDARD.encode(&pair).trim_end_matches('=').to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn echoed_credentials_are_scrubbed_in_every_encoding() {
+    let idp = idp().await;
+    idp.set_hostile(Some(Hostile::EchoCredentials));
+    for (what, p) in credential_providers(&idp, "SIDECAR_TOKEN_TEST_KEY_ECHO") {
+        let text = p.fetch(&Held::default()).await.unwrap_err().to_string();
+        // The echo is there (the message is not simply dropped), its secrets are not.
+        assert!(
+            text.contains("rejected") && text.contains("<redacted>"),
+            "{what}: {text}"
+        );
+        for bad in forbidden_encodings() {
+            assert!(!text.contains(&bad), "{what}: {bad:?} in {text}");
+        }
+        assert!(!text.contains("SECRET"), "{what}: {text}");
+    }
+}
+
+#[test]
+fn scrubbing_happens_before_cutting() {
+    let mut r = Redactor::default();
+    r.secret("a-long-SECRET-value");
+    // The secret straddles the 200-byte cut: cutting first would leave its first half.
+    let text = format!("{}a-long-SECRET-value", "x".repeat(190));
+    let clean = r.clean(&text);
+    assert!(!clean.contains("a-long"), "{clean}");
+    assert!(r
+        .clean("line\nbreak\u{1b}[31m")
+        .chars()
+        .all(|c| !c.is_control()));
+}
+
+/// Waits (bounded) until the mock has no huge answer in flight, then returns what it sent.
+async fn streamed_when_closed(idp: &MockIdp) -> u64 {
+    for _ in 0..500 {
+        if idp.streams_open() == 0 {
+            return idp.streamed_bytes();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the huge answer was never closed");
+}
+
+#[tokio::test]
+async fn huge_answers_are_refused_without_reading_them() {
+    const HUGE: u64 = 50_000_000;
+    for declare_length in [false, true] {
+        let idp = idp().await;
+        idp.set_hostile(Some(Hostile::HugeBody {
+            bytes: HUGE,
+            declare_length,
+        }));
+        for (what, p) in credential_providers(&idp, "SIDECAR_TOKEN_TEST_KEY_HUGE") {
+            let err = p.fetch(&Held::default()).await.unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, ProviderError::Malformed(_)) && text.contains("larger than 1 MiB"),
+                "{what} (length declared: {declare_length}): {text}"
+            );
+        }
+        // Four answers of 50 MB were refused; what the mock could push before the client hung
+        // up is bounded by the socket buffers, not by the answers.
+        let sent = streamed_when_closed(&idp).await;
+        assert!(
+            sent < HUGE / 2,
+            "{sent} bytes sent (length declared: {declare_length})"
+        );
+    }
+}
+
+/// Answers every connection with `200 {"access_token": <token>, <extra>}`.
+async fn token_answer(token: &str, extra: &str) -> String {
+    let body: &'static str =
+        Box::leak(format!(r#"{{"access_token":"{token}"{extra}}}"#).into_boxed_str());
+    fixed_server(200, body).await
+}
+
+fn jwt_with(claims: &str) -> String {
+    format!(
+        "{}.{}.sig",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+        URL_SAFE_NO_PAD.encode(claims)
+    )
+}
+
+fn cc_at(url: &str) -> Box<dyn Provider> {
+    build(&format!(
+        "{{ type: oauth2_client_credentials, token_url: '{url}', client_id: c, client_secret: s3cret }}"
+    ))
+}
+
+#[tokio::test]
+async fn absurd_lifetimes_are_unusable_answers_not_tokens() {
+    for expires_in in [
+        "1e300",
+        "18446744073709551615",
+        "9223372036854775807",
+        "\"1e300\"",
+        "\"inf\"",
+        "3153600001",
+    ] {
+        let url = token_answer("tok", &format!(r#","expires_in":{expires_in}"#)).await;
+        let err = cc_at(&url).fetch(&Held::default()).await.unwrap_err();
+        assert!(
+            matches!(err, ProviderError::Malformed(ref m) if m.contains("100 years")),
+            "expires_in {expires_in}: {err}"
+        );
+    }
+    // Nothing usable: the lifetime comes from elsewhere (JWT, default_ttl), no error.
+    for expires_in in ["-5", "0", "\"NaN\"", "\"-inf\"", "\"soon\"", "null", "[]"] {
+        let url = token_answer("tok", &format!(r#","expires_in":{expires_in}"#)).await;
+        let f = cc_at(&url).fetch(&Held::default()).await.unwrap();
+        assert_eq!(f.expires_in, None, "expires_in {expires_in}");
+    }
+    // A JWT whose exp is absurd, without expires_in: refused, whatever the provider type.
+    for exp in [
+        "9223372036854775807",
+        "18446744073709551615",
+        "1e300",
+        "99999999999",
+    ] {
+        let jwt = jwt_with(&format!(r#"{{"exp":{exp}}}"#));
+        let url = token_answer(&jwt, "").await;
+        let err = cc_at(&url).fetch(&Held::default()).await.unwrap_err();
+        assert!(err.to_string().contains("JWT exp"), "exp {exp}: {err}");
+        let st = build(&format!("{{ type: static, token: '{jwt}' }}"));
+        assert!(
+            st.fetch(&Held::default()).await.is_err(),
+            "static, exp {exp}"
+        );
+    }
+    // A sane JWT exp goes through.
+    let jwt = jwt_with(r#"{"exp":1900000000}"#);
+    let url = token_answer(&jwt, "").await;
+    assert_eq!(
+        cc_at(&url)
+            .fetch(&Held::default())
+            .await
+            .unwrap()
+            .access_token,
+        jwt
+    );
+    // expires_at far away (json_login): refused; within 100 years: read.
+    for (at, ok) in [
+        ("\"9999-01-01T00:00:00Z\"", false),
+        ("18446744073709551615", false),
+        ("1e300", false),
+        ("4000000000", true),
+        ("4000000000000", true),
+    ] {
+        let body: &'static str =
+            Box::leak(format!(r#"{{"token":"t","at":{at}}}"#).into_boxed_str());
+        let url = fixed_server(200, body).await;
+        let p = build(&format!(
+            "{{ type: json_login, login: {{ url: '{url}', token_pointer: /token, expires_at_pointer: /at }} }}"
+        ));
+        let got = p.fetch(&Held::default()).await;
+        assert_eq!(got.is_ok(), ok, "expires_at {at}: {got:?}");
+    }
+}
+
+#[tokio::test]
+async fn exec_output_past_1_mib_is_an_error_not_a_hang() {
+    for (script, stream) in [
+        ("yes token-line", "standard output"),
+        ("yes noise >&2", "standard error"),
+    ] {
+        let err = exec(script, "60s")
+            .fetch(&Held::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("more than 1 MiB to {stream}")),
+            "{script}: {err}"
+        );
+    }
+    // Exactly 1 MiB of token is still read.
+    let f = exec("head -c 1048575 /dev/zero | tr '\\0' a; echo", "60s")
+        .fetch(&Held::default())
+        .await
+        .unwrap();
+    assert_eq!(f.access_token.len(), (1 << 20) - 1);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn token_files_that_are_devices_fifos_or_huge_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!(
+        "sidecar-hostile-file-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let huge = dir.join("huge");
+    std::fs::write(&huge, vec![b'a'; (1 << 20) + 1]).unwrap();
+    for (path, expect) in [
+        (
+            Path::new("/dev/zero"),
+            "not a regular file (a character device)",
+        ),
+        (fifo.as_path(), "not a regular file (a FIFO)"),
+        (huge.as_path(), "larger than 1 MiB"),
+    ] {
+        let p = build(&format!("{{ type: file, path: '{}' }}", path.display()));
+        // Bounded so that a hang fails the test instead of stalling it.
+        let got = tokio::time::timeout(Duration::from_secs(30), p.fetch(&Held::default()))
+            .await
+            .unwrap_or_else(|_| panic!("reading {} hung", path.display()));
+        let err = got.unwrap_err().to_string();
+        assert!(err.contains(expect), "{}: {err}", path.display());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property tests of the parsers of identity-provider answers
+// ---------------------------------------------------------------------------------------------
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Strings of `len` characters out of `set` (cheaper than a regex strategy).
+    fn chars(set: &'static str, len: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+        let set: Vec<char> = set.chars().collect();
+        proptest::collection::vec(prop::sample::select(set), len)
+            .prop_map(|cs| cs.into_iter().collect())
+    }
+
+    /// Any JSON value a lifetime field may hold: numbers of every range and kind, numeric and
+    /// other strings, other types.
+    fn lifetime_value() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            (0u64..20_000_000_000).prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::Value::from(f.to_string())),
+            chars("-+0123456789.eE ", 0..24).prop_map(serde_json::Value::from),
+            prop::sample::select(&["NaN", "inf", "-inf", "infinity", "1e309", "-0", ""][..])
+                .prop_map(serde_json::Value::from),
+            chars(" !\"#09:AZaz~-T", 0..30).prop_map(serde_json::Value::from),
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// `expires_in`: never a panic, never more than MAX_DURATION; a number past it is an
+        /// unusable answer.
+        #[test]
+        fn expires_in_is_bounded(v in lifetime_value()) {
+            let got = seconds(&v, "expires_in");
+            let n = match &v {
+                serde_json::Value::Number(n) => n.as_f64(),
+                serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+                _ => None,
+            };
+            match got {
+                Ok(Some(d)) => prop_assert!(d <= MAX_DURATION),
+                Ok(None) => prop_assert!(n.is_none_or(|n| n.is_nan() || n <= 0.0)),
+                Err(e) => {
+                    prop_assert!(matches!(e, ProviderError::Malformed(_)));
+                    prop_assert!(n.is_some_and(|n| n > MAX_DURATION.as_secs_f64()));
+                }
+            }
+        }
+
+        /// `expires_at`: never a panic, the time left is never more than MAX_DURATION.
+        #[test]
+        fn expires_at_is_bounded(v in lifetime_value()) {
+            match until(&v, "expires_at") {
+                Ok(Some(d)) => prop_assert!(d <= MAX_DURATION),
+                Ok(None) => {}
+                Err(e) => prop_assert!(e.to_string().contains("100 years")),
+            }
+        }
+
+        /// Command output: arbitrary bytes never panic; what is accepted has a bounded lifetime.
+        #[test]
+        fn exec_output_never_panics(out in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(f) = exec::parse_output(&out) {
+                prop_assert!(!f.access_token.is_empty());
+                prop_assert!(f.expires_in.is_none_or(|d| d <= MAX_DURATION));
+            }
+        }
+
+        /// Command output in each JSON shape, with any lifetime value.
+        #[test]
+        fn exec_json_lifetimes_are_bounded(v in lifetime_value(), shape in 0..3usize) {
+            let json = match shape {
+                0 => serde_json::json!({"token": "t", "expires_in": v}),
+                1 => serde_json::json!({"access_token": "t", "expires_at": v}),
+                _ => serde_json::json!({"kind": "ExecCredential", "status": {"token": "t", "expirationTimestamp": v}}),
+            };
+            match exec::parse_output(json.to_string().as_bytes()) {
+                Ok(f) => prop_assert!(f.expires_in.is_none_or(|d| d <= MAX_DURATION)),
+                Err(e) => prop_assert!(e.to_string().contains("100 years"), "{e}"),
+            }
+        }
+
+        /// Whatever the encoding a secret comes back in, and whatever surrounds it, none is
+        /// left after cleaning.
+        #[test]
+        fn every_encoding_of_a_secret_is_scrubbed(
+            id in chars("abcxyz0189 -", 1..12),
+            secret in chars("AZaz09+/=&%\" \\:", 4..24),
+            before in chars("~#!", 0..10),
+            after in chars("~#!", 0..10),
+            which in 0..9usize,
+        ) {
+            let mut r = Redactor::default();
+            r.basic(&id, &secret);
+            let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+            let forms = [
+                secret.clone(),
+                form.clone(),
+                form.replace('+', "%20"),
+                serde_json::to_string(&secret).unwrap().trim_matches('"').to_string(),
+                STANDARD.encode(&secret),
+                URL_SAFE_NO_PAD.encode(&secret),
+                STANDARD.encode(format!("{id}:{secret}")),
+                STANDARD.encode(format!("{}:{form}", url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>())),
+                lower_hex(&form),
+            ];
+            let echoed = &forms[which];
+            let clean = r.clean(&format!("{before}{echoed}{after}")).replace("<redacted>", "\u{0}");
+            prop_assert!(!clean.contains(echoed.trim_end_matches('=')), "{echoed:?} left in {clean:?}");
+            prop_assert!(!clean.contains(&secret), "{clean:?}");
+        }
     }
 }

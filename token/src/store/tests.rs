@@ -196,15 +196,32 @@ fn file_mode_is_0600() {
     assert_eq!(mode, 0o600);
 }
 
+/// A pid no process has now: a child that ran and was reaped.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
 #[test]
-fn writes_are_atomic_and_leave_no_temp_files() {
+fn writes_are_atomic_and_temp_files_of_dead_writers_are_removed_on_load() {
     let d = dir();
     let path = d.join("a.tok");
     let s = Store::new(&path, KEY, "main");
     s.save(&record()).unwrap();
-    // A crash mid-write leaves a temp file behind; the real file is untouched and still read.
-    std::fs::write(d.join(".a.tok.tmp-1-000000"), b"half a reco").unwrap();
+    // A crash mid-write leaves a temp file behind; the real file is untouched and still read,
+    // and the leftover is removed. A temp file of a live process (pid 1, a write in progress)
+    // and files of other names are not touched.
+    let stale = d.join(&format!(".a.tok.tmp-{}-00aa11", dead_pid()));
+    let live = d.join(".a.tok.tmp-1-00bb22");
+    let other = d.join(".b.tok.tmp-999999999-00cc33");
+    for f in [&stale, &live, &other] {
+        std::fs::write(f, b"half a reco").unwrap();
+    }
     assert_eq!(s.load().unwrap(), Some(record()));
+    assert!(!stale.exists(), "the stale temp file is still there");
+    assert!(live.exists() && other.exists());
     let mut next = record();
     next.generation = 8;
     next.refresh_token = Some("refresh-SECRET-2".into());
@@ -216,14 +233,128 @@ fn writes_are_atomic_and_leave_no_temp_files() {
         .collect();
     assert_eq!(
         names.iter().filter(|n| n.contains(".tmp-")).count(),
-        1,
-        "only the simulated leftover: {names:?}"
+        2,
+        "only the two kept on purpose: {names:?}"
     );
     // A write that cannot complete (directory gone) keeps nothing half-written.
     let gone = d.join("missing-dir").join("x.tok");
     let err = Store::new(&gone, KEY, "main").save(&record()).unwrap_err();
     assert!(matches!(err, StoreError::Io { .. }));
     assert!(!gone.exists());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_or_a_device_at_the_path_is_an_error_not_a_hang() {
+    let d = dir();
+    let path = d.join("f.tok");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // On a thread, so that a hang fails the test instead of stalling it.
+    let s = Store::new(&path, KEY, "main");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(s.load());
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("loading a FIFO hung");
+    let err = got.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Io { message, .. } if message == "not a regular file (a FIFO)"),
+        "{err}"
+    );
+    // Saving replaces it with a regular file.
+    let s = Store::new(&path, KEY, "main");
+    s.save(&record()).unwrap();
+    assert_eq!(s.load().unwrap(), Some(record()));
+    let err = Store::new("/dev/zero", KEY, "main").load().unwrap_err();
+    assert!(err.to_string().contains("a character device"), "{err}");
+}
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_record() -> impl Strategy<Value = Record> {
+        (
+            proptest::collection::vec(any::<char>(), 0..64),
+            proptest::option::of(proptest::collection::vec(any::<char>(), 0..64)),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(at, rt, generation, issued_at_ms, expires_at_ms)| Record {
+                access_token: at.into_iter().collect(),
+                refresh_token: rt.map(|r| r.into_iter().collect()),
+                generation,
+                issued_at_ms,
+                expires_at_ms,
+            })
+    }
+
+    /// A well-formed header for "main" followed by arbitrary bytes, or arbitrary bytes alone.
+    fn any_file() -> impl Strategy<Value = Vec<u8>> {
+        let header = (any::<u8>(), any::<[u8; SALT_LEN]>(), any::<u32>(), 0u16..8).prop_map(
+            |(kdf, salt, iterations, name_len)| {
+                let mut b = MAGIC.to_vec();
+                b.extend_from_slice(&[VERSION, kdf % 3]);
+                b.extend_from_slice(&salt);
+                b.extend_from_slice(&iterations.min(1000).to_be_bytes());
+                b.extend_from_slice(&name_len.to_be_bytes());
+                b.extend_from_slice(&b"main0123"[..usize::from(name_len)]);
+                b
+            },
+        );
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            (header, proptest::collection::vec(any::<u8>(), 0..128)).prop_map(|(mut h, t)| {
+                h.extend_from_slice(&t);
+                h
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary file contents: an error (never a record, never a panic).
+        #[test]
+        fn arbitrary_bytes_are_an_error_never_a_panic(bytes in any_file()) {
+            let s = Store::with_iterations("/nonexistent/p.tok", KEY, "main", 1);
+            prop_assert!(s.open(&bytes).is_err());
+            let p = Store::with_iterations("/nonexistent/p.tok", "a passphrase", "main", 1);
+            prop_assert!(p.open(&bytes).is_err());
+        }
+
+        /// Every record survives sealing and opening, and the ttl and age computed from it
+        /// never panic.
+        #[test]
+        fn seal_then_open_round_trips(r in any_record()) {
+            let s = Store::new("/nonexistent/r.tok", KEY, "main");
+            let sealed = s.seal(&r).unwrap();
+            prop_assert_eq!(s.open(&sealed).unwrap(), r.clone());
+            prop_assert!(r.ttl_left(SystemTime::now()) <= MAX_DURATION);
+            let _ = r.age(SystemTime::now());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The same through the file: save then load (fewer cases: each write is fsynced).
+        #[test]
+        fn save_then_load_round_trips(r in any_record()) {
+            let d = dir();
+            let s = Store::new(d.join("r.tok"), KEY, "main");
+            s.save(&r).unwrap();
+            prop_assert_eq!(Store::new(d.join("r.tok"), KEY, "main").load().unwrap(), Some(r));
+        }
+    }
 }
 
 #[test]
