@@ -5,7 +5,10 @@
 //!
 //! Every error names its place as `file:line:col: message`, like `nginx -t`.
 
+pub mod read;
+mod refs;
 pub mod schema;
+mod strict;
 mod validate;
 pub mod values;
 
@@ -16,20 +19,25 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
+pub use read::{read_bounded, ReadError, MAX_FILE};
+pub use refs::{MAX_REFERENCED, REFERENCES_TIME};
 pub use schema::RateLimitMode;
 pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};
-pub use values::{parse_duration, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION};
+pub use values::{
+    parse_duration, parse_percent, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION,
+    MAX_SIZE,
+};
 
 /// A config that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
+    /// The file could not be read (missing, not a regular file, over 4 MiB, too slow).
     #[error("{file}: {source}")]
     Read {
         /// The file.
         file: String,
         /// Why.
-        source: std::io::Error,
+        source: ReadError,
     },
     /// A problem at a known place.
     #[error("{file}:{line}:{col}: {message}")]
@@ -389,21 +397,39 @@ pub enum RateKey {
 }
 
 impl Config {
-    /// Reads and validates a file.
+    /// Reads and validates a file: a regular file of at most [`MAX_FILE`] bytes of UTF-8,
+    /// read within [`read::READ_TIMEOUT`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = read_bounded(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
             source,
         })?;
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+                let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+                let line_start = good.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                let col = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+                return Err(ConfigError::At {
+                    file,
+                    line,
+                    col,
+                    message: "the file is not UTF-8 text".into(),
+                });
+            }
+        };
         let mut config = Config::parse(&text, &file)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
-    /// Validates YAML text; `file` names it in errors.
+    /// Validates YAML text; `file` names it in errors. Refused besides what the schema refuses:
+    /// a text with no settings at all (an empty or truncated file must never replace a running
+    /// config with "all defaults, no routes"), a key written twice in one mapping, custom tags.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| match e.location() {
+        let yaml_error = |e: serde_yaml::Error| match e.location() {
             Some(loc) => ConfigError::At {
                 file: file.to_string(),
                 line: loc.line(),
@@ -414,8 +440,19 @@ impl Config {
                 file: file.to_string(),
                 message: e.to_string(),
             },
-        })?;
-        validate::validate(raw, text, file)
+        };
+        if strict::check(text).map_err(yaml_error)? == strict::Top::Nothing {
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                message: "the file holds no settings (it is empty, or only comments); \
+                          a config needs at least `upstreams:`"
+                    .into(),
+            });
+        }
+        refs::with_budget(|| {
+            let raw: RawConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
+            validate::validate(raw, text, file)
+        })
     }
 
     /// The resolved config as YAML with every secret shown as `<redacted>`.

@@ -380,3 +380,328 @@ fn bad_downstream_settings_are_located() {
         assert!(e.contains(want), "{body}: {e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile and odd input (issue 11).
+
+/// Writes `text` to a file of its own and loads it the way `check` and a reload do.
+fn load_text(tag: &str, text: &[u8]) -> (String, Result<Config, ConfigError>) {
+    let dir = std::env::temp_dir().join(format!("sidecar-cfg-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sidecar.yaml");
+    std::fs::write(&path, text).unwrap();
+    let result = Config::load(&path);
+    std::fs::remove_dir_all(&dir).unwrap();
+    (path.display().to_string(), result)
+}
+
+#[test]
+fn durations_past_100_years_are_errors_at_their_place() {
+    let cases = [
+        (
+            "durations-backoff",
+            "providers:\n  s:\n    type: static\n    token: t\n    refresh:\n      backoff: [500000000000y]\n",
+            (6, 17),
+        ),
+        (
+            "durations-ttl",
+            "providers:\n  s:\n    type: static\n    token: t\n    default_ttl: 400000000000y\n",
+            (5, 18),
+        ),
+        (
+            "durations-wait",
+            "upstreams: []\nreplay:\n  wait_for_token: 400000000000y\n",
+            (3, 19),
+        ),
+    ];
+    for (tag, text, (line, col)) in cases {
+        let (file, result) = load_text(tag, text.as_bytes());
+        let e = result.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{file}:{line}:{col}: ")),
+            "{tag}: want {line}:{col}: {e}"
+        );
+        assert!(e.contains("too long (at most 100 years)"), "{tag}: {e}");
+    }
+    // 100 years is the longest accepted, everywhere a duration goes.
+    let c = Config::parse(
+        "providers:\n  s: { type: static, token: t, default_ttl: 100y, refresh: { backoff: [100y] } }\nreplay: { wait_for_token: 100y }\n",
+        "ok.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.providers["s"].default_ttl, MAX_DURATION);
+    assert_eq!(c.replay.wait_for_token, MAX_DURATION);
+}
+
+#[test]
+fn sizes_past_1_tib_are_errors_at_their_place() {
+    for body in ["2TiB", "1099511627777", "99999999999999999999GiB"] {
+        let e = err(&format!("upstreams: []\nreplay:\n  max_body: {body}\n"));
+        assert!(e.starts_with("bad.yaml:3:13: "), "{body}: {e}");
+    }
+}
+
+#[test]
+fn an_empty_file_is_not_a_config() {
+    for text in ["", "\n", "# nothing yet\n", "---\n", "~\n"] {
+        let (file, result) = load_text("empty", text.as_bytes());
+        let e = result.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{file}: ")) && e.contains("holds no settings"),
+            "{text:?}: {e}"
+        );
+    }
+    // `{}` says "all defaults" on purpose.
+    assert!(Config::parse("{}\n", "x.yaml").is_ok());
+}
+
+#[test]
+fn a_key_written_twice_is_an_error_at_the_second() {
+    let e = err("providers:\n  main: { type: static, token: a }\n  main: { type: static, token: b }\nupstreams: []\n");
+    assert!(e.starts_with("bad.yaml:3:3: "), "{e}");
+    assert!(e.contains("duplicate key \"main\""), "{e}");
+    // Struct fields too, and inside a list item.
+    assert!(err("listen: \"127.0.0.1:1\"\nlisten: \"127.0.0.1:2\"\n").starts_with("bad.yaml:2:1: "));
+    let e = err("upstreams:\n  - name: a\n    url: http://x\n    url: http://y\n");
+    assert!(e.starts_with("bad.yaml:4:5: "), "{e}");
+}
+
+#[test]
+fn a_custom_tag_is_an_error_at_its_place() {
+    let e = err("providers:\n  s:\n    type: static\n    token: !vault secret/data/api\n");
+    assert!(e.starts_with("bad.yaml:4:12: "), "{e}");
+    assert!(e.contains("!vault") && e.contains("not supported"), "{e}");
+    assert!(err("upstreams: !list []\n").contains("not supported"));
+}
+
+#[test]
+fn a_number_where_a_secret_belongs_is_an_error_that_does_not_show_it() {
+    let e = err("providers:\n  s:\n    type: static\n    token: 31415926535\n");
+    assert!(e.starts_with("bad.yaml:4:12: "), "{e}");
+    assert!(e.contains("quote it"), "{e}");
+    assert!(!e.contains("31415926535"), "{e}");
+    let e = err("providers:\n  cc: { type: oauth2_client_credentials, token_url: \"https://idp/t\", client_id: c, client_secret: 27182818 }\n");
+    assert!(e.contains("quote it") && !e.contains("27182818"), "{e}");
+    // Quoted, it is the text.
+    let c = Config::parse(
+        "providers:\n  s: { type: static, token: \"31415926535\" }\n",
+        "ok.yaml",
+    )
+    .unwrap();
+    match &c.providers["s"].kind {
+        ProviderKind::Static { token } => assert_eq!(token.expose(), "31415926535"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn url_credentials_are_refused_and_never_shown() {
+    for (yaml, what) in [
+        (
+            "providers:\n  cc: { type: oauth2_client_credentials, token_url: \"http://client:hunter2@idp.example/token\", client_id: c, client_secret: s }\n",
+            "token_url",
+        ),
+        (
+            "providers:\n  cc: { type: oauth2_client_credentials, token_url: \"http://client:hunter2@idp.example:999999/token\", client_id: c, client_secret: s }\n",
+            "token_url",
+        ),
+        (
+            "providers:\n  j: { type: json_login, login: { url: \"https://me:hunter2@api/login\", token_pointer: /t } }\n",
+            "login.url",
+        ),
+        (
+            "providers:\n  j: { type: json_login, login: { url: \"https://api/login\", token_pointer: /t }, renew: { url: \"https://me:hunter2@api/renew\", token_pointer: /t } }\n",
+            "renew.url",
+        ),
+        (
+            "upstreams:\n  - { name: a, url: \"http://me:hunter2@api.example\" }\n",
+            "url",
+        ),
+        (
+            "upstreams:\n  - { name: a, url: \"http://me:hunter2@[::1\" }\n",
+            "url",
+        ),
+    ] {
+        let e = err(yaml);
+        assert!(!e.contains("hunter2"), "{yaml}: {e}");
+        assert!(e.starts_with("bad.yaml:2:"), "{yaml}: {e}");
+        assert!(e.contains(what), "{yaml}: {e}");
+        assert!(
+            e.contains("must not carry credentials") || e.contains("<redacted>@"),
+            "{yaml}: {e}"
+        );
+    }
+    assert_eq!(
+        validate::shown_url("https://u:p@h:1/x@y?q=a@b"),
+        "https://<redacted>@h:1/x@y?q=a@b"
+    );
+    assert_eq!(validate::shown_url("https://h/x@y"), "https://h/x@y");
+}
+
+#[test]
+fn a_config_file_is_a_regular_file_of_at_most_4_mib_of_utf8() {
+    let e = Config::load(Path::new("/dev/zero"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("/dev/zero: ") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let mut big = b"upstreams: []\n".to_vec();
+    big.resize(MAX_FILE as usize + 1, b'#');
+    let (file, result) = load_text("big", &big);
+    let e = result.unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("{file}: ")) && e.contains("larger than 4 MiB"),
+        "{e}"
+    );
+    let (file, result) = load_text("latin1", b"upstreams: []\n# caf\xe9\n");
+    let e = result.unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("{file}:2:6: ")) && e.contains("not UTF-8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn file_references_are_bounded_and_typed() {
+    let e = err("providers:\n  s:\n    type: static\n    token: \"${file:/dev/zero}\"\n");
+    assert!(e.starts_with("bad.yaml:4:"), "{e}");
+    assert!(
+        e.contains("/dev/zero") && e.contains("not a regular file"),
+        "{e}"
+    );
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const UNITS: &[&str] = &["", "ms", "s", "m", "h", "y", "KiB", "GiB", "%"];
+    const KEYS: &[&str] = &[
+        "listen",
+        "admin_listen",
+        "shutdown_grace",
+        "providers",
+        "upstreams",
+        "replay",
+        "retry",
+        "rate_limits",
+        "log",
+        "main",
+        "type",
+        "token",
+        "name",
+        "url",
+        "provider",
+        "backoff",
+        "default_ttl",
+        "wait_for_token",
+        "max_body",
+        "rate",
+        "jitter",
+        "refresh",
+        "<<",
+    ];
+    const VALUES: &[&str] = &[
+        "static",
+        "t",
+        "http://127.0.0.1:1",
+        "[]",
+        "{}",
+        "~",
+        "!tag x",
+        "&a x",
+        "*a",
+        "\"${env:SIDECAR_PROP_UNSET}\"",
+    ];
+
+    /// Lines of config-like YAML: real keys and values, nesting, flow style, tags, anchors,
+    /// duplicates, and some noise.
+    fn yamlish() -> impl Strategy<Value = String> {
+        let value = prop_oneof![
+            prop::sample::select(VALUES).prop_map(str::to_string),
+            // Built from parts rather than regexes, which are slow to generate from.
+            (0u64..100_000_000_000_000, prop::sample::select(UNITS))
+                .prop_map(|(n, unit)| format!("{n}{unit}")),
+            (0u32..100_000, 0u32..10_000, prop::sample::select(UNITS))
+                .prop_map(|(n, p, unit)| format!("{n}/{p}{unit}")),
+            prop::collection::vec(0x20u8..0x7f, 0..12)
+                .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ];
+        let key = prop::sample::select(KEYS);
+        let line = (0usize..4, key, prop::option::of(value), any::<bool>()).prop_map(
+            |(indent, key, value, dash)| {
+                let pad = "  ".repeat(indent);
+                let dash = if dash { "- " } else { "" };
+                match value {
+                    Some(v) => format!("{pad}{dash}{key}: {v}\n"),
+                    None => format!("{pad}{dash}{key}:\n"),
+                }
+            },
+        );
+        prop::collection::vec(line, 0..16).prop_map(|lines| lines.concat())
+    }
+
+    fn check_error(text: &str, e: &ConfigError) -> Result<(), TestCaseError> {
+        // Every break YAML counts (libyaml also breaks lines at \r, NEL, LS and PS).
+        let lines = text
+            .chars()
+            .filter(|c| matches!(c, '\n' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}'))
+            .count()
+            + 1;
+        match e {
+            ConfigError::At {
+                file, line, col, ..
+            } => {
+                prop_assert_eq!(file, "p.yaml");
+                // libyaml places "unexpected end" at the start of the line after the last one.
+                prop_assert!(
+                    *line >= 1 && *line <= lines + 1,
+                    "line {} of {}: {}",
+                    line,
+                    lines,
+                    e
+                );
+                prop_assert!(*col >= 1, "{}", e);
+            }
+            ConfigError::Invalid { file, message } => {
+                prop_assert_eq!(file, "p.yaml");
+                prop_assert!(!message.is_empty());
+            }
+            ConfigError::Read { .. } => prop_assert!(false, "parse never reads: {}", e),
+        }
+        prop_assert!(e.to_string().starts_with("p.yaml:"), "{}", e);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn config_like_text_never_panics_and_errors_name_the_file(text in yamlish()) {
+            if let Err(e) = Config::parse(&text, "p.yaml") {
+                check_error(&text, &e)?;
+            }
+        }
+
+        #[test]
+        fn any_text_never_panics(text in any::<String>()) {
+            if let Err(e) = Config::parse(&text, "p.yaml") {
+                check_error(&text, &e)?;
+            }
+        }
+
+        #[test]
+        fn a_cut_or_damaged_full_config_never_panics(cut in 0..FULL.len(), at in 0..FULL.len(), byte in any::<u8>()) {
+            with_secret();
+            let mut bytes = FULL.as_bytes()[..cut].to_vec();
+            let at = at.min(bytes.len());
+            bytes.insert(at, byte);
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = Config::parse(&text, "p.yaml") {
+                check_error(&text, &e)?;
+            }
+        }
+    }
+}

@@ -453,10 +453,32 @@ fn type_name(t: ProviderType) -> &'static str {
     }
 }
 
+/// `url` as it may be shown in an error: any `user:password@` replaced by `<redacted>@`.
+pub(crate) fn shown_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// Credentials in a URL would be printed by `check` and logged wherever the URL is; they are
+/// refused, and the error says where they go instead.
+const NO_URL_CREDENTIALS: &str = "must not carry credentials (user:password@host): `check` and \
+    the logs would show them; give the secret through client_secret (or a header or body of \
+    json_login) as \"${env:NAME}\" or \"${file:/path}\"";
+
 fn http_url(what: &str, url: &str) -> Result<(), String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("{what} {url:?}: {e}"))?;
+    let parsed = url::Url::parse(url).map_err(|e| format!("{what} {:?}: {e}", shown_url(url)))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(format!("{what} must be http:// or https://"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!("{what} {NO_URL_CREDENTIALS}"));
     }
     Ok(())
 }
@@ -619,8 +641,8 @@ fn required<'a, T>(provider: &str, key: &str, v: Option<&'a T>) -> Result<&'a T,
 
 fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
     let name = &u.name;
-    let url =
-        url::Url::parse(&u.url).map_err(|e| format!("upstream {name:?}: url {:?}: {e}", u.url))?;
+    let url = url::Url::parse(&u.url)
+        .map_err(|e| format!("upstream {name:?}: url {:?}: {e}", shown_url(&u.url)))?;
     let tls = match url.scheme() {
         "https" => true,
         "http" => false,
@@ -630,7 +652,10 @@ fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
             ))
         }
     };
-    if !url.username().is_empty() || url.password().is_some() || url.query().is_some() {
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("upstream {name:?}: url {NO_URL_CREDENTIALS}"));
+    }
+    if url.query().is_some() {
         return Err(format!(
             "upstream {name:?}: url must be scheme://host[:port][/base-path] only"
         ));

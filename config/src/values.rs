@@ -7,6 +7,33 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+/// Deserializes a string through `parse` inside serde_yaml's own call for the scalar, so that an
+/// error carries the scalar's line and column (an error made after `String::deserialize` returned
+/// would be placed at the enclosing mapping instead).
+fn parsed_str<'de, D, T>(
+    d: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct V<T> {
+        expecting: &'static str,
+        parse: fn(&str) -> Result<T, String>,
+    }
+    impl<T> Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            (self.parse)(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V { expecting, parse })
+}
+
 /// A duration written as `250ms`, `30s`, `5m`, `24h`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Dur(pub Duration);
@@ -19,8 +46,7 @@ impl fmt::Debug for Dur {
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+        parsed_str(d, "a duration like 30s", parse_duration).map(Dur)
     }
 }
 
@@ -33,8 +59,8 @@ impl Serialize for Dur {
 /// The longest duration anything accepts: a config value, a client header, an identity
 /// provider's `expires_in` or JWT `exp`. Values past it are errors where they enter, so the rest
 /// of the code can add any of them to an `Instant` or a `SystemTime` without overflow.
-/// (100 years of 365.25 days, as humantime counts a `y`.)
-pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
+/// A year is 365.25 days here, as humantime counts `1y`, so that `100y` itself is accepted.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// Parses `250ms`, `30s`, `1h 30m`; a bare `0` means zero. At most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -64,7 +90,7 @@ impl<'de> Deserialize<'de> for Size {
                 f.write_str("a size like 64KiB or 1MiB")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
-                Ok(Size(v))
+                bounded_size(v, &v.to_string()).map(Size).map_err(E::custom)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
                 parse_size(v).map(Size).map_err(E::custom)
@@ -86,7 +112,18 @@ impl Serialize for Size {
     }
 }
 
-/// Parses `64KiB`, `1MiB`, `2GiB`, `10KB`, `100B` or `4096`.
+/// The largest size anything accepts. Sizes bound memory the sidecar holds (a buffered body),
+/// so nothing sensible comes near it; with it, sums and products of a few sizes cannot overflow.
+pub const MAX_SIZE: u64 = 1 << 40;
+
+fn bounded_size(n: u64, written: &str) -> Result<u64, String> {
+    if n > MAX_SIZE {
+        return Err(format!("size {written:?} is too large (at most 1TiB)"));
+    }
+    Ok(n)
+}
+
+/// Parses `64KiB`, `1MiB`, `2GiB`, `10KB`, `100B` or `4096`. At most [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -108,8 +145,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {t:?} is too large"))
+    let n = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size {t:?} is too large (at most 1TiB)"))?;
+    bounded_size(n, t)
 }
 
 /// A fraction written as a percentage, `10%`.
@@ -118,21 +157,22 @@ pub struct Percent(pub f64);
 
 impl<'de> Deserialize<'de> for Percent {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let t = s.trim();
-        let v: f64 = t
-            .strip_suffix('%')
-            .and_then(|n| n.trim().parse().ok())
-            .ok_or_else(|| {
-                de::Error::custom(format!("invalid percentage {t:?}; write it like 10%"))
-            })?;
-        if !(0.0..=100.0).contains(&v) {
-            return Err(de::Error::custom(format!(
-                "percentage {t:?} must be between 0% and 100%"
-            )));
-        }
-        Ok(Percent(v / 100.0))
+        parsed_str(d, "a percentage like 10%", parse_percent).map(Percent)
     }
+}
+
+/// Parses `10%`, `2.5%` into a fraction in `[0, 1]`.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let v: f64 = t
+        .strip_suffix('%')
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| format!("invalid percentage {t:?}; write it like 10%"))?;
+    // Also refuses NaN, which no range contains.
+    if !(0.0..=100.0).contains(&v) {
+        return Err(format!("percentage {t:?} must be between 0% and 100%"));
+    }
+    Ok(v / 100.0)
 }
 
 impl Serialize for Percent {
@@ -152,8 +192,7 @@ pub struct Rate {
 
 impl<'de> Deserialize<'de> for Rate {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_rate(&s).map_err(de::Error::custom)
+        parsed_str(d, "a rate like 50/30s", parse_rate)
     }
 }
 
@@ -219,12 +258,51 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Why a number or a boolean is refused as a secret; the value itself is never repeated.
+const SECRET_NOT_TEXT: &str = "a secret must be a string: this value reads as a number or a \
+    boolean, which YAML may rewrite (0123, 1e3, 0x1F); quote it (\"...\") or use ${env:NAME}";
+
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        resolve_references(&s)
-            .map(Secret)
-            .map_err(de::Error::custom)
+        /// Takes text only. serde's own "invalid type" errors would print the value, so every
+        /// scalar that is not text gets an error of its own that does not.
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = String;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, or an ${env:NAME} or ${file:/path} reference")
+            }
+            // References are resolved here, inside serde_yaml's call for the scalar, so that
+            // a missing one is reported at the scalar's line and column.
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+                resolve_references(v).map_err(E::custom)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<String, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<String, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<String, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_i128<E: de::Error>(self, _: i128) -> Result<String, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_u128<E: de::Error>(self, _: u128) -> Result<String, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<String, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_char<E: de::Error>(self, _: char) -> Result<String, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<String, E> {
+                Err(E::custom("a secret must be a string"))
+            }
+        }
+        d.deserialize_any(V).map(Secret)
     }
 }
 
@@ -314,39 +392,7 @@ impl Serialize for SecretJson {
     }
 }
 
-/// Replaces every `${env:NAME}` and `${file:/path}` in `s`. A file's trailing newline is dropped.
-pub fn resolve_references(s: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| "unterminated ${...} reference".to_string())?;
-        let reference = &after[..end];
-        let value = if let Some(name) = reference.strip_prefix("env:") {
-            std::env::var(name).map_err(|_| {
-                format!("environment variable {name} (from ${{env:{name}}}) is not set")
-            })?
-        } else if let Some(path) = reference.strip_prefix("file:") {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {path} (from ${{file:{path}}}): {e}"))?;
-            text.strip_suffix('\n')
-                .map(|t| t.strip_suffix('\r').unwrap_or(t))
-                .unwrap_or(&text)
-                .to_string()
-        } else {
-            return Err(format!(
-                "unknown reference ${{{reference}}}; use ${{env:NAME}} or ${{file:/path}}"
-            ));
-        };
-        out.push_str(&value);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
+pub use crate::refs::resolve_references;
 
 #[cfg(test)]
 mod tests {
@@ -430,9 +476,134 @@ mod tests {
     }
 
     #[test]
+    fn sizes_are_bounded_where_they_enter() {
+        assert_eq!(parse_size("1024GiB").unwrap(), MAX_SIZE);
+        for big in ["1025GiB", "2000GB", "1099511627777"] {
+            let e = parse_size(big).unwrap_err();
+            assert!(e.contains("at most 1TiB"), "{big}: {e}");
+        }
+        // A bare YAML number takes the same bound.
+        assert!(serde_yaml::from_str::<Size>("1099511627776").is_ok());
+        let e = serde_yaml::from_str::<Size>("1099511627777").unwrap_err();
+        assert!(e.to_string().contains("at most 1TiB"), "{e}");
+    }
+
+    #[test]
+    fn percentages() {
+        assert_eq!(parse_percent("10%").unwrap(), 0.10);
+        assert_eq!(parse_percent(" 2.5 % ").unwrap(), 0.025);
+        assert_eq!(parse_percent("100%").unwrap(), 1.0);
+        for bad in ["10", "101%", "-1%", "NaN%", "inf%", "%", "ten%"] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secrets_must_be_text_and_the_refusal_does_not_repeat_them() {
+        for (yaml, value) in [
+            ("98765432", "98765432"),
+            ("0x7B", "7B"),
+            ("2e9", "2e9"),
+            ("true", "true"),
+            ("-42", "42"),
+            (".inf", "inf"),
+        ] {
+            let e = serde_yaml::from_str::<Secret>(yaml)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("quote it"), "{yaml}: {e}");
+            assert!(!e.contains(value), "{yaml}: the value is in {e}");
+        }
+        assert_eq!(
+            serde_yaml::from_str::<Secret>("\"12345678\"")
+                .unwrap()
+                .expose(),
+            "12345678"
+        );
+        assert_eq!(
+            serde_yaml::from_str::<Secret>("abc").unwrap().expose(),
+            "abc"
+        );
+        assert!(serde_yaml::from_str::<Secret>("[a]").is_err());
+    }
+
+    #[test]
     fn secret_never_prints() {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?}"), "<redacted>");
         assert_eq!(serde_yaml::to_string(&s).unwrap().trim(), "<redacted>");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Text shaped like the values users write, plus anything at all.
+        fn valueish() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[0-9 ]{0,25}(ns|us|ms|s|m|h|d|w|y|M|B|KiB|MiB|GiB|KB|MB|GB|%|/s|/1m)?",
+                "[0-9]{0,12}/[0-9]{0,25}[a-zA-Z]{0,3}",
+                "[-+0-9.eEnaNif%/ ]{0,20}",
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn durations_never_panic_and_stay_bounded(s in valueish()) {
+                if let Ok(d) = parse_duration(&s) {
+                    prop_assert!(d <= MAX_DURATION);
+                    // What the rest of the code may do with any config duration.
+                    let now = std::time::Instant::now();
+                    prop_assert!(now.checked_add(d.mul_f64(1.5)).is_some());
+                    prop_assert!(std::time::SystemTime::now().checked_add(d * 2).is_some());
+                } else {
+                    let e = parse_duration(&s).unwrap_err();
+                    prop_assert!(e.contains("duration"), "{}", e);
+                }
+            }
+
+            #[test]
+            fn durations_in_range_round_trip(secs in 0u64..=MAX_DURATION.as_secs()) {
+                let d = Duration::from_secs(secs);
+                let written = humantime::format_duration(d).to_string();
+                prop_assert_eq!(parse_duration(&written).unwrap(), d);
+            }
+
+            #[test]
+            fn sizes_never_panic_and_stay_bounded(s in valueish()) {
+                match parse_size(&s) {
+                    Ok(n) => prop_assert!(n <= MAX_SIZE),
+                    Err(e) => prop_assert!(e.contains("size"), "{}", e),
+                }
+            }
+
+            #[test]
+            fn percentages_are_fractions_or_errors(s in valueish()) {
+                match parse_percent(&s) {
+                    Ok(f) => prop_assert!((0.0..=1.0).contains(&f)),
+                    Err(e) => prop_assert!(e.contains("percentage"), "{}", e),
+                }
+            }
+
+            #[test]
+            fn rates_never_panic_and_have_a_positive_bounded_period(s in valueish()) {
+                match parse_rate(&s) {
+                    Ok(r) => {
+                        prop_assert!(r.count >= 1);
+                        prop_assert!(!r.per.is_zero() && r.per <= MAX_DURATION);
+                    }
+                    Err(e) => prop_assert!(e.contains("rate") || e.contains("duration"), "{}", e),
+                }
+            }
+
+            #[test]
+            fn references_never_panic(s in "[a-z${}:/._ -]{0,40}") {
+                // Only unset variables and missing files can come out of this alphabet.
+                let _ = resolve_references(&s);
+            }
+        }
     }
 }

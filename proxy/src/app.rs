@@ -270,10 +270,13 @@ fn replay_client(
     b.build().map_err(|e| format!("replay client: {e}"))
 }
 
-/// The certificates of a PEM bundle.
+/// The certificates of a PEM bundle, read like every file a config names: a regular file of at
+/// most 4 MiB, read within a time cap.
 fn load_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    let pem = sidecar_config::read_bounded(path)
+        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!(

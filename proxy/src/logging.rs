@@ -5,12 +5,17 @@ use sidecar_config::{LogFormat, RawLog};
 use tracing_log::AsLog;
 use tracing_subscriber::EnvFilter;
 
-/// Pingora's own debug and trace records print raw request lines, headers and bodies, which
-/// hold tokens; they are capped at `info` whatever level is asked for.
-const PINGORA_CAP: [&str; 3] = [
+/// Capped at `info` whatever level is asked for. Pingora's own debug and trace records print raw
+/// request lines, headers and bodies, which hold tokens. The file watcher's (notify, inotify)
+/// describe every event in the config's directory — including the writes of this very log when
+/// it lives there, each of which makes another event: at `trace` that loop wrote hundreds of MiB
+/// in seconds with no traffic.
+const CAPS: [&str; 5] = [
     "pingora_proxy=info",
     "pingora_core=info",
     "pingora_pool=info",
+    "notify=info",
+    "inotify=info",
 ];
 
 /// Installs the global subscriber once; later calls (a reload) leave it as it is.
@@ -18,7 +23,7 @@ pub fn init(log: &RawLog) {
     let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    for cap in PINGORA_CAP {
+    for cap in CAPS {
         if let Ok(d) = cap.parse() {
             filter = filter.add_directive(d);
         }

@@ -35,10 +35,17 @@ fn relevant(event: &notify::Event, name: Option<&OsStr>) -> bool {
         })
 }
 
+/// What the path holds now, as a digest: of its bytes, or of why it cannot be read (a file over
+/// the size cap or not a regular file still gets one reload attempt, which logs and counts the
+/// error). `None` while it is missing, as it briefly is during some editors' saves. The read is
+/// the config's own bounded read: a config swapped for a FIFO or `/dev/zero` never hangs or
+/// fills the watcher.
 fn digest(path: &Path) -> Option<Vec<u8>> {
-    std::fs::read(path)
-        .ok()
-        .map(|b| Sha256::digest(&b).to_vec())
+    match sidecar_config::read_bounded(path) {
+        Ok(bytes) => Some(Sha256::digest(&bytes).to_vec()),
+        Err(sidecar_config::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(Sha256::digest(format!("unreadable: {e}")).to_vec()),
+    }
 }
 
 /// Starts watching `path`; the returned watcher must be kept alive. `None` (logged) when the
