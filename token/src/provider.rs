@@ -15,8 +15,6 @@ use base64::Engine as _;
 use futures::future::BoxFuture;
 use sidecar_config::{ProviderKind, Secret, MAX_DURATION};
 
-use crate::token::{jwt_exp_claim, JwtExp};
-
 pub use assertion::AssertionSigner;
 
 /// What a provider obtained. `Debug` never shows a token.
@@ -125,13 +123,8 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
-/// Builds the provider a config entry describes. Whatever its type, a token it obtains that
-/// says it lives more than [`MAX_DURATION`] is refused as an unusable answer.
+/// Builds the provider a config entry describes.
 pub fn build_provider(kind: &ProviderKind) -> Box<dyn Provider> {
-    Box::new(Checked(build_unchecked(kind)))
-}
-
-fn build_unchecked(kind: &ProviderKind) -> Box<dyn Provider> {
     match kind {
         ProviderKind::ClientCredentials {
             client,
@@ -236,35 +229,6 @@ impl Provider for StaticToken {
 
 /// Every provider built from config, so that no token with an absurd lifetime gets out of this
 /// crate whatever its type: a lifetime past [`MAX_DURATION`] is an unusable answer.
-struct Checked(Box<dyn Provider>);
-
-impl Provider for Checked {
-    fn fetch<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, Result<Fetched, ProviderError>> {
-        Box::pin(async move { self.0.fetch(held).await.and_then(check_lifetime) })
-    }
-
-    fn changed(&self) -> Option<BoxFuture<'_, ()>> {
-        self.0.changed()
-    }
-}
-
-/// Refuses a token that says it lives longer than [`MAX_DURATION`] (an `expires_in`, or else the
-/// JWT `exp` the source would use).
-pub(crate) fn check_lifetime(fetched: Fetched) -> Result<Fetched, ProviderError> {
-    match fetched.expires_in {
-        Some(d) if d > MAX_DURATION => Err(ProviderError::Malformed(
-            "the token's lifetime is more than 100 years".into(),
-        )),
-        Some(_) => Ok(fetched),
-        None => match jwt_exp_claim(&fetched.access_token) {
-            JwtExp::TooFar => Err(ProviderError::Malformed(
-                "the token's JWT exp is more than 100 years away".into(),
-            )),
-            JwtExp::At(_) | JwtExp::Absent => Ok(fetched),
-        },
-    }
-}
-
 /// Largest identity-provider or `json_login` answer read (SPEC §11); a token answer is a few
 /// hundred bytes.
 pub(crate) const MAX_ANSWER: usize = 1 << 20;

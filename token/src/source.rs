@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::provider::{build_provider, Fetched, Held, Provider, ProviderError};
 use crate::schedule::Schedule;
 use crate::store::{Record, Store};
-use crate::token::{jwt_exp, Token};
+use crate::token::{jwt_exp_claim, JwtExp, Token};
 
 /// Why a refresh started; a label of `sidecar_token_refresh_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -714,11 +714,16 @@ async fn persist(inner: &Arc<Inner>, token: &Token, refresh_token: Option<String
 fn ttl_of(fetched: &Fetched, default_ttl: Duration) -> Result<Duration, ProviderError> {
     let ttl = match fetched.expires_in {
         Some(d) => d,
-        None => match jwt_exp(&fetched.access_token) {
-            Some(exp) => Duration::from_secs(exp)
+        None => match jwt_exp_claim(&fetched.access_token) {
+            JwtExp::At(exp) => Duration::from_secs(exp)
                 .checked_sub(unix_now())
                 .unwrap_or(Duration::ZERO),
-            None => default_ttl,
+            JwtExp::TooFar => {
+                return Err(ProviderError::Malformed(
+                    "the token's JWT exp is more than 100 years away".into(),
+                ))
+            }
+            JwtExp::Absent => default_ttl,
         },
     };
     if ttl > MAX_DURATION {

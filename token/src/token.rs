@@ -106,7 +106,7 @@ pub fn fingerprint(value: &str) -> String {
 /// `UNIX_EPOCH + Duration::from_secs(exp)` never overflows and the lifetime it gives is at most
 /// `MAX_DURATION`. An `exp` in the past is returned as is (the token is already expired). `None`
 /// for no JWT, no `exp`, or one that is not a usable time (a string, negative, farther away than
-/// `MAX_DURATION`); providers refuse a token whose `exp` is that far away
+/// `MAX_DURATION`); the token source refuses a token whose `exp` is that far away
 /// ([`jwt_exp_claim`]), so `None` never stands for an absurd `exp` by the time a token is used.
 pub fn jwt_exp(token: &str) -> Option<u64> {
     match jwt_exp_claim(token) {

@@ -770,7 +770,7 @@ async fn absurd_lifetimes_are_unusable_answers_not_tokens() {
         "9223372036854775807",
         "\"1e300\"",
         "\"inf\"",
-        "3153600001",
+        "3155760001",
     ] {
         let url = token_answer("tok", &format!(r#","expires_in":{expires_in}"#)).await;
         let err = cc_at(&url).fetch(&Held::default()).await.unwrap_err();
@@ -785,23 +785,7 @@ async fn absurd_lifetimes_are_unusable_answers_not_tokens() {
         let f = cc_at(&url).fetch(&Held::default()).await.unwrap();
         assert_eq!(f.expires_in, None, "expires_in {expires_in}");
     }
-    // A JWT whose exp is absurd, without expires_in: refused, whatever the provider type.
-    for exp in [
-        "9223372036854775807",
-        "18446744073709551615",
-        "1e300",
-        "99999999999",
-    ] {
-        let jwt = jwt_with(&format!(r#"{{"exp":{exp}}}"#));
-        let url = token_answer(&jwt, "").await;
-        let err = cc_at(&url).fetch(&Held::default()).await.unwrap_err();
-        assert!(err.to_string().contains("JWT exp"), "exp {exp}: {err}");
-        let st = build(&format!("{{ type: static, token: '{jwt}' }}"));
-        assert!(
-            st.fetch(&Held::default()).await.is_err(),
-            "static, exp {exp}"
-        );
-    }
+    // (A JWT `exp` past 100 years is refused by the token source: source::tests.)
     // A sane JWT exp goes through.
     let jwt = jwt_with(r#"{"exp":1900000000}"#);
     let url = token_answer(&jwt, "").await;

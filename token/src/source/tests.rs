@@ -806,3 +806,32 @@ async fn an_expiry_beyond_a_century_is_unusable_not_a_panic() {
         let _ = r.source.status();
     }
 }
+
+#[test]
+fn a_jwt_exp_past_a_century_or_in_the_past_is_unusable() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let jwt = |exp: &str| {
+        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{exp}}}"#));
+        Fetched::token(format!("eyJhbGciOiJub25lIn0.{claims}.sig"), None)
+    };
+    for exp in [
+        "9223372036854775807",
+        "18446744073709551615",
+        "1e300",
+        "99999999999",
+    ] {
+        let err = ttl_of(&jwt(exp), HOUR).unwrap_err();
+        assert!(err.to_string().contains("JWT exp"), "exp {exp}: {err}");
+    }
+    let err = ttl_of(&jwt("946684800"), HOUR).unwrap_err();
+    assert!(err.to_string().contains("already expired"), "{err}");
+    let in_a_day = unix_now().as_secs() + 86_400;
+    let ttl = ttl_of(&jwt(&in_a_day.to_string()), HOUR).unwrap();
+    assert!(ttl > Duration::from_secs(86_000) && ttl <= Duration::from_secs(86_400));
+    // Not a JWT: default_ttl.
+    assert_eq!(
+        ttl_of(&Fetched::token("opaque".into(), None), HOUR).unwrap(),
+        HOUR
+    );
+}
