@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
-pub use read::{read_bounded, ReadError, MAX_FILE};
+pub use read::{read_bounded, read_within, ReadError, MAX_FILE, READ_TIMEOUT};
 pub use refs::{MAX_REFERENCED, REFERENCES_TIME};
 pub use schema::RateLimitMode;
 pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};

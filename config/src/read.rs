@@ -1,6 +1,7 @@
-//! Bounded reads of the files a config names: the config file itself, `${file:}` references, CA
-//! bundles. Every read has a size cap and a time cap (SPEC §11), and only regular files are read:
-//! `/dev/zero` would never end and a FIFO would block the reader until someone writes to it.
+//! Bounded reads of files someone else writes: the config file itself, `${file:}` references, CA
+//! bundles, token files, the token store. Every read has a size cap and a time cap (SPEC §11), and
+//! only regular files are read: `/dev/zero` would never end and a FIFO would block the reader
+//! until someone writes to it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,12 +25,29 @@ pub enum ReadError {
     /// A directory, device, FIFO or socket.
     #[error("is {0}, not a regular file; only regular files are read")]
     NotRegular(&'static str),
-    /// Over the size cap.
-    #[error("is larger than {} MiB, the most that is read", MAX_FILE >> 20)]
-    TooLarge,
+    /// Over the size cap (in bytes).
+    #[error("is larger than {}, the most that is read", size(*.0))]
+    TooLarge(u64),
     /// Over the time cap.
     #[error("could not be read within {} s", READ_TIMEOUT.as_secs())]
     TimedOut,
+}
+
+impl ReadError {
+    /// Whether there is no file at the path.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ReadError::Io(e) if e.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes.trailing_zeros() >= 20 {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes.trailing_zeros() >= 10 {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 /// Reads `path`, at most [`MAX_FILE`] bytes in at most [`READ_TIMEOUT`].
@@ -37,13 +55,14 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>, ReadError> {
     read_within(path, MAX_FILE, READ_TIMEOUT)
 }
 
-/// [`read_bounded`] with the caps given; `timeout` is also capped at [`READ_TIMEOUT`].
-pub(crate) fn read_within(path: &Path, max: u64, timeout: Duration) -> Result<Vec<u8>, ReadError> {
+/// [`read_bounded`] with the caps given; `timeout` is also capped at [`READ_TIMEOUT`]. Blocks the
+/// calling thread (at most `timeout`): call it from `spawn_blocking` in async code.
+pub fn read_within(path: &Path, max: u64, timeout: Duration) -> Result<Vec<u8>, ReadError> {
     // Checked before opening: opening a FIFO for reading blocks until a writer comes.
     let meta = std::fs::metadata(path)?;
     regular(&meta)?;
     if meta.len() > max {
-        return Err(ReadError::TooLarge);
+        return Err(ReadError::TooLarge(max));
     }
     let owned: PathBuf = path.to_path_buf();
     with_deadline(timeout.min(READ_TIMEOUT), move || read_open(&owned, max))
@@ -76,7 +95,7 @@ fn read_open(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
     let mut buf = Vec::new();
     file.take(max + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > max {
-        return Err(ReadError::TooLarge);
+        return Err(ReadError::TooLarge(max));
     }
     Ok(buf)
 }
@@ -136,7 +155,7 @@ mod tests {
         assert_eq!(read_bounded(&at_cap).unwrap().len() as u64, MAX_FILE);
         let over = dir.join("over");
         std::fs::write(&over, vec![b'a'; MAX_FILE as usize + 1]).unwrap();
-        assert!(matches!(read_bounded(&over), Err(ReadError::TooLarge)));
+        assert!(matches!(read_bounded(&over), Err(ReadError::TooLarge(_))));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

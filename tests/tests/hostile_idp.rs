@@ -321,7 +321,7 @@ async fn a_fifo_at_the_store_path_is_refused_and_the_provider_logs_in_afresh() {
     assert_eq!(idp.calls(), 1);
     let logs = sc.logs();
     assert!(
-        logs.contains("token store ignored") && logs.contains("not a regular file (a FIFO)"),
+        logs.contains("token store ignored") && logs.contains("is a FIFO, not a regular file"),
         "{logs}"
     );
     // The new token replaced the FIFO with a store file.

@@ -6,7 +6,6 @@
 //! restarts.
 
 mod provider;
-mod read;
 mod schedule;
 mod source;
 mod store;

@@ -26,8 +26,7 @@ use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use sidecar_config::MAX_DURATION;
-
-use crate::read::read_regular;
+use sidecar_config::{read_within, READ_TIMEOUT};
 
 const MAGIC: &[u8; 4] = b"TSK1";
 const VERSION: u8 = 1;
@@ -279,7 +278,7 @@ impl Store {
     /// its start, before it writes).
     pub fn load(&self) -> Result<Option<Record>, StoreError> {
         self.remove_stale_temp_files();
-        let bytes = match read_regular(&self.path, MAX_FILE) {
+        let bytes = match read_within(&self.path, MAX_FILE, READ_TIMEOUT) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => {

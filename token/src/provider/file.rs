@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 
 use super::{Fetched, Held, Provider, ProviderError};
-use crate::read::read_regular;
+use sidecar_config::read_within;
 
 /// How often the file's metadata is checked. A `stat` per second is negligible and, unlike
 /// inotify, follows symlink swaps (`..data` in Kubernetes volumes) and files on any filesystem.
@@ -20,7 +20,7 @@ const MAX_SIZE: u64 = 1 << 20;
 
 /// A token file is on a local or projected volume; a read that takes longer hangs (a stuck
 /// network filesystem, a path swapped for a FIFO between the type check and the open).
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What identifies one version of the file.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -65,24 +65,17 @@ impl TokenFile {
         // Marked seen before reading, so an unreadable version is not retried every poll.
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = self.version();
         let path = self.path.clone();
-        let reading = tokio::task::spawn_blocking(move || read_regular(&path, MAX_SIZE));
-        let bytes = match tokio::time::timeout(READ_TIMEOUT, reading).await {
-            Ok(Ok(Ok(bytes))) => bytes,
-            Ok(Ok(Err(e))) => {
+        let reading =
+            tokio::task::spawn_blocking(move || read_within(&path, MAX_SIZE, READ_TIMEOUT));
+        let bytes = match reading.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
                 return Err(ProviderError::Setup(format!(
                     "cannot read token file {}: {e}",
                     self.path.display()
                 )))
             }
-            Ok(Err(_)) => return Err(ProviderError::Setup("token file read was cancelled".into())),
-            // The blocked thread is left behind; the provider goes on.
-            Err(_) => {
-                return Err(ProviderError::Setup(format!(
-                    "cannot read token file {}: no answer within {}",
-                    self.path.display(),
-                    humantime::format_duration(READ_TIMEOUT)
-                )))
-            }
+            Err(_) => return Err(ProviderError::Setup("token file read was cancelled".into())),
         };
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| ProviderError::Malformed("token file is not UTF-8".into()))?;

@@ -860,9 +860,9 @@ async fn token_files_that_are_devices_fifos_or_huge_are_clear_errors() {
     for (path, expect) in [
         (
             Path::new("/dev/zero"),
-            "not a regular file (a character device)",
+            "is a character device, not a regular file",
         ),
-        (fifo.as_path(), "not a regular file (a FIFO)"),
+        (fifo.as_path(), "is a FIFO, not a regular file"),
         (huge.as_path(), "larger than 1 MiB"),
     ] {
         let p = build(&format!("{{ type: file, path: '{}' }}", path.display()));
