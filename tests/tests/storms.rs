@@ -37,6 +37,10 @@ upstreams:
 /// At most one call per `spacing` since `since`, plus the one a window may start with.
 fn assert_spaced(calls: usize, since: Instant, spacing: Duration, what: &str, logs: &str) {
     let allowed = 1 + (since.elapsed().as_secs_f64() / spacing.as_secs_f64()).floor() as usize;
+    eprintln!(
+        "{what}: {calls} identity-provider calls in {:?}",
+        since.elapsed()
+    );
     assert!(
         calls <= allowed,
         "{what}: {calls} identity-provider calls in {:?}, at most {allowed} allowed\n{logs}",
