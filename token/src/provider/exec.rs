@@ -10,7 +10,9 @@ use futures::future::BoxFuture;
 use sidecar_config::Secret;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::{seconds, truncate, until, Fetched, Held, Provider, ProviderError};
+use super::lifetime::{seconds, until};
+use super::redact::truncate;
+use super::{Fetched, Held, Provider, ProviderError};
 
 /// Output beyond this is not a token.
 const MAX_OUTPUT: u64 = 1 << 20;

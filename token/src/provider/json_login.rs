@@ -5,9 +5,10 @@
 use futures::future::BoxFuture;
 use sidecar_config::JsonCall;
 
-use super::{
-    answer, network_error, seconds, until, Fetched, Held, Provider, ProviderError, Redactor,
-};
+use super::http::{answer, network_error};
+use super::lifetime::{seconds, until};
+use super::redact::Redactor;
+use super::{Fetched, Held, Provider, ProviderError};
 
 /// Where an error text is looked for when no `error_pointer` is configured.
 const ERROR_POINTERS: [&str; 4] = ["/errorMessage", "/error_description", "/error", "/message"];

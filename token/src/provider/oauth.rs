@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::future::BoxFuture;
 use sidecar_config::{ClientCredential, LoginFallback, OAuthClient, Secret};
 
-use super::{
-    answer, error_message, form_encode, network_error, seconds, AssertionSigner, Fetched, Held,
-    Provider, ProviderError, Redactor,
-};
+use super::http::{answer, network_error};
+use super::lifetime::seconds;
+use super::redact::{error_message, form_encode, Redactor};
+use super::{AssertionSigner, Fetched, Held, Provider, ProviderError};
 
 /// How a client authenticates, ready to use.
 enum Auth {

@@ -14,6 +14,8 @@ use sidecar_config::{Config, Provider as ProviderConfig};
 use sidecar_mocks::{IdpConfig, MockIdp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::lifetime::{seconds, until};
+use super::redact::{lower_hex, Redactor};
 use super::*;
 
 const RSA_PKCS8: &str = include_str!("testdata/rsa-test-key.pem");

@@ -1,8 +1,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use sidecar_config::RefreshPolicy;
+use futures::future::BoxFuture;
+use sidecar_config::{RefreshPolicy, MAX_DURATION};
 
+use super::flight::{ttl_of, unix_now};
 use super::*;
+use crate::provider::{Fetched, Held, ProviderError};
 use crate::store::Store;
 
 /// A provider whose answers the test scripts: it counts calls, takes `latency`, and fails while

@@ -1,0 +1,87 @@
+//! Persistence: the encrypted store read once before the first identity-provider call, and
+//! written before every new token is published.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use super::inner::{lock, Inner};
+use crate::store::Record;
+use crate::token::Token;
+
+/// Reads the store once, before the first identity-provider call: a stored refresh token seeds
+/// the next grant, and a still-usable stored access token is published as is (its generation
+/// continues). Returns that token. A bad file is logged (never its contents) and ignored.
+pub(super) async fn restore(inner: &Arc<Inner>) -> Option<Arc<Token>> {
+    let store = inner.store.clone()?;
+    {
+        let mut book = lock(&inner.book);
+        if book.store_read {
+            return None;
+        }
+        book.store_read = true;
+    }
+    let loaded = tokio::task::spawn_blocking(move || store.load()).await;
+    let record = match loaded {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            tracing::warn!(provider = %inner.name, error = %e, "token store ignored; logging in afresh");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let now = SystemTime::now();
+    let mut book = lock(&inner.book);
+    book.refresh_token = record.refresh_token.clone();
+    book.generation = book.generation.max(record.generation);
+    if inner.current.load().is_some() {
+        return None;
+    }
+    let mut token = Token::restored(
+        record.access_token.clone(),
+        record.generation,
+        record.age(now),
+        record.ttl_left(now),
+    );
+    token.usable_until = inner
+        .schedule
+        .usable_until(token.issued_at, token.expires_at);
+    if Instant::now() >= token.usable_until || !token.is_header_safe() {
+        return None;
+    }
+    let token = Arc::new(token);
+    inner.current.store(Some(token.clone()));
+    book.last_refresh_at = Some(now);
+    tracing::info!(
+        provider = %inner.name,
+        generation = token.generation,
+        fingerprint = %token.fingerprint,
+        ttl_s = record.ttl_left(now).as_secs(),
+        "token restored from the store"
+    );
+    Some(token)
+}
+
+/// Persists a new token and refresh token; `Ok` means durable. Runs before the token is
+/// published, so a crash never leaves only a consumed refresh token on disk.
+pub(super) async fn persist(inner: &Arc<Inner>, token: &Token, refresh_token: Option<String>) {
+    let Some(store) = inner.store.clone() else {
+        return;
+    };
+    let record = Record {
+        access_token: token.expose().to_string(),
+        refresh_token,
+        generation: token.generation,
+        issued_at_ms: Record::unix_ms(SystemTime::now()),
+        expires_at_ms: Record::unix_ms(token.expires_at_wall),
+    };
+    match tokio::task::spawn_blocking(move || store.save(&record)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(provider = %inner.name, error = %e, "cannot write the token store; the new token is kept in memory only")
+        }
+        Err(_) => tracing::error!(provider = %inner.name, "token store write was cancelled"),
+    }
+}
