@@ -497,11 +497,6 @@ async fn a_configmap_symlink_swap_reloads_the_running_sidecar() {
         previous = next;
     }
     assert_eq!(get(&sc, "/one/a").await, 404);
-    let metrics = sc.admin_text("/metrics").await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("sidecar_config_reloads_total{result=\"success\"} 2")),
-        "{metrics}"
-    );
+    let reloaded = support::metrics::reloads(&sc, "success").await;
+    assert_eq!(reloaded, 2, "{}", sc.logs());
 }

@@ -8,29 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sidecar_mocks::{MockUpstream, UpstreamConfig};
-use support::{run_cli, wait_until, Scratch, Sidecar};
-
-/// Access lines off: the harness writes the log beside the config.
-const QUIET: &str = "log: { access_log: false }\n";
-
-/// `sidecar_config_reloads_total{result}` from `/metrics` (0 before the first one).
-async fn reloads(sc: &Sidecar, result: &str) -> u64 {
-    let text = sc.admin_text("/metrics").await;
-    let prefix = format!("sidecar_config_reloads_total{{result=\"{result}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap_or(0.0) as u64)
-}
-
-/// Waits (bounded) until the `result` count reaches `n`.
-async fn wait_reloads(sc: &Sidecar, result: &str, n: u64) {
-    wait_until(
-        Duration::from_secs(15),
-        || async { reloads(sc, result).await >= n },
-        || format!("no {n} {result} reloads in 15 s\n{}", sc.logs()),
-    )
-    .await;
-}
+use support::metrics::{reloads, wait_reloads_at_least};
+use support::{run_cli, wait_until, Scratch, Sidecar, QUIET};
 
 /// The whole config file, with the sidecar's own listen addresses.
 fn full_text(sc: &Sidecar, yaml: &str) -> String {
@@ -89,7 +68,7 @@ async fn an_empty_file_keeps_the_running_config() {
     let api = MockUpstream::start(UpstreamConfig::open()).await;
     let sc = start(&api).await;
     std::fs::write(sc.config_path(), "").unwrap();
-    wait_reloads(&sc, "error", 1).await;
+    wait_reloads_at_least(&sc, "error", 1).await;
     reload_is_refused(&sc).await;
     let client = reqwest::Client::new();
     assert_eq!(get(&client, sc.url("/after")).await, 200, "{}", sc.logs());
@@ -150,7 +129,7 @@ async fn truncating_in_place_then_rewriting_never_loses_a_route() {
     assert_eq!(not_ok.load(Ordering::Relaxed), 0, "{}", sc.logs());
     // Written again (the content changed, so it is a real reload).
     std::fs::write(sc.config_path(), format!("# written again\n{good}")).unwrap();
-    wait_reloads(&sc, "success", 1).await;
+    wait_reloads_at_least(&sc, "success", 1).await;
     let at_rewrite = sent.load(Ordering::Relaxed);
     wait_until(
         Duration::from_secs(10),
@@ -180,7 +159,7 @@ async fn a_provider_written_twice_is_refused() {
         routes(&api)
     );
     std::fs::write(sc.config_path(), full_text(&sc, &yaml)).unwrap();
-    wait_reloads(&sc, "error", 1).await;
+    wait_reloads_at_least(&sc, "error", 1).await;
     reload_is_refused(&sc).await;
     let logs = sc.logs();
     // The second `main:` is on line 5 (listen, admin_listen, providers, the first main).
@@ -208,7 +187,7 @@ async fn a_custom_tag_or_a_number_as_a_secret_is_refused() {
     {
         let yaml = format!("{provider}{}{QUIET}", routes(&api));
         std::fs::write(sc.config_path(), full_text(&sc, &yaml)).unwrap();
-        wait_reloads(&sc, "error", n as u64 + 1).await;
+        wait_reloads_at_least(&sc, "error", n as u64 + 1).await;
     }
     let logs = sc.logs();
     assert!(logs.contains("!vault"), "{logs}");
@@ -246,7 +225,7 @@ async fn file_references_to_a_fifo_or_a_device_are_refused_and_the_process_lives
         std::fs::write(sc.config_path(), full_text(&sc, &yaml)).unwrap();
         reload_is_refused(&sc).await;
         // Both the watcher's reload and the POST were refused.
-        wait_reloads(&sc, "error", 2 * (n as u64 + 1)).await;
+        wait_reloads_at_least(&sc, "error", 2 * (n as u64 + 1)).await;
         let logs = sc.logs();
         let said =
             format!("cannot read {path} (from ${{file:{path}}}): {kind}, not a regular file");
@@ -270,7 +249,7 @@ async fn an_oversized_config_is_refused_and_the_process_lives() {
     text.push_str(&"x".repeat(5 << 20));
     text.push('\n');
     std::fs::write(sc.config_path(), text).unwrap();
-    wait_reloads(&sc, "error", 1).await;
+    wait_reloads_at_least(&sc, "error", 1).await;
     assert!(sc.logs().contains("is larger than 4 MiB"), "{}", sc.logs());
     let client = reqwest::Client::new();
     assert_eq!(get(&client, sc.url("/after")).await, 200);
@@ -296,7 +275,7 @@ async fn trace_logging_beside_the_config_does_not_feed_itself() {
         format!("# changed\n{}", full_text(&sc, &yaml)),
     )
     .unwrap();
-    wait_reloads(&sc, "success", 1).await;
+    wait_reloads_at_least(&sc, "success", 1).await;
     let logs = sc.logs();
     for word in ["inotify", "neighbour.txt", "sidecar.log"] {
         let lines: Vec<&str> = logs.lines().filter(|l| l.contains(word)).take(3).collect();

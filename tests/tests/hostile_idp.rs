@@ -10,7 +10,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use sidecar_mocks::{Catcher, Hostile, IdpConfig, MockIdp, MockUpstream, UpstreamConfig};
 use sidecar_token::Store;
-use support::{run_cli, wait_until, Scratch, Sidecar};
+use support::providers::{keygen, provider_status};
+use support::{wait_until, Scratch, Sidecar};
 
 /// The client secret, the password and the API key: characters that every encoding changes.
 const CS: &str = "cs/+ SECRET=1&x";
@@ -78,14 +79,6 @@ upstreams:
 }
 
 const ENV: [(&str, &str); 3] = [("CS", CS), ("PW", PW), ("KEY", KEY)];
-
-/// The status entry of one provider.
-fn provider_status<'a>(all: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    all["providers"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["provider"] == name))
-        .unwrap_or_else(|| panic!("no provider {name} in {all}"))
-}
 
 /// Waits until every provider of [`PROVIDERS`] has a `last_error` containing `needle`.
 async fn wait_errors(sc: &Sidecar, needle: &str) -> serde_json::Value {
@@ -267,12 +260,6 @@ async fn a_50_mb_idp_answer_is_refused_without_being_read() {
     })
     .await;
     assert!(!sc.logs().contains("panicked"));
-}
-
-fn keygen() -> String {
-    let (code, out, err) = run_cli(&["keygen"], &[]);
-    assert_eq!(code, 0, "{err}");
-    out.trim().to_owned()
 }
 
 fn cc_with_store(idp: &MockIdp, api: &MockUpstream, store: &Path) -> String {

@@ -9,6 +9,16 @@ use std::time::{Duration, Instant};
 
 use sidecar_mocks::{MockUpstream, UpstreamConfig};
 
+pub mod logs;
+pub mod metrics;
+pub mod providers;
+
+/// The harness writes the sidecar's log next to its config, and the watcher waits for 100 ms of
+/// quiet in that directory before it reloads (see
+/// `a_reload_is_seen_while_the_config_directory_is_busy`): tests that send traffic while they
+/// wait for a reload keep access lines out of that file.
+pub const QUIET: &str = "log: { access_log: false }\n";
+
 /// A free loopback port (bound, then released: the sidecar binds it right after).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -224,6 +234,33 @@ pub async fn open_stack(extra: &str) -> (MockUpstream, Sidecar) {
     );
     let sc = Sidecar::start(&yaml).await;
     (api, sc)
+}
+
+/// `GET url`; the status code.
+pub async fn get_status(client: &reqwest::Client, url: String) -> u16 {
+    client.get(url).send().await.unwrap().status().as_u16()
+}
+
+/// Writes `text` next to `path` and renames it over `path`, the way many editors save and
+/// Kubernetes and vault agents replace files.
+pub fn replace_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Rewrites the sidecar's config with `yaml` (its listen addresses are kept). `rename`: write a
+/// temp file and rename it over the config; otherwise write the file in place.
+pub fn rewrite(sc: &Sidecar, yaml: &str, rename: bool) {
+    let text = format!(
+        "listen: \"{}\"\nadmin_listen: \"{}\"\n{yaml}",
+        sc.listen, sc.admin
+    );
+    if rename {
+        replace_atomically(sc.config_path(), &text);
+    } else {
+        std::fs::write(sc.config_path(), text).unwrap();
+    }
 }
 
 /// Polls `check` every 20 ms until it holds; panics with `failure()` once `limit` has passed.
