@@ -290,6 +290,9 @@ async fn idp_down_gives_503_within_the_wait_bound_then_recovers() {
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "token_unavailable");
+    // It waited the configured bound (1 s), not the default (10 s).
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("within 1s"), "{message}");
     assert_eq!(support::metrics::waiting_requests(&sc).await, 0.0);
     assert_eq!(api.count(), 0);
     let ready = reqwest::get(sc.admin_url("/readyz")).await.unwrap();
