@@ -13,6 +13,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// Largest response body [`Conn`] reads (the bench's own upstream and the sidecar's admin answer
+/// far less; anything bigger is an error, not an allocation).
+const MAX_BODY: usize = 16 << 20;
+
 /// Sub-buckets per power of two above 64 ns.
 const SUB: u64 = 32;
 const BUCKETS: usize = 64 + 40 * SUB as usize;
@@ -122,6 +126,10 @@ pub struct Reply {
     pub replayed: bool,
     /// The server closes the connection after this answer.
     pub close: bool,
+    /// It carries `Retry-After`.
+    pub retry_after: bool,
+    /// A 503 whose body names `token_unavailable` (the sidecar's own answer, SPEC §10).
+    pub token_unavailable: bool,
 }
 
 /// A keep-alive HTTP/1.1 connection.
@@ -142,10 +150,17 @@ impl Conn {
         })
     }
 
-    /// Sends `request` (a complete request without body) and reads the whole answer.
+    /// Sends `request` (a complete request, body included) and reads the whole answer.
     pub async fn request(&mut self, request: &[u8]) -> io::Result<Reply> {
         self.stream.write_all(request).await?;
-        self.read_reply().await
+        self.read_reply(false).await.map(|(reply, _)| reply)
+    }
+
+    /// Like [`Conn::request`], and also returns the answer's body (a chunked one with its chunk
+    /// framing).
+    pub async fn request_body(&mut self, request: &[u8]) -> io::Result<(Reply, Vec<u8>)> {
+        self.stream.write_all(request).await?;
+        self.read_reply(true).await
     }
 
     async fn fill(&mut self) -> io::Result<()> {
@@ -158,8 +173,10 @@ impl Conn {
         Ok(())
     }
 
-    async fn read_reply(&mut self) -> io::Result<Reply> {
-        let head = loop {
+    /// Reads one answer; its body is returned only if `keep_body`.
+    async fn read_reply(&mut self, keep_body: bool) -> io::Result<(Reply, Vec<u8>)> {
+        let too_big = || io::Error::new(io::ErrorKind::InvalidData, "response body too large");
+        let mut head = loop {
             match parse_head(&self.buf)? {
                 Some(head) => break head,
                 None => self.fill().await?,
@@ -171,17 +188,28 @@ impl Conn {
                 if let Some(pos) = find(&self.buf[head.len..], b"0\r\n\r\n") {
                     break head.len + pos + 5;
                 }
+                if self.buf.len() - head.len > MAX_BODY {
+                    return Err(too_big());
+                }
                 self.fill().await?;
             }
         } else {
-            let end = head.len + head.content_length.unwrap_or(0);
+            let length = head.content_length.unwrap_or(0);
+            if length > MAX_BODY {
+                return Err(too_big());
+            }
+            let end = head.len + length;
             while self.buf.len() < end {
                 self.fill().await?;
             }
             end
         };
+        let body = &self.buf[head.len..end];
+        head.reply.token_unavailable =
+            head.reply.status == 503 && find(body, b"token_unavailable").is_some();
+        let body = if keep_body { body.to_vec() } else { Vec::new() };
         self.buf.drain(..end);
-        Ok(head.reply)
+        Ok((head.reply, body))
     }
 }
 
@@ -216,6 +244,8 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<Head>> {
             status: resp.code.unwrap_or(0),
             replayed: false,
             close: false,
+            retry_after: false,
+            token_unavailable: false,
         },
     };
     for h in resp.headers.iter() {
@@ -229,6 +259,8 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<Head>> {
             head.reply.replayed = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
             head.reply.close = h.value.eq_ignore_ascii_case(b"close");
+        } else if h.name.eq_ignore_ascii_case("retry-after") {
+            head.reply.retry_after = true;
         }
     }
     Ok(Some(head))
@@ -307,7 +339,7 @@ impl Outcome {
 }
 
 /// `c.request(request)`, failing with `TimedOut` after `limit`.
-async fn request_within(c: &mut Conn, request: &[u8], limit: Duration) -> io::Result<Reply> {
+pub async fn request_within(c: &mut Conn, request: &[u8], limit: Duration) -> io::Result<Reply> {
     tokio::time::timeout(limit, c.request(request))
         .await
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "request timed out")))
@@ -556,6 +588,49 @@ mod tests {
         let denied = Arc::new(bench_request(up.addr, None));
         let o = closed_loop(up.addr, denied, 1, Duration::from_millis(100)).await;
         assert!(o.status_401 > 0 && o.ok == 0, "{:?}", o.first_error);
+    }
+
+    /// The sidecar's own 503 is told apart from an upstream's, and `request_body` hands the body
+    /// over while `request` leaves the connection ready for the next answer.
+    #[tokio::test]
+    async fn token_unavailable_answers_and_bodies() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let own = r#"{"error":"token_unavailable","message":"IdP down"}"#;
+            let theirs = r#"{"error":"busy"}"#;
+            let answers = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: {}\r\n\r\n{own}\
+                 HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n{theirs}",
+                own.len(),
+                theirs.len()
+            );
+            let mut buf = [0u8; 1024];
+            let mut seen = 0;
+            // Both requests, then both answers.
+            while seen < 2 {
+                let n = s.read(&mut buf).await.unwrap();
+                seen += buf[..n].windows(4).filter(|w| w == b"\r\n\r\n").count();
+            }
+            s.write_all(answers.as_bytes()).await.unwrap();
+            s
+        });
+        let mut c = Conn::connect(addr).await.unwrap();
+        let req = bench_request(addr, None);
+        c.stream.write_all(&req).await.unwrap();
+        let (own, body) = c.request_body(&req).await.unwrap();
+        assert_eq!(
+            (own.status, own.retry_after, own.token_unavailable),
+            (503, true, true)
+        );
+        assert!(body.starts_with(br#"{"error":"token_unavailable""#));
+        let (theirs, _) = c.read_reply(false).await.unwrap();
+        assert_eq!(
+            (theirs.status, theirs.retry_after, theirs.token_unavailable),
+            (503, false, false)
+        );
+        drop(server.await.unwrap());
     }
 
     #[test]

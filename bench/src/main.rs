@@ -5,6 +5,7 @@
 mod load;
 mod procs;
 mod scenarios;
+mod soak;
 mod tools;
 mod upstream;
 
@@ -13,6 +14,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use scenarios::Scenario;
 
 /// Benchmark token-sidecar against direct, nginx and bare Pingora on loopback.
 #[derive(Debug, Parser)]
@@ -44,9 +46,13 @@ pub struct Args {
     /// How many connections `--profile` uses.
     #[arg(long, default_value_t = 16)]
     pub profile_conns: usize,
-    /// Run only these scenarios (1-5, comma separated).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<u8>,
+    /// Run only these scenarios, comma separated: numbers 1-5 or names (throughput, storm,
+    /// replay, rate, memory, soak). The soak runs only when named here, never with --smoke.
+    #[arg(long, value_delimiter = ',', value_parser = Scenario::parse)]
+    pub only: Vec<Scenario>,
+    /// How long the soak runs, in seconds.
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub soak_secs: u64,
 }
 
 /// Which load generator drives the throughput scenario.
@@ -73,6 +79,7 @@ pub struct Plan {
     pub rate_run: Duration,
     pub rate_per_s: u32,
     pub memory_conns: Vec<usize>,
+    pub soak: Duration,
     pub watchdog: Duration,
 }
 
@@ -90,6 +97,7 @@ impl Plan {
                 rate_run: Duration::from_secs(1),
                 rate_per_s: 500,
                 memory_conns: vec![200, 1000],
+                soak: Duration::from_secs(args.soak_secs),
                 watchdog: Duration::from_secs(240),
             };
         }
@@ -104,6 +112,7 @@ impl Plan {
             rate_run: Duration::from_secs(10),
             rate_per_s: 1000,
             memory_conns: vec![1000, 10_000],
+            soak: Duration::from_secs(args.soak_secs),
             watchdog: Duration::from_secs(30 * 60),
         };
         if args.quick {
@@ -289,9 +298,22 @@ fn main() -> ExitCode {
     code
 }
 
+/// The scenarios to run: those of `--only`, or 1-5. The soak is refused with `--smoke`.
+fn selection(args: &Args) -> Result<Vec<Scenario>, String> {
+    if args.only.is_empty() {
+        return Ok(Scenario::DEFAULT.to_vec());
+    }
+    if args.smoke && args.only.contains(&Scenario::Soak) {
+        return Err("the soak takes minutes and is not part of --smoke".into());
+    }
+    Ok(args.only.clone())
+}
+
 /// Runs the selected scenarios; returns the scenarios that could not run.
 fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
     let started = Instant::now();
+    let selected = selection(args)?;
+    let soak = selected.contains(&Scenario::Soak);
     let loadavg = || {
         std::fs::read_to_string("/proc/loadavg")
             .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -301,7 +323,12 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
     let fd_limit = raise_fd_limit();
     let (sidecar_bin, bare_bin) = binaries(args)?;
     // Armed after the build, which may legitimately take minutes.
-    let watchdog = plan.watchdog;
+    let watchdog = plan.watchdog
+        + if soak {
+            plan.soak + Duration::from_secs(5 * 60)
+        } else {
+            Duration::ZERO
+        };
     let _ = std::thread::Builder::new()
         .name("bench-watchdog".into())
         .spawn(move || {
@@ -310,12 +337,20 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
             procs::abandon();
             std::process::exit(3);
         });
+    // Only the throughput scenario and --profile drive nginx and wrk: do not install them for
+    // the others.
+    let needs_tools = args.profile.is_some() || selected.contains(&Scenario::Throughput);
     let wrk = match args.loadgen {
+        _ if !needs_tools => None,
         Loadgen::Builtin => None,
         Loadgen::Wrk => Some(tools::wrk().ok_or("wrk is not available")?),
         Loadgen::Auto => tools::wrk(),
     };
-    let nginx = tools::nginx()?;
+    let nginx = if needs_tools {
+        Some(tools::nginx()?)
+    } else {
+        None
+    };
     let env = scenarios::Env {
         plan: plan.clone(),
         sidecar_bin,
@@ -342,58 +377,158 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
         });
         if let Some(target) = &args.profile {
             return match scenarios::profile(&env, target, args.profile_secs, args.profile_conns).await {
-                Ok(text) => (text, Vec::new()),
-                Err(e) => (String::new(), vec![format!("profile: {e}")]),
+                Ok(text) => (scenarios::Report { main: text, soak: None }, Vec::new()),
+                Err(e) => (scenarios::Report::default(), vec![format!("profile: {e}")]),
             };
         }
-        scenarios::run_all(&env, &args.only).await
+        scenarios::run_all(&env, &selected).await
     });
     if args.profile.is_some() {
-        println!("{report}");
+        println!("{}", report.main);
         return Ok(failures);
     }
     drop(rt);
 
-    let header = format!(
-        "# token-sidecar benchmark results\n\n\
-         Run: `cargo run --release -p sidecar-bench --{}` on {} ({} mode, {:.0} s).\n\n\
-         Machine: {}. Load average (1/5/15 min) before: {}, after: {}. Load generator: {}. \
-         nginx: {}. Open-file limit: {}.\n\n\
-         Everything on 127.0.0.1: load generator, upstream (hyper, 1 thread), mock IdP, and the \
-         proxies (1 worker/thread each). Keep-alive everywhere, `GET /bench`.\n",
-        match plan.mode {
-            "full" => String::new(),
-            m => format!(" --{m}"),
-        },
-        utc_now(),
-        plan.mode,
-        started.elapsed().as_secs_f64(),
+    let machine_line = format!(
+        "Machine: {}. Load average (1/5/15 min) before: {}, after: {}.",
         machine(),
         load_before,
-        loadavg(),
-        match &wrk {
-            Some(w) => format!(
-                "{} (`-t1`, latency from its Lua `done` hook)",
-                tool_version(w, "-v")
-            ),
-            None => "in-repo (bench/src/load.rs)".into(),
-        },
-        tool_version(&nginx, "-v"),
-        fd_limit,
+        loadavg()
     );
-    let footer = "Where the time goes (perf profiles of nginx, bare Pingora and the sidecar) and \
-                  the proposed fixes: [PROFILE.md](PROFILE.md). Profile one target yourself with \
-                  `cargo run --release -p sidecar-bench -- --profile sidecar|bare|nginx`.\n";
-    let text = format!("{header}\n{report}{footer}");
-    println!("{text}");
-    let out = match (&args.out, args.smoke) {
-        (Some(p), _) => Some(p.clone()),
-        (None, false) => Some(workspace_root().join("bench/RESULTS.md")),
-        (None, true) => None,
-    };
-    if let Some(out) = out {
-        std::fs::write(&out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
-        eprintln!("bench: results written to {}", out.display());
+    let only_soak = selected == [Scenario::Soak];
+    if !only_soak {
+        let header = format!(
+            "# token-sidecar benchmark results\n\n\
+             Run: `cargo run --release -p sidecar-bench --{}` on {} ({} mode, {:.0} s).\n\n\
+             {machine_line} Load generator: {}. nginx: {}. Open-file limit: {}.\n\n\
+             Everything on 127.0.0.1: load generator, upstream (hyper, 1 thread), mock IdP, and \
+             the proxies (1 worker/thread each). Keep-alive everywhere, `GET /bench`.\n",
+            match plan.mode {
+                "full" => String::new(),
+                m => format!(" --{m}"),
+            },
+            utc_now(),
+            plan.mode,
+            started.elapsed().as_secs_f64(),
+            match &wrk {
+                Some(w) => format!(
+                    "{} (`-t1`, latency from its Lua `done` hook)",
+                    tool_version(w, "-v")
+                ),
+                None => "in-repo (bench/src/load.rs)".into(),
+            },
+            nginx
+                .as_deref()
+                .map_or_else(|| "not used".into(), |n| tool_version(n, "-v")),
+            fd_limit,
+        );
+        let footer = "Where the time goes (perf profiles of nginx, bare Pingora and the sidecar) \
+                      and the proposed fixes: [PROFILE.md](PROFILE.md). Profile one target \
+                      yourself with `cargo run --release -p sidecar-bench -- --profile \
+                      sidecar|bare|nginx`.\n";
+        let text = format!("{header}\n{}{footer}", report.main);
+        println!("{text}");
+        let out = match (&args.out, args.smoke) {
+            (Some(p), _) => Some(p.clone()),
+            (None, false) => Some(workspace_root().join("bench/RESULTS.md")),
+            (None, true) => None,
+        };
+        if let Some(out) = out {
+            std::fs::write(&out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
+            eprintln!("bench: results written to {}", out.display());
+        }
+    }
+    if let Some(section) = &report.soak {
+        let text = format!(
+            "# Soak run of {}\n\nRun: `cargo run --release -p sidecar-bench -- --only soak \
+             --soak-secs {}` at commit {}.\n\n{machine_line}\n\n{section}\n",
+            utc_now(),
+            plan.soak.as_secs(),
+            git_commit(),
+        );
+        println!("{text}");
+        // Appended: each soak is a dated entry of the same file.
+        let out = match &args.out {
+            Some(p) if only_soak => p.clone(),
+            _ => workspace_root().join("bench/RESULTS-soak.md"),
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out)
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+        eprintln!("bench: soak results appended to {}", out.display());
     }
     Ok(failures)
+}
+
+/// The workspace's commit (short hash, `+dirty` with uncommitted changes), or "unknown".
+fn git_commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(workspace_root())
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(hash) if !hash.is_empty() => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{hash}+dirty")
+            } else {
+                hash
+            }
+        }
+        _ => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &[&str]) -> Args {
+        Args::try_parse_from([&["sidecar-bench"], line].concat()).expect("valid arguments")
+    }
+
+    #[test]
+    fn only_takes_numbers_and_names_and_the_soak_is_opt_in() {
+        assert_eq!(selection(&args(&[])).unwrap(), Scenario::DEFAULT.to_vec());
+        assert!(!Scenario::DEFAULT.contains(&Scenario::Soak));
+        assert!(!selection(&args(&["--smoke"]))
+            .unwrap()
+            .contains(&Scenario::Soak));
+        assert_eq!(
+            selection(&args(&["--only", "1,3"])).unwrap(),
+            vec![Scenario::Throughput, Scenario::Replay]
+        );
+        assert_eq!(
+            selection(&args(&["--only", "soak"])).unwrap(),
+            vec![Scenario::Soak]
+        );
+        assert_eq!(
+            selection(&args(&["--only", "storm,5,Soak"])).unwrap(),
+            vec![Scenario::Storm, Scenario::Memory, Scenario::Soak]
+        );
+        assert!(selection(&args(&["--smoke", "--only", "soak"])).is_err());
+        for bad in ["0", "6", "soakk", ""] {
+            assert!(
+                Args::try_parse_from(["sidecar-bench", "--only", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(Plan::from(&args(&[])).soak, Duration::from_secs(180));
+        assert_eq!(
+            Plan::from(&args(&["--soak-secs", "60"])).soak,
+            Duration::from_secs(60)
+        );
+        assert!(Args::try_parse_from(["sidecar-bench", "--soak-secs", "1"]).is_err());
+    }
 }

@@ -12,6 +12,7 @@ use sidecar_mocks::{IdpConfig, MockIdp, TokenRegistry};
 
 use crate::load::{self, Histogram, Percentiles};
 use crate::procs::{self, Proc, Scratch};
+use crate::soak;
 use crate::tools;
 use crate::upstream::{self, Upstream};
 use crate::Plan;
@@ -21,18 +22,113 @@ pub struct Env {
     pub plan: Plan,
     pub sidecar_bin: PathBuf,
     pub bare_bin: PathBuf,
-    pub nginx_bin: PathBuf,
+    /// Only looked up (and installed) when scenario 1 or `--profile` runs.
+    pub nginx_bin: Option<PathBuf>,
     pub wrk: Option<PathBuf>,
     pub fd_limit: u64,
 }
 
+/// A scenario of the runner: the five of SPEC §12, and the soak, which runs only when asked for
+/// by name (`--only soak`): it takes minutes and is never part of `--smoke`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Throughput,
+    Storm,
+    Replay,
+    RateLimit,
+    Memory,
+    Soak,
+}
+
+impl Scenario {
+    /// Every scenario, in running order.
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Throughput,
+        Scenario::Storm,
+        Scenario::Replay,
+        Scenario::RateLimit,
+        Scenario::Memory,
+        Scenario::Soak,
+    ];
+
+    /// What runs without `--only`.
+    pub const DEFAULT: [Scenario; 5] = [
+        Scenario::Throughput,
+        Scenario::Storm,
+        Scenario::Replay,
+        Scenario::RateLimit,
+        Scenario::Memory,
+    ];
+
+    /// The number it has in bench/README.md and the tables (the soak has none).
+    pub fn number(self) -> Option<u8> {
+        match self {
+            Scenario::Throughput => Some(1),
+            Scenario::Storm => Some(2),
+            Scenario::Replay => Some(3),
+            Scenario::RateLimit => Some(4),
+            Scenario::Memory => Some(5),
+            Scenario::Soak => None,
+        }
+    }
+
+    /// The name `--only` accepts besides the number.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Throughput => "throughput",
+            Scenario::Storm => "storm",
+            Scenario::Replay => "replay",
+            Scenario::RateLimit => "rate",
+            Scenario::Memory => "memory",
+            Scenario::Soak => "soak",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Scenario::Throughput => "throughput and latency",
+            Scenario::Storm => "refresh storm",
+            Scenario::Replay => "replay cost",
+            Scenario::RateLimit => "rate-limit accuracy",
+            Scenario::Memory => "memory",
+            Scenario::Soak => "soak",
+        }
+    }
+
+    /// "scenario 2" or "the soak", for progress lines.
+    fn label(self) -> String {
+        match self.number() {
+            Some(n) => format!("scenario {n}"),
+            None => format!("the {}", self.name()),
+        }
+    }
+
+    /// Parses one `--only` item: a number (1-5) or a name (`soak`, `storm`, ...).
+    pub fn parse(text: &str) -> Result<Scenario, String> {
+        let text = text.trim();
+        Scenario::ALL
+            .into_iter()
+            .find(|s| {
+                s.name().eq_ignore_ascii_case(text)
+                    || s.number().is_some_and(|n| n.to_string() == text)
+            })
+            .ok_or_else(|| {
+                let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+                format!(
+                    "unknown scenario {text:?}: use 1-5 or a name ({})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
 /// The mocks every scenario shares: the IdP on its own runtime thread, the fast upstream on
 /// another.
-struct World {
-    idp: MockIdp,
-    registry: TokenRegistry,
+pub(crate) struct World {
+    pub(crate) idp: MockIdp,
+    pub(crate) registry: TokenRegistry,
     upstream: Upstream,
-    scratch: Scratch,
+    pub(crate) scratch: Scratch,
     idp_rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -56,7 +152,7 @@ impl World {
             .map_err(|e| format!("IdP runtime: {e}"))?;
         let registry = TokenRegistry::new();
         let cfg = IdpConfig {
-            ttl: Duration::from_secs(3600),
+            ttl: IDP_TTL,
             registry: registry.clone(),
             ..IdpConfig::default()
         };
@@ -80,18 +176,59 @@ impl World {
     fn static_authorization(&self) -> String {
         format!("Bearer {}", self.registry.issue(Duration::from_secs(3600)))
     }
+
+    /// Runs `fut` on the IdP's runtime thread (so that a mock started by it serves from there,
+    /// not from the load generator's thread) and waits for it.
+    pub(crate) async fn on_idp_thread<F>(&self, fut: F) -> Result<F::Output, String>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let rt = self.idp_rt.as_ref().ok_or("the IdP runtime is gone")?;
+        rt.spawn(fut)
+            .await
+            .map_err(|e| format!("task on the IdP thread: {e}"))
+    }
+
+    /// Undoes what a scenario may have changed at the IdP.
+    fn reset(&self) {
+        self.idp.set_latency(Duration::ZERO);
+        self.idp.set_failure(None);
+        self.idp.set_ttl(IDP_TTL);
+        self.registry.set_reject_all(false);
+    }
 }
+
+/// Lifetime of the mock IdP's tokens, except in the soak.
+const IDP_TTL: Duration = Duration::from_secs(3600);
 
 /// A running sidecar.
-struct Sidecar {
-    proc: Proc,
-    listen: SocketAddr,
+pub(crate) struct Sidecar {
+    pub(crate) proc: Proc,
+    pub(crate) listen: SocketAddr,
+    pub(crate) admin: SocketAddr,
+    /// Its stdout and stderr.
+    pub(crate) log: PathBuf,
 }
 
-async fn start_sidecar(env: &Env, w: &World, tag: &str, extra: &str) -> Result<Sidecar, String> {
-    let listen = procs::free_port()?;
-    let admin = procs::free_port()?;
-    let yaml = format!(
+/// The sidecar's configuration: one `oauth2_client_credentials` provider (`bench`, with the
+/// `refresh` settings given, or the defaults) on the mock IdP and one upstream `api` at
+/// `upstream`; `replay` and `extra` are added as they are.
+pub(crate) fn sidecar_yaml(
+    w: &World,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    refresh: &str,
+    replay: &str,
+    extra: &str,
+) -> String {
+    let refresh = if refresh.is_empty() {
+        String::new()
+    } else {
+        format!("\n    refresh: {refresh}")
+    };
+    format!(
         r#"listen: "{listen}"
 admin_listen: "{admin}"
 shutdown_grace: 1s
@@ -100,17 +237,42 @@ providers:
     type: oauth2_client_credentials
     token_url: "{token_url}"
     client_id: demo-client
-    client_secret: demo-secret
+    client_secret: demo-secret{refresh}
 upstreams:
   - name: api
     url: "http://{upstream}"
     provider: bench
-replay: {{ debug_header: true, max_waiting: 20000 }}
+replay: {replay}
 log: {{ level: warn, format: text, access_log: false }}
 {extra}"#,
         token_url = w.idp.token_url(),
-        upstream = w.upstream.addr,
+    )
+}
+
+async fn start_sidecar(env: &Env, w: &World, tag: &str, extra: &str) -> Result<Sidecar, String> {
+    let (listen, admin) = (procs::free_port()?, procs::free_port()?);
+    let yaml = sidecar_yaml(
+        w,
+        listen,
+        admin,
+        w.upstream.addr,
+        "",
+        "{ debug_header: true, max_waiting: 20000 }",
+        extra,
     );
+    launch_sidecar(env, w, tag, listen, admin, &yaml).await
+}
+
+/// Starts the sidecar with `yaml` (which names `listen` and `admin`) and waits until it proxies
+/// `GET /bench` with 200.
+pub(crate) async fn launch_sidecar(
+    env: &Env,
+    w: &World,
+    tag: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    yaml: &str,
+) -> Result<Sidecar, String> {
     let config = w.scratch.path(&format!("sidecar-{tag}.yaml"));
     std::fs::write(&config, yaml).map_err(|e| format!("sidecar config: {e}"))?;
     let log = w.scratch.path(&format!("sidecar-{tag}.log"));
@@ -123,7 +285,12 @@ log: {{ level: warn, format: text, access_log: false }}
     ready(listen, None)
         .await
         .map_err(|e| format!("sidecar: {e}\n{}", tail()))?;
-    Ok(Sidecar { proc, listen })
+    Ok(Sidecar {
+        proc,
+        listen,
+        admin,
+        log,
+    })
 }
 
 /// Waits (bounded, 10 s) until `addr` answers `GET /bench` with 200.
@@ -148,56 +315,68 @@ async fn ready(addr: SocketAddr, authorization: Option<&str>) -> Result<(), Stri
     Err(format!("{addr} is not answering 200: {last}"))
 }
 
+/// What a run produced: the report of scenarios 1-5 (empty if none ran) and the soak's section
+/// (if it ran), which goes to its own file.
+#[derive(Default)]
+pub struct Report {
+    pub main: String,
+    pub soak: Option<String>,
+}
+
 /// Runs every selected scenario; returns the report and the scenarios that could not run.
-pub async fn run_all(env: &Env, only: &[u8]) -> (String, Vec<String>) {
-    let mut report = String::new();
+pub async fn run_all(env: &Env, selected: &[Scenario]) -> (Report, Vec<String>) {
+    let mut report = Report::default();
     let mut failures = Vec::new();
     let world = match World::start() {
         Ok(w) => w,
-        Err(e) => return (String::new(), vec![format!("setup: {e}")]),
+        Err(e) => return (report, vec![format!("setup: {e}")]),
     };
-    let _ = writeln!(
-        report,
-        "Upstream answer: {} bytes of JSON.\n",
-        upstream::OK_BODY.len()
-    );
-    let wanted = |n: u8| only.is_empty() || only.contains(&n);
+    if selected.iter().any(|s| s.number().is_some()) {
+        let _ = writeln!(
+            report.main,
+            "Upstream answer: {} bytes of JSON.\n",
+            upstream::OK_BODY.len()
+        );
+    }
     type Fut<'a> =
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + 'a>>;
-    let list: Vec<(u8, &str, Fut<'_>)> = vec![
-        (
-            1,
-            "throughput and latency",
-            Box::pin(throughput(env, &world)),
-        ),
-        (2, "refresh storm", Box::pin(storm(env, &world))),
-        (3, "replay cost", Box::pin(replay(env, &world))),
-        (4, "rate-limit accuracy", Box::pin(rate_limit(env, &world))),
-        (5, "memory", Box::pin(memory(env, &world))),
-    ];
-    for (n, name, fut) in list {
-        if !wanted(n) {
+    for scenario in Scenario::ALL {
+        if !selected.contains(&scenario) {
             continue;
         }
-        eprintln!("bench: scenario {n}: {name}");
+        let fut: Fut<'_> = match scenario {
+            Scenario::Throughput => Box::pin(throughput(env, &world)),
+            Scenario::Storm => Box::pin(storm(env, &world)),
+            Scenario::Replay => Box::pin(replay(env, &world)),
+            Scenario::RateLimit => Box::pin(rate_limit(env, &world)),
+            Scenario::Memory => Box::pin(memory(env, &world)),
+            Scenario::Soak => Box::pin(soak::run(env, &world)),
+        };
+        let (label, title) = (scenario.label(), scenario.title());
+        eprintln!("bench: {label}: {title}");
         let t = Instant::now();
-        match fut.await {
+        let section = match fut.await {
             Ok(section) => {
-                eprintln!(
-                    "bench: scenario {n} done in {:.1} s",
-                    t.elapsed().as_secs_f64()
-                );
-                report.push_str(&section);
-                report.push('\n');
+                eprintln!("bench: {label} done in {:.1} s", t.elapsed().as_secs_f64());
+                section
             }
             Err(e) => {
-                eprintln!("bench: scenario {n} ({name}) failed: {e}");
-                let _ = writeln!(report, "## {n}. {name}\n\nDid not run: {e}\n");
-                failures.push(format!("scenario {n} ({name}): {e}"));
+                eprintln!("bench: {label} ({title}) failed: {e}");
+                failures.push(format!("{label} ({title}): {e}"));
+                match scenario.number() {
+                    Some(n) => format!("## {n}. {title}\n\nDid not run: {e}\n"),
+                    None => format!("## Soak\n\nDid not run: {e}\n"),
+                }
             }
+        };
+        if scenario == Scenario::Soak {
+            report.soak = Some(section);
+        } else {
+            report.main.push_str(&section);
+            report.main.push('\n');
         }
-        // Each scenario leaves the token revoked or the IdP slow; reset.
-        world.idp.set_latency(Duration::ZERO);
+        // Each scenario leaves the token revoked, the IdP slow or down; reset.
+        world.reset();
         procs::stop_all();
     }
     (report, failures)
@@ -309,11 +488,11 @@ async fn measure(
 }
 
 /// `kib` as "12.3 MiB".
-fn mib(kib: u64) -> String {
+pub(crate) fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-fn ok_mark(ok: bool) -> &'static str {
+pub(crate) fn ok_mark(ok: bool) -> &'static str {
     if ok {
         "✅"
     } else {
@@ -354,7 +533,8 @@ async fn lineup(env: &Env, w: &World) -> Result<Lineup, String> {
     let auth = w.static_authorization();
     let direct = w.upstream.addr;
     let nginx_addr = procs::free_port()?;
-    let nginx = tools::start_nginx(&env.nginx_bin, &w.scratch, nginx_addr, direct, &auth, 1024)?;
+    let nginx_bin = env.nginx_bin.as_ref().ok_or("nginx was not looked up")?;
+    let nginx = tools::start_nginx(nginx_bin, &w.scratch, nginx_addr, direct, &auth, 1024)?;
     let bare_addr = procs::free_port()?;
     let mut cmd = Command::new(&env.bare_bin);
     cmd.arg(bare_addr.to_string())
