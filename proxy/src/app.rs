@@ -311,7 +311,7 @@ impl App {
         config: Config,
         token_runtime: tokio::runtime::Handle,
     ) -> Result<Arc<App>, BuildError> {
-        let holds = UpstreamHolds::new(config.raw.retry.max_retry_after.0);
+        let holds = UpstreamHolds::new(config.retry.max_retry_after);
         let live = Live::build(Arc::new(config), None, &token_runtime)?;
         Ok(Arc::new(App {
             live: ArcSwap::from_pointee(live),

@@ -440,14 +440,14 @@ impl ProxyHttp for Sidecar {
         });
         // Nothing was sent: any request may be retried, within the backoff budget. A certificate
         // that does not verify will not verify on the next try either.
-        let retry = ctx.live.as_ref().map(|l| &l.config.raw.retry);
+        let retry = ctx.live.as_ref().map(|l| &l.config.retry);
         let permanent = matches!(
             e.etype(),
             ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert
         );
         match retry.filter(|_| !permanent) {
             Some(r) if (ctx.transient as usize) < r.backoff.len() => {
-                ctx.retry_delay = Some(jittered(r.backoff[ctx.transient as usize].0));
+                ctx.retry_delay = Some(jittered(r.backoff[ctx.transient as usize]));
                 ctx.transient += 1;
                 e.set_retry(true);
             }
@@ -583,7 +583,7 @@ impl Sidecar {
             return Ok(());
         };
         let up = &live.upstreams[i];
-        let retry = &live.config.raw.retry;
+        let retry = &live.config.retry;
         let retry_after = if status == 429 || status == 503 {
             let after = upstream_response
                 .headers
@@ -605,9 +605,9 @@ impl Sidecar {
             && (ctx.transient as usize) < retry.backoff.len()
             && body_whole(session)
         {
-            let backoff = jittered(retry.backoff[ctx.transient as usize].0);
+            let backoff = jittered(retry.backoff[ctx.transient as usize]);
             ctx.retry_delay = Some(match retry_after {
-                Some(d) if retry.respect_retry_after => d.min(retry.max_retry_after.0),
+                Some(d) if retry.respect_retry_after => d.min(retry.max_retry_after),
                 _ => backoff,
             });
             ctx.transient += 1;
