@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -324,6 +325,43 @@ impl App {
         }))
     }
 
+    /// Re-reads the config file and swaps it in; the running config stays when the new one is
+    /// invalid (logged and counted). Returns whether the new config is in force.
+    pub fn reload(&self, path: &Path) -> bool {
+        let result = Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| self.install(config));
+        match result {
+            Ok(()) => {
+                metrics::counter!("sidecar_config_reloads_total", "result" => "success")
+                    .increment(1);
+                tracing::info!(file = %path.display(), "configuration reloaded");
+                true
+            }
+            Err(e) => {
+                metrics::counter!("sidecar_config_reloads_total", "result" => "error").increment(1);
+                tracing::error!(error = %e, "configuration reload failed; keeping the running one");
+                false
+            }
+        }
+    }
+
+    /// Puts a validated config to work: builds its live state (reusing unchanged providers and
+    /// rate-limit state), swaps it in, stops what the old one no longer uses, and moves the
+    /// process-wide bounds (`retry.max_retry_after` of the upstream holds) to the new values.
+    fn install(&self, config: Config) -> Result<(), String> {
+        let old = self.live.load_full();
+        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+            tracing::warn!("listen addresses changed; that takes effect only after a restart");
+        }
+        let next = Live::build(Arc::new(config), Some(&old), &self.token_runtime)
+            .map_err(|e| e.to_string())?;
+        self.holds.set_max(next.config.retry.max_retry_after);
+        old.retire(&next);
+        self.live.store(Arc::new(next));
+        Ok(())
+    }
+
     /// A place among the requests waiting for a token, if fewer than `max` wait already. The
     /// `sidecar_waiting_requests` gauge follows; the place is given back when the guard drops
     /// (also when the waiting request is cancelled).
@@ -359,5 +397,62 @@ impl Drop for InflightGuard {
         if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    fn config_file(dir: &Path, max_retry_after: &str) -> std::path::PathBuf {
+        let path = dir.join("sidecar.yaml");
+        let text = format!(
+            "upstreams: [{{ name: api, url: \"http://127.0.0.1:1\" }}]\n\
+             retry: {{ max_retry_after: {max_retry_after} }}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// `retry.max_retry_after` bounds the process-wide upstream holds; a reload that raises it
+    /// lets the next `Retry-After` hold the upstream longer (before: the bound of the first
+    /// config stayed until a restart).
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_moves_the_bound_of_upstream_holds() {
+        let dir = std::env::temp_dir().join(format!("sidecar-app-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = config_file(&dir, "1s");
+        let app = App::new(
+            Config::load(&path).unwrap(),
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap();
+        let now = Instant::now();
+        assert_eq!(
+            app.holds.hold_for("api", Duration::from_secs(3)),
+            now + Duration::from_secs(1)
+        );
+        config_file(&dir, "3s");
+        assert!(app.reload(&path));
+        assert_eq!(
+            app.live.load().config.retry.max_retry_after,
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            app.holds.hold_for("api", Duration::from_secs(3)),
+            now + Duration::from_secs(3)
+        );
+        // An invalid file changes nothing, the bound included.
+        std::fs::write(&path, "upstreams: [{ name: api }]\n").unwrap();
+        assert!(!app.reload(&path));
+        assert_eq!(
+            app.live.load().config.retry.max_retry_after,
+            Duration::from_secs(3)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

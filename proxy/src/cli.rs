@@ -15,7 +15,7 @@ use pingora::services::listening::Service;
 use sidecar_config::Config;
 
 use crate::admin::Admin;
-use crate::app::{App, Live};
+use crate::app::App;
 use crate::connection::Limited;
 use crate::service::Sidecar;
 use crate::shutdown::Signals;
@@ -139,35 +139,6 @@ fn metrics_recorder() -> Option<PrometheusHandle> {
     Some(handle)
 }
 
-/// Re-reads the config file and swaps it in; the running config stays when the new one is
-/// invalid.
-pub fn reload(app: &App, path: &Path) {
-    let result = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|config| {
-            let old = app.live.load_full();
-            if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen
-            {
-                tracing::warn!("listen addresses changed; that takes effect only after a restart");
-            }
-            let next = Live::build(Arc::new(config), Some(&old), &app.token_runtime)
-                .map_err(|e| e.to_string())?;
-            old.retire(&next);
-            app.live.store(Arc::new(next));
-            Ok(())
-        });
-    match result {
-        Ok(()) => {
-            metrics::counter!("sidecar_config_reloads_total", "result" => "success").increment(1);
-            tracing::info!(file = %path.display(), "configuration reloaded");
-        }
-        Err(e) => {
-            metrics::counter!("sidecar_config_reloads_total", "result" => "error").increment(1);
-            tracing::error!(error = %e, "configuration reload failed; keeping the running one");
-        }
-    }
-}
-
 /// Pingora's listener hand-over (SIGQUIT to the old process, `--upgrade` on the new one).
 #[derive(Debug, Clone)]
 pub struct Upgrade {
@@ -280,7 +251,9 @@ pub fn serve_with(
         .and_then(|path| crate::watch::spawn(app.clone(), path));
     let reload_app = app.clone();
     let reload: Box<dyn Fn() + Send + Sync> = match source {
-        Some(path) => Box::new(move || reload(&reload_app, &path)),
+        Some(path) => Box::new(move || {
+            reload_app.reload(&path);
+        }),
         None => Box::new(|| tracing::info!("SIGHUP: no config file to reload")),
     };
     server.run(RunArgs {
