@@ -4,6 +4,7 @@
 //! route, whether the target is allowed, what to do with a client's own credentials, where the
 //! token goes. No sockets, no Pingora types: `proxy/` calls these and acts on the answers.
 
+mod answer;
 mod authz;
 mod breaker;
 mod inject;
@@ -12,6 +13,10 @@ mod ratelimit;
 mod replay;
 mod route;
 
+pub use answer::{
+    after_connect_failure, after_expired_token, after_response, jittered, retry_after_of, Answer,
+    Attempt, ConnectFailure, ErrorClass, Generations, Policy, Step,
+};
 pub use authz::{client_authorization, AuthzDecision};
 pub use breaker::{Breaker, BreakerVerdict};
 pub use inject::{query_with_token, redact_query};

@@ -9,12 +9,16 @@ use http::header::{AUTHORIZATION, HOST};
 use http::{HeaderMap, HeaderName};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use sidecar_filters::{body_matches, classify, ExpiryVerdict, SkipReason, BODY_PEEK};
+use sidecar_filters::{
+    after_expired_token, body_matches, classify, Attempt, ExpiryVerdict, SkipReason, Step,
+    BODY_PEEK,
+};
 
 use crate::app::UpstreamRt;
 use crate::errors::LocalAnswer;
 use crate::service::{
-    skipped, token_header, token_unavailable, upstream_target, Ctx, Sidecar, EXPECTED_DURATION,
+    generations, skipped, token_header, token_unavailable, upstream_target, Ctx, Sidecar,
+    EXPECTED_DURATION,
 };
 
 /// Headers that belong to one connection, never forwarded by the sidecar's own replays.
@@ -33,12 +37,7 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 
 /// Replays (or, with `check_body`, re-sends and inspects) the request; writes the final answer
 /// downstream and returns its status (0 when the client went away).
-pub(crate) async fn own_replay(
-    sidecar: &Sidecar,
-    session: &mut Session,
-    ctx: &mut Ctx,
-    check_body: bool,
-) -> u16 {
+pub(crate) async fn own_replay(sidecar: &Sidecar, session: &mut Session, ctx: &mut Ctx) -> u16 {
     let (Some(live), Some(index)) = (ctx.live.clone(), ctx.upstream) else {
         return 0;
     };
@@ -67,7 +66,6 @@ pub(crate) async fn own_replay(
         return write_rejected(session, ctx).await;
     }
     let body = ctx.body.clone().freeze();
-    let mut fresh_token = !check_body;
     loop {
         ctx.attempts += 1;
         let resp = match send(session, ctx, up, body.clone()).await {
@@ -110,24 +108,28 @@ pub(crate) async fn own_replay(
             ExpiryVerdict::NotExpired => false,
         };
         if expired {
-            let failed = ctx.token.as_ref().map_or(0, |t| t.generation);
-            if !fresh_token || ctx.attempts < cfg.max_attempts {
-                match sidecar.next_token(&live, up, ctx, failed).await {
-                    Ok(()) => {
-                        fresh_token = true;
+            let state = Attempt {
+                attempts: ctx.attempts,
+                transient: ctx.transient,
+                replay: ctx.replay,
+                forced: ctx.forced,
+                body_whole: false,
+                token: generations(ctx, up),
+            };
+            match after_expired_token(&state, cfg.max_attempts) {
+                Step::Replay { refresh } | Step::OwnReplay { refresh } => {
+                    let failed = ctx.token.as_ref().map_or(0, |t| t.generation);
+                    if sidecar.next_token(&live, up, ctx, refresh, failed).await {
                         continue;
                     }
-                    Err(SkipReason::NoToken) => {
-                        skipped(up, SkipReason::NoToken);
-                        let answer = token_unavailable(up, cfg.wait_for_token);
-                        ctx.local = Some(answer.code);
-                        answer.write(session).await;
-                        return answer.status;
-                    }
-                    Err(reason) => skipped(up, reason),
+                    skipped(up, SkipReason::NoToken);
+                    let answer = token_unavailable(up, cfg.wait_for_token);
+                    ctx.local = Some(answer.code);
+                    answer.write(session).await;
+                    return answer.status;
                 }
-            } else {
-                skipped(up, SkipReason::AttemptsExhausted);
+                Step::Skip(reason) => skipped(up, reason),
+                Step::Pass | Step::Retry { .. } | Step::CheckBody => {}
             }
         }
         return write_answer(session, ctx, resp, peek.freeze(), ended, cfg.debug_header).await;

@@ -13,9 +13,10 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 use sidecar_filters::{
-    absolute_form_authority, after_expired, classify, client_authorization, parse_retry_after,
-    query_with_token, replayable, Admission, AuthzDecision, BreakerVerdict, ExpiryVerdict,
-    NextStep, RateRequest, RequestView, Route, SkipReason,
+    absolute_form_authority, after_connect_failure, after_response, client_authorization,
+    query_with_token, replayable, retry_after_of, Admission, Answer, Attempt, AuthzDecision,
+    BreakerVerdict, ConnectFailure, ErrorClass, Generations, Policy, RateRequest, RequestView,
+    Route, SkipReason, Step,
 };
 use sidecar_token::{Token, TokenSource, Trigger};
 
@@ -64,15 +65,17 @@ pub struct Ctx {
     /// Error code of a local answer, for the access log.
     pub(crate) local: Option<&'static str>,
     /// Retries of transient failures done (SPEC §8).
-    transient: u32,
-    /// Wait before the next attempt (backoff or Retry-After).
-    retry_delay: Option<Duration>,
+    pub(crate) transient: u32,
+    /// Wait before the next attempt (backoff or Retry-After). Decided where the failure is seen
+    /// (`fail_to_connect` cannot wait, a response hook would hold the upstream connection while
+    /// it waits); slept in `upstream_peer`, the first async hook of the next attempt.
+    next_attempt_after: Option<Duration>,
     /// This request is the circuit breaker's probe.
     probe: bool,
     /// The client sent `X-Sidecar-Expected-Duration` (to strip before forwarding).
     expected_header: bool,
     /// Error class of the last attempt, for metrics and the log.
-    pub(crate) class: Option<&'static str>,
+    pub(crate) class: Option<ErrorClass>,
     /// The 503 to give when a rejected request's replacement token could not be had.
     unavailable: Option<LocalAnswer>,
 }
@@ -165,7 +168,7 @@ impl ProxyHttp for Sidecar {
             rejected: None,
             local: None,
             transient: 0,
-            retry_delay: None,
+            next_attempt_after: None,
             probe: false,
             expected_header: false,
             class: None,
@@ -302,7 +305,7 @@ impl ProxyHttp for Sidecar {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
         let up = &live.upstreams[i];
-        if let Some(delay) = ctx.retry_delay.take() {
+        if let Some(delay) = ctx.next_attempt_after.take() {
             tokio::time::sleep(delay).await;
         }
         // An upstream that answered 429/503 with Retry-After is left alone until then.
@@ -433,25 +436,26 @@ impl ProxyHttp for Sidecar {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.class = Some(if matches!(e.etype(), ErrorType::ConnectTimedout) {
-            "timeout"
-        } else {
-            "network"
-        });
-        // Nothing was sent: any request may be retried, within the backoff budget. A certificate
-        // that does not verify will not verify on the next try either.
-        let retry = ctx.live.as_ref().map(|l| &l.config.retry);
-        let permanent = matches!(
-            e.etype(),
-            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert
-        );
-        match retry.filter(|_| !permanent) {
-            Some(r) if (ctx.transient as usize) < r.backoff.len() => {
-                ctx.retry_delay = Some(jittered(r.backoff[ctx.transient as usize]));
+        let failure = match e.etype() {
+            ErrorType::ConnectTimedout => ConnectFailure::Timeout,
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert => ConnectFailure::Permanent,
+            _ => ConnectFailure::Other,
+        };
+        let Some(live) = &ctx.live else {
+            e.set_retry(false);
+            return e;
+        };
+        let (class, delay) =
+            after_connect_failure(failure, ctx.transient, &live.config.retry, rand::random());
+        ctx.class = Some(class);
+        match delay {
+            // Nothing was sent: any request may go again.
+            Some(d) => {
+                ctx.next_attempt_after = Some(d);
                 ctx.transient += 1;
                 e.set_retry(true);
             }
-            _ => e.set_retry(false),
+            None => e.set_retry(false),
         }
         e
     }
@@ -460,8 +464,7 @@ impl ProxyHttp for Sidecar {
         if (*e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY)
             && session.response_written().is_none()
         {
-            let code =
-                crate::replay::own_replay(self, session, ctx, *e.etype() == CHECK_BODY).await;
+            let code = crate::replay::own_replay(self, session, ctx).await;
             return FailToProxy {
                 error_code: code,
                 can_reuse_downstream: false,
@@ -482,12 +485,12 @@ impl ProxyHttp for Sidecar {
                 retry_after: None,
             }),
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                ctx.class = Some("timeout");
+                ctx.class = Some(ErrorClass::Timeout);
                 Some(LocalAnswer::timeout(&upstream))
             }
             _ => match e.esource() {
                 ErrorSource::Upstream => {
-                    ctx.class = Some("network");
+                    ctx.class = Some(ErrorClass::Network);
                     Some(LocalAnswer::unreachable(&upstream))
                 }
                 ErrorSource::Downstream => match e.etype() {
@@ -535,13 +538,13 @@ impl ProxyHttp for Sidecar {
         m.duration.record(elapsed.as_secs_f64());
         if let Some(up) = route {
             if ctx.attempts > 0 || ctx.class.is_some() {
-                let failed = matches!(ctx.class, Some("network" | "timeout" | "server"));
+                let failed = ctx.class.is_some_and(ErrorClass::is_upstream_failure);
                 up.breaker.record(!failed, Instant::now());
             } else if ctx.probe {
                 up.breaker.abandon_probe();
             }
             if let Some(class) = ctx.class {
-                metrics::counter!("sidecar_upstream_errors_total", "upstream" => up.config.name.clone(), "class" => class).increment(1);
+                metrics::counter!("sidecar_upstream_errors_total", "upstream" => up.config.name.clone(), "class" => class.as_str()).increment(1);
             }
         }
         let access_log = ctx.live.as_ref().is_none_or(|l| l.config.log.access_log);
@@ -557,7 +560,7 @@ impl ProxyHttp for Sidecar {
                 replayed = ctx.replays,
                 generation = ctx.token.as_ref().map_or(0, |t| t.generation),
                 local = ctx.local.unwrap_or(""),
-                class = ctx.class.unwrap_or(""),
+                class = ctx.class.map_or("", ErrorClass::as_str),
                 error = e.map(|e| e.etype().as_str()).unwrap_or(""),
             );
         }
@@ -565,8 +568,9 @@ impl ProxyHttp for Sidecar {
 }
 
 impl Sidecar {
-    /// Expired-token and transient-failure decisions on an upstream answer's header; `Err`
-    /// hands the request to a replay or retry.
+    /// What happens to an upstream answer: [`after_response`] decides, this carries the step
+    /// out. `Err` hands the request to Pingora's retry loop (`RETRY`) or to `fail_to_proxy`
+    /// (`CHECK_BODY`, `OWN_REPLAY`, `TOKEN_UNAVAILABLE`): the only way out of a response hook.
     async fn inspect_response(
         &self,
         session: &mut Session,
@@ -574,103 +578,94 @@ impl Sidecar {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        ctx.class = class_of(status);
+        ctx.class = ErrorClass::of_status(status);
         if status < 400 {
-            // Expiry and retry statuses are errors (config validation): nothing to decide.
             return Ok(());
         }
-        let (Some(live), Some(i)) = (ctx.live.clone(), ctx.upstream) else {
+        let Some(live) = ctx.live.clone() else {
             return Ok(());
         };
-        let up = &live.upstreams[i];
-        let retry = &live.config.retry;
-        let retry_after = if status == 429 || status == 503 {
-            let after = upstream_response
-                .headers
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, SystemTime::now()));
-            if let Some(d) = after {
-                // Further requests to this upstream wait until then (bounded by max_retry_after).
-                self.app.holds.hold_for(&up.config.name, d);
-            }
-            after
-        } else {
-            None
+        let Some(up) = ctx.upstream.map(|i| &live.upstreams[i]) else {
+            return Ok(());
         };
-        let transient =
-            retry.statuses.contains(&status) || (status == 429 && retry_after.is_some());
-        if transient
-            && ctx.replay.is_ok()
-            && (ctx.transient as usize) < retry.backoff.len()
-            && body_whole(session)
-        {
-            let backoff = jittered(retry.backoff[ctx.transient as usize]);
-            ctx.retry_delay = Some(match retry_after {
-                Some(d) if retry.respect_retry_after => d.min(retry.max_retry_after),
-                _ => backoff,
-            });
-            ctx.transient += 1;
-            let mut e = Error::explain(RETRY, "transient upstream answer; retrying");
-            e.set_retry(true);
-            return Err(e);
+        let headers = &upstream_response.headers;
+        let retry_after = retry_after_of(
+            status,
+            headers.get(http::header::RETRY_AFTER).map(|v| v.as_bytes()),
+            SystemTime::now(),
+        );
+        if let Some(d) = retry_after {
+            // Further requests to this upstream wait until then (bounded by max_retry_after),
+            // whatever becomes of this one.
+            self.app.holds.hold_for(&up.config.name, d);
         }
-        let Some(token) = ctx.token.clone() else {
-            return Ok(());
+        let answer = Answer {
+            status,
+            www_authenticate: headers
+                .get(http::header::WWW_AUTHENTICATE)
+                .map(|v| v.as_bytes()),
+            retry_after,
         };
-        let www = upstream_response
-            .headers
-            .get(http::header::WWW_AUTHENTICATE)
-            .map(|v| v.as_bytes());
-        let verdict = classify(upstream_response.status.as_u16(), www, &up.config.expiry);
-        if verdict == ExpiryVerdict::NotExpired {
-            return Ok(());
-        }
-        if let Err(reason) = ctx.replay {
-            if verdict == ExpiryVerdict::Expired {
+        let state = Attempt {
+            attempts: ctx.attempts,
+            transient: ctx.transient,
+            replay: ctx.replay,
+            forced: ctx.forced,
+            body_whole: body_whole(session),
+            token: generations(ctx, up),
+        };
+        let policy = Policy {
+            retry: &live.config.retry,
+            expiry: &up.config.expiry,
+            max_attempts: live.config.replay.max_attempts,
+        };
+        let step = after_response(&answer, &state, &policy, rand::random());
+        match step {
+            Step::Pass => Ok(()),
+            Step::Skip(reason) => {
                 skipped(up, reason);
+                Ok(())
             }
-            return Ok(());
-        }
-        let body_whole = body_whole(session);
-        if verdict == ExpiryVerdict::CheckBody {
-            if ctx.attempts >= live.config.replay.max_attempts {
-                return Ok(());
+            Step::Retry { delay } => {
+                ctx.transient += 1;
+                ctx.next_attempt_after = Some(delay);
+                let mut e = Error::explain(RETRY, "transient upstream answer; retrying");
+                e.set_retry(true);
+                Err(e)
             }
-            ctx.rejected = Some(Box::new(upstream_response.clone()));
-            return Err(Error::explain(
-                CHECK_BODY,
-                "the answer's body decides whether the token expired",
-            ));
-        }
-        match self.next_token(&live, up, ctx, token.generation).await {
-            Ok(()) => {}
-            Err(SkipReason::NoToken) => {
-                skipped(up, SkipReason::NoToken);
-                ctx.unavailable = Some(token_unavailable(up, live.config.replay.wait_for_token));
-                return Err(Error::explain(
-                    TOKEN_UNAVAILABLE,
-                    "no replacement for a rejected token within wait_for_token",
-                ));
+            Step::CheckBody => {
+                ctx.rejected = Some(Box::new(upstream_response.clone()));
+                Err(Error::explain(
+                    CHECK_BODY,
+                    "the answer's body decides whether the token expired",
+                ))
             }
-            Err(reason) => {
-                skipped(up, reason);
-                return Ok(());
+            Step::Replay { refresh } | Step::OwnReplay { refresh } => {
+                let failed = ctx.token.as_ref().map_or(0, |t| t.generation);
+                if !self.next_token(&live, up, ctx, refresh, failed).await {
+                    skipped(up, SkipReason::NoToken);
+                    ctx.unavailable =
+                        Some(token_unavailable(up, live.config.replay.wait_for_token));
+                    return Err(Error::explain(
+                        TOKEN_UNAVAILABLE,
+                        "no replacement for a rejected token within wait_for_token",
+                    ));
+                }
+                if let Step::Replay { .. } = step {
+                    let mut e = Error::explain(
+                        RETRY,
+                        "token expired upstream; replaying with a fresh token",
+                    );
+                    e.set_retry(true);
+                    Err(e)
+                } else {
+                    ctx.rejected = Some(Box::new(upstream_response.clone()));
+                    Err(Error::explain(
+                        OWN_REPLAY,
+                        "token expired upstream; replaying a large body",
+                    ))
+                }
             }
-        }
-        if body_whole {
-            let mut e = Error::explain(
-                RETRY,
-                "token expired upstream; replaying with a fresh token",
-            );
-            e.set_retry(true);
-            Err(e)
-        } else {
-            ctx.rejected = Some(Box::new(upstream_response.clone()));
-            Err(Error::explain(
-                OWN_REPLAY,
-                "token expired upstream; replaying a large body",
-            ))
         }
     }
 }
@@ -712,49 +707,41 @@ impl Sidecar {
         }
     }
 
-    /// Makes `ctx.token` the token to replay with, per the generation rule: joins (or starts) the
-    /// one refresh for `failed_generation`, or takes the newer token someone else already got.
-    /// Waiting for the refresh counts against `max_waiting` and `wait_for_token`.
+    /// Makes `ctx.token` the token to replay with, as [`Step::Replay`] says: the newer token
+    /// already held, or (`refresh`) the one refresh for `failed_generation`, joined or started.
+    /// Waiting for the refresh counts against `max_waiting` and `wait_for_token`; `false` when
+    /// no token came.
     pub(crate) async fn next_token(
         &self,
         live: &Live,
         up: &crate::app::UpstreamRt,
         ctx: &mut Ctx,
+        refresh: bool,
         failed_generation: u64,
-    ) -> std::result::Result<(), SkipReason> {
+    ) -> bool {
         let Some(source) = &up.tokens else {
-            return Err(SkipReason::NoToken);
+            return false;
         };
-        let current = source.current().map_or(0, |t| t.generation);
-        let cfg = &live.config.replay;
-        match after_expired(
-            ctx.attempts,
-            cfg.max_attempts,
-            failed_generation,
-            current,
-            ctx.forced,
-        ) {
-            NextStep::PassThrough(reason) => Err(reason),
-            NextStep::Replay { refresh: false } => {
-                ctx.token = source.usable().or_else(|| source.current());
+        if !refresh {
+            ctx.token = source.usable().or_else(|| source.current());
+            ctx.replays += 1;
+            replayed(up, "newer_token", "ok");
+            return true;
+        }
+        ctx.forced = true;
+        match self
+            .wait_refresh(source, failed_generation, &live.config.replay)
+            .await
+        {
+            Some(t) => {
+                ctx.token = Some(t);
                 ctx.replays += 1;
-                replayed(up, "newer_token", "ok");
-                Ok(())
+                replayed(up, "refreshed", "ok");
+                true
             }
-            NextStep::Replay { refresh: true } => {
-                ctx.forced = true;
-                match self.wait_refresh(source, failed_generation, cfg).await {
-                    Some(t) => {
-                        ctx.token = Some(t);
-                        ctx.replays += 1;
-                        replayed(up, "refreshed", "ok");
-                        Ok(())
-                    }
-                    None => {
-                        replayed(up, "refreshed", "no_token");
-                        Err(SkipReason::NoToken)
-                    }
-                }
+            None => {
+                replayed(up, "refreshed", "no_token");
+                false
             }
         }
     }
@@ -859,15 +846,16 @@ pub(crate) fn replayed(up: &crate::app::UpstreamRt, reason: &'static str, result
     metrics::counter!("sidecar_replays_total", "upstream" => up.config.name.clone(), "reason" => reason, "result" => result).increment(1);
 }
 
-/// Error class of an upstream status (SPEC §8), `None` for success.
-fn class_of(status: u16) -> Option<&'static str> {
-    match status {
-        401 | 403 => Some("auth"),
-        429 => Some("rate_limit"),
-        400..=499 => Some("client"),
-        500..=599 => Some("server"),
-        _ => None,
-    }
+/// The generations the generation rule compares: the one this request carried and the
+/// provider's newest; `None` when no token was injected.
+pub(crate) fn generations(ctx: &Ctx, up: &crate::app::UpstreamRt) -> Option<Generations> {
+    let sent = ctx.token.as_ref()?.generation;
+    let current = up
+        .tokens
+        .as_ref()
+        .and_then(|s| s.current())
+        .map_or(0, |t| t.generation);
+    Some(Generations { sent, current })
 }
 
 /// Pingora can resend the request body from its own retry buffer: all of it was read and it
@@ -877,9 +865,4 @@ fn body_whole(session: &mut Session) -> bool {
     downstream.is_body_done()
         && !downstream.retry_buffer_truncated()
         && (downstream.is_body_empty() || downstream.get_retry_buffer().is_some())
-}
-
-/// A backoff step with ±20 % jitter, so that retries of many requests spread out.
-fn jittered(d: Duration) -> Duration {
-    d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
 }
