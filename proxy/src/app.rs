@@ -15,7 +15,7 @@ use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 use sidecar_config::{Config, Upstream};
-use sidecar_filters::{Breaker, RateLimiter, Routes, UpstreamHolds};
+use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::TokenSource;
 use tokio::sync::Notify;
 
@@ -176,6 +176,17 @@ impl Live {
 }
 
 impl UpstreamRt {
+    /// Counts an expired-token answer that was passed on without a replay
+    /// (`sidecar_replay_skipped_total`).
+    pub(crate) fn count_skipped(&self, reason: SkipReason) {
+        metrics::counter!("sidecar_replay_skipped_total", "upstream" => self.config.name.clone(), "reason" => reason.as_str()).increment(1);
+    }
+
+    /// Counts a replay (`sidecar_replays_total`).
+    pub(crate) fn count_replayed(&self, reason: &'static str, result: &'static str) {
+        metrics::counter!("sidecar_replays_total", "upstream" => self.config.name.clone(), "reason" => reason, "result" => result).increment(1);
+    }
+
     /// Resolves the upstream once and reads its CA file once; the Pingora peer and the replay
     /// client both use the result, so both reach the same address with the same trust.
     fn build(
