@@ -61,6 +61,11 @@ pub struct UpstreamMetrics {
     requests: Box<[OnceLock<metrics::Counter>]>,
     /// `sidecar_request_duration_seconds{upstream}`.
     pub duration: metrics::Histogram,
+    /// `sidecar_upstream_duration_seconds{upstream}`: per attempt that got an answer, from the
+    /// moment the request head is handed to the upstream connection to the moment the answer's
+    /// header has been read; Pingora's attempts (connect excluded) and the sidecar's own replays
+    /// (whose client may connect first) alike.
+    pub upstream_duration: metrics::Histogram,
 }
 
 /// Methods as metric labels: the standard ones, everything else `other` (no unbounded label).
@@ -90,6 +95,7 @@ impl UpstreamMetrics {
         let label: Arc<str> = Arc::from(name);
         UpstreamMetrics {
             duration: metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label.clone()),
+            upstream_duration: metrics::histogram!("sidecar_upstream_duration_seconds", "upstream" => label.clone()),
             requests: (0..METHODS.len() * STATUSES)
                 .map(|_| OnceLock::new())
                 .collect(),

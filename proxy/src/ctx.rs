@@ -100,6 +100,9 @@ pub struct Ctx {
     /// (`fail_to_connect` cannot wait, and a response hook would hold the upstream connection
     /// while it waits); slept in `upstream_peer`, the first async hook of the next attempt.
     pub(crate) next_attempt_after: Option<Duration>,
+    /// When the current attempt's request went to the upstream, until its answer's header came
+    /// (`sidecar_upstream_duration_seconds`).
+    pub(crate) sent_at: Option<Instant>,
     /// This request is the circuit breaker's probe.
     pub(crate) probe: bool,
     /// The client sent `X-Sidecar-Expected-Duration` (to strip before forwarding).
@@ -130,6 +133,7 @@ impl Ctx {
             local: None,
             transient: 0,
             next_attempt_after: None,
+            sent_at: None,
             probe: false,
             expected_header: false,
             class: None,

@@ -98,19 +98,27 @@ async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Resp
     };
     let req = session.req_header();
     let (url, headers) = outgoing::to_replay(req, ctx).map_err(|r| r.answer(up))?;
-    up.replay_client
+    // Includes a connect, if the replay client has no idle connection to the upstream.
+    let sent = std::time::Instant::now();
+    let answer = up
+        .replay_client
         .request(req.method.clone(), url)
         .headers(headers)
         .body(body)
         .send()
-        .await
-        .map_err(|e| {
-            if e.is_timeout() {
-                LocalAnswer::timeout(&up.config.name)
-            } else {
-                LocalAnswer::unreachable(&up.config.name)
-            }
-        })
+        .await;
+    if answer.is_ok() {
+        up.metrics
+            .upstream_duration
+            .record(sent.elapsed().as_secs_f64());
+    }
+    answer.map_err(|e| {
+        if e.is_timeout() {
+            LocalAnswer::timeout(&up.config.name)
+        } else {
+            LocalAnswer::unreachable(&up.config.name)
+        }
+    })
 }
 
 async fn write_local(session: &mut Session, ctx: &mut Ctx, answer: LocalAnswer) -> u16 {

@@ -238,7 +238,10 @@ impl ProxyHttp for Sidecar {
         ctx.retry_buffer_next = ctx.attempts > 1;
         swap_refused_token(ctx).await;
         match outgoing::to_pingora(upstream_request, session.req_header(), ctx) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                ctx.sent_at = Some(Instant::now());
+                Ok(())
+            }
             Err(refusal) => {
                 ctx.pending_answer = ctx.up().map(|up| refusal.answer(up));
                 Error::e_explain(LOCAL_ANSWER, "the request cannot be sent")
@@ -454,6 +457,11 @@ impl Sidecar {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.class = ErrorClass::of_status(status);
+        if let (Some(sent), Some(up)) = (ctx.sent_at.take(), ctx.up()) {
+            up.metrics
+                .upstream_duration
+                .record(sent.elapsed().as_secs_f64());
+        }
         if status < 400 {
             return Ok(());
         }
