@@ -215,12 +215,13 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // Backoff or Retry-After of the previous attempt, if it failed transiently.
+        if let Some(delay) = ctx.next_attempt_after.take() {
+            tokio::time::sleep(delay).await;
+        }
         let Some(up) = ctx.up() else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
-        if let Some(delay) = ctx.next_attempt_after {
-            tokio::time::sleep(delay).await;
-        }
         // An upstream that answered 429/503 with Retry-After is left alone until then.
         if let Some(until) = self.app.holds.held_until(&up.config.name) {
             tokio::time::sleep_until(until).await;
@@ -448,7 +449,7 @@ impl ProxyHttp for Sidecar {
 impl Sidecar {
     /// What happens to an upstream answer: [`after_response`] decides, this carries the step
     /// out. `Err` hands the request to Pingora's retry loop (`RETRY`) or to `fail_to_proxy`
-    /// (`CHECK_BODY`, `OWN_REPLAY`, `TOKEN_UNAVAILABLE`): the only way out of a response hook.
+    /// (`CHECK_BODY`, `OWN_REPLAY`, `LOCAL_ANSWER`): the only way out of a response hook.
     async fn inspect_response(
         &self,
         session: &mut Session,
