@@ -24,8 +24,5 @@ pub use path::{normalize, PathError};
 pub use ratelimit::{
     parse_retry_after, retry_after_secs, Admission, RateLimiter, RateRequest, UpstreamHolds,
 };
-pub use replay::{
-    after_expired, body_matches, classify, replayable, ExpiryVerdict, NextStep, SkipReason,
-    BODY_PEEK,
-};
+pub use replay::{body_matches, classify, replayable, ExpiryVerdict, SkipReason, BODY_PEEK};
 pub use route::{absolute_form_authority, RequestView, Route, Routes};
