@@ -84,8 +84,35 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// Client connection limits.
     pub downstream: Downstream,
+    /// Retry of transient upstream failures (SPEC §8).
+    pub retry: Retry,
     /// Logging.
-    pub log: RawLog,
+    pub log: Log,
+}
+
+/// Retry of transient upstream failures (SPEC §8), validated: every status is an error status
+/// (400-599).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Statuses that count as transient, in file order.
+    pub statuses: Vec<u16>,
+    /// Delays before the 1st, 2nd, … retry; their number is the number of retries.
+    pub backoff: Vec<Duration>,
+    /// Honour an upstream's `Retry-After` (on 429 and 503).
+    pub respect_retry_after: bool,
+    /// Longest `Retry-After` the sidecar waits for (and holds an upstream for).
+    pub max_retry_after: Duration,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter directive.
+    pub level: String,
+    /// Text or one JSON object per line.
+    pub format: LogFormat,
+    /// One line per proxied request.
+    pub access_log: bool,
 }
 
 /// Limits on client (downstream) connections (SPEC §11), validated: both timeouts are positive,

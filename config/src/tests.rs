@@ -104,6 +104,36 @@ fn defaults_fill_an_almost_empty_file() {
     assert_eq!(c.replay.max_attempts, 3);
     assert_eq!(c.replay.wait_for_token, Duration::from_secs(10));
     assert_eq!(c.replay.idempotent_methods.len(), 5);
+    assert_eq!(
+        c.retry,
+        crate::Retry {
+            statuses: vec![502, 503, 504],
+            backoff: vec![
+                Duration::from_millis(100),
+                Duration::from_millis(500),
+                Duration::from_secs(2)
+            ],
+            respect_retry_after: true,
+            max_retry_after: Duration::from_secs(30),
+        }
+    );
+    assert!(c.log.access_log);
+}
+
+#[test]
+fn retry_is_parsed_into_durations() {
+    let c = Config::parse(
+        "upstreams: []\nretry: { statuses: [429], backoff: [1s, 250ms], respect_retry_after: false, max_retry_after: 3s }\n",
+        "x.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.retry.statuses, vec![429]);
+    assert_eq!(
+        c.retry.backoff,
+        vec![Duration::from_secs(1), Duration::from_millis(250)]
+    );
+    assert!(!c.retry.respect_retry_after);
+    assert_eq!(c.retry.max_retry_after, Duration::from_secs(3));
 }
 
 #[test]

@@ -12,9 +12,9 @@ use crate::schema::{
     RawUpstream,
 };
 use crate::{
-    ClientCredential, Config, ConfigError, Downstream, Expiry, Inject, JsonCall, LoginFallback,
-    OAuthClient, Provider, ProviderKind, RefreshPolicy, Replay, Secret, SecretJson, Store,
-    Upstream,
+    ClientCredential, Config, ConfigError, Downstream, Expiry, Inject, JsonCall, Log,
+    LoginFallback, OAuthClient, Provider, ProviderKind, RefreshPolicy, Replay, Retry, Secret,
+    SecretJson, Store, Upstream,
 };
 
 /// Builds errors that point at the first line mentioning a key or value; cross-field problems
@@ -175,7 +175,17 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
         replay,
         rate_limits,
         downstream,
-        log: raw.log.clone(),
+        retry: Retry {
+            statuses: raw.retry.statuses.clone(),
+            backoff: raw.retry.backoff.iter().map(|d| d.0).collect(),
+            respect_retry_after: raw.retry.respect_retry_after,
+            max_retry_after: raw.retry.max_retry_after.0,
+        },
+        log: Log {
+            level: raw.log.level.clone(),
+            format: raw.log.format,
+            access_log: raw.log.access_log,
+        },
         source: None,
         raw,
     })

@@ -4,6 +4,7 @@
 //! route, whether the target is allowed, what to do with a client's own credentials, where the
 //! token goes. No sockets, no Pingora types: `proxy/` calls these and acts on the answers.
 
+mod answer;
 mod authz;
 mod breaker;
 mod inject;
@@ -12,6 +13,10 @@ mod ratelimit;
 mod replay;
 mod route;
 
+pub use answer::{
+    after_connect_failure, after_expired_token, after_response, jittered, retry_after_of, Answer,
+    Attempt, ConnectFailure, ErrorClass, Generations, Policy, Step,
+};
 pub use authz::{client_authorization, AuthzDecision};
 pub use breaker::{Breaker, BreakerVerdict};
 pub use inject::{query_with_token, redact_query};
@@ -19,8 +24,5 @@ pub use path::{normalize, PathError};
 pub use ratelimit::{
     parse_retry_after, retry_after_secs, Admission, RateLimiter, RateRequest, UpstreamHolds,
 };
-pub use replay::{
-    after_expired, body_matches, classify, replayable, ExpiryVerdict, NextStep, SkipReason,
-    BODY_PEEK,
-};
+pub use replay::{body_matches, classify, replayable, ExpiryVerdict, SkipReason, BODY_PEEK};
 pub use route::{absolute_form_authority, RequestView, Route, Routes};

@@ -101,7 +101,7 @@ pub fn replayable(
 
 /// What to do after an expired-token answer to a replayable request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NextStep {
+pub(crate) enum NextStep {
     /// Replay; first refresh the token when `refresh` (the failed generation is still current).
     Replay {
         /// A refresh is needed (else a newer token already exists).
@@ -114,7 +114,7 @@ pub enum NextStep {
 /// The generation rule of SPEC §5/§6. `attempts` were sent so far; the last used the token of
 /// `failed_generation`; `current_generation` is the provider's newest; `forced` says this request
 /// already forced one refresh (a freshly issued token rejected too is passed through — no loops).
-pub fn after_expired(
+pub(crate) fn after_expired(
     attempts: u32,
     max_attempts: u32,
     failed_generation: u64,

@@ -175,13 +175,9 @@ impl ServeHttp for Admin {
                         "this sidecar was not started from a file".into(),
                     );
                 };
-                let before = app.live.load_full();
-                let done = tokio::task::spawn_blocking(move || {
-                    crate::cli::reload(&app, &path);
-                    !Arc::ptr_eq(&app.live.load_full(), &before)
-                })
-                .await
-                .unwrap_or(false);
+                let done = tokio::task::spawn_blocking(move || app.reload(&path))
+                    .await
+                    .unwrap_or(false);
                 if done {
                     json(StatusCode::OK, serde_json::json!({"status": "reloaded"}))
                 } else {

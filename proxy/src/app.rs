@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -14,7 +15,7 @@ use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 use sidecar_config::{Config, Upstream};
-use sidecar_filters::{Breaker, RateLimiter, Routes, UpstreamHolds};
+use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::TokenSource;
 use tokio::sync::Notify;
 
@@ -60,6 +61,11 @@ pub struct UpstreamMetrics {
     requests: Box<[OnceLock<metrics::Counter>]>,
     /// `sidecar_request_duration_seconds{upstream}`.
     pub duration: metrics::Histogram,
+    /// `sidecar_upstream_duration_seconds{upstream}`: per attempt that got an answer, from the
+    /// moment the request head is handed to the upstream connection to the moment the answer's
+    /// header has been read; Pingora's attempts (connect excluded) and the sidecar's own replays
+    /// (whose client may connect first) alike.
+    pub upstream_duration: metrics::Histogram,
 }
 
 /// Methods as metric labels: the standard ones, everything else `other` (no unbounded label).
@@ -89,6 +95,7 @@ impl UpstreamMetrics {
         let label: Arc<str> = Arc::from(name);
         UpstreamMetrics {
             duration: metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label.clone()),
+            upstream_duration: metrics::histogram!("sidecar_upstream_duration_seconds", "upstream" => label.clone()),
             requests: (0..METHODS.len() * STATUSES)
                 .map(|_| OnceLock::new())
                 .collect(),
@@ -175,6 +182,17 @@ impl Live {
 }
 
 impl UpstreamRt {
+    /// Counts an expired-token answer that was passed on without a replay
+    /// (`sidecar_replay_skipped_total`).
+    pub(crate) fn count_skipped(&self, reason: SkipReason) {
+        metrics::counter!("sidecar_replay_skipped_total", "upstream" => self.config.name.clone(), "reason" => reason.as_str()).increment(1);
+    }
+
+    /// Counts a replay (`sidecar_replays_total`).
+    pub(crate) fn count_replayed(&self, reason: &'static str, result: &'static str) {
+        metrics::counter!("sidecar_replays_total", "upstream" => self.config.name.clone(), "reason" => reason, "result" => result).increment(1);
+    }
+
     /// Resolves the upstream once and reads its CA file once; the Pingora peer and the replay
     /// client both use the result, so both reach the same address with the same trust.
     fn build(
@@ -311,7 +329,7 @@ impl App {
         config: Config,
         token_runtime: tokio::runtime::Handle,
     ) -> Result<Arc<App>, BuildError> {
-        let holds = UpstreamHolds::new(config.raw.retry.max_retry_after.0);
+        let holds = UpstreamHolds::new(config.retry.max_retry_after);
         let live = Live::build(Arc::new(config), None, &token_runtime)?;
         Ok(Arc::new(App {
             live: ArcSwap::from_pointee(live),
@@ -322,6 +340,43 @@ impl App {
             holds,
             unrouted: UpstreamMetrics::new(""),
         }))
+    }
+
+    /// Re-reads the config file and swaps it in; the running config stays when the new one is
+    /// invalid (logged and counted). Returns whether the new config is in force.
+    pub fn reload(&self, path: &Path) -> bool {
+        let result = Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| self.install(config));
+        match result {
+            Ok(()) => {
+                metrics::counter!("sidecar_config_reloads_total", "result" => "success")
+                    .increment(1);
+                tracing::info!(file = %path.display(), "configuration reloaded");
+                true
+            }
+            Err(e) => {
+                metrics::counter!("sidecar_config_reloads_total", "result" => "error").increment(1);
+                tracing::error!(error = %e, "configuration reload failed; keeping the running one");
+                false
+            }
+        }
+    }
+
+    /// Puts a validated config to work: builds its live state (reusing unchanged providers and
+    /// rate-limit state), swaps it in, stops what the old one no longer uses, and moves the
+    /// process-wide bounds (`retry.max_retry_after` of the upstream holds) to the new values.
+    fn install(&self, config: Config) -> Result<(), String> {
+        let old = self.live.load_full();
+        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+            tracing::warn!("listen addresses changed; that takes effect only after a restart");
+        }
+        let next = Live::build(Arc::new(config), Some(&old), &self.token_runtime)
+            .map_err(|e| e.to_string())?;
+        self.holds.set_max(next.config.retry.max_retry_after);
+        old.retire(&next);
+        self.live.store(Arc::new(next));
+        Ok(())
     }
 
     /// A place among the requests waiting for a token, if fewer than `max` wait already. The
@@ -359,5 +414,62 @@ impl Drop for InflightGuard {
         if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    fn config_file(dir: &Path, max_retry_after: &str) -> std::path::PathBuf {
+        let path = dir.join("sidecar.yaml");
+        let text = format!(
+            "upstreams: [{{ name: api, url: \"http://127.0.0.1:1\" }}]\n\
+             retry: {{ max_retry_after: {max_retry_after} }}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// `retry.max_retry_after` bounds the process-wide upstream holds; a reload that raises it
+    /// lets the next `Retry-After` hold the upstream longer (before: the bound of the first
+    /// config stayed until a restart).
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_moves_the_bound_of_upstream_holds() {
+        let dir = std::env::temp_dir().join(format!("sidecar-app-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = config_file(&dir, "1s");
+        let app = App::new(
+            Config::load(&path).unwrap(),
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap();
+        let now = Instant::now();
+        assert_eq!(
+            app.holds.hold_for("api", Duration::from_secs(3)),
+            now + Duration::from_secs(1)
+        );
+        config_file(&dir, "3s");
+        assert!(app.reload(&path));
+        assert_eq!(
+            app.live.load().config.retry.max_retry_after,
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            app.holds.hold_for("api", Duration::from_secs(3)),
+            now + Duration::from_secs(3)
+        );
+        // An invalid file changes nothing, the bound included.
+        std::fs::write(&path, "upstreams: [{ name: api }]\n").unwrap();
+        assert!(!app.reload(&path));
+        assert_eq!(
+            app.live.load().config.retry.max_retry_after,
+            Duration::from_secs(3)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -85,7 +85,7 @@ log: {{ level: "warn,token_sidecar=info,sidecar_token=info", format: text, acces
             }
         });
     });
-    let code = crate::cli::serve(config, Some(script));
+    let code = crate::server::serve(config, Some(script));
     drop(rt);
     code
 }

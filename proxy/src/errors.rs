@@ -85,6 +85,11 @@ impl LocalAnswer {
         )
     }
 
+    /// 500 `internal`.
+    pub fn internal() -> LocalAnswer {
+        LocalAnswer::new(500, "internal", "internal error".into())
+    }
+
     /// 400 `bad_request`.
     pub fn bad_request(message: String) -> LocalAnswer {
         LocalAnswer::new(400, "bad_request", message)

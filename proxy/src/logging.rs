@@ -1,7 +1,7 @@
 //! Logs through `tracing`, text or one JSON object per line, with Pingora's `log` records bridged
 //! in. `RUST_LOG` overrides the configured level.
 
-use sidecar_config::{LogFormat, RawLog};
+use sidecar_config::{Log, LogFormat};
 use tracing_log::AsLog;
 use tracing_subscriber::EnvFilter;
 
@@ -19,7 +19,7 @@ const CAPS: [&str; 5] = [
 ];
 
 /// Installs the global subscriber once; later calls (a reload) leave it as it is.
-pub fn init(log: &RawLog) {
+pub fn init(log: &Log) {
     let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -4,84 +4,50 @@
 //! filter runs, so such a request is re-sent here and its answer inspected before any byte of
 //! it reaches the client).
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
-use http::header::{AUTHORIZATION, HOST};
-use http::{HeaderMap, HeaderName};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use sidecar_filters::{body_matches, classify, ExpiryVerdict, SkipReason, BODY_PEEK};
-
-use crate::app::UpstreamRt;
-use crate::errors::LocalAnswer;
-use crate::service::{
-    skipped, token_header, token_unavailable, upstream_target, Ctx, Sidecar, EXPECTED_DURATION,
+use sidecar_filters::{
+    after_expired_token, body_matches, classify, ExpiryVerdict, Step, BODY_PEEK,
 };
 
-/// Headers that belong to one connection, never forwarded by the sidecar's own replays.
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
+use crate::app::App;
+use crate::ctx::Ctx;
+use crate::errors::LocalAnswer;
+use crate::outgoing::{self, REPLAYED};
+use crate::waiting::next_token;
 
-/// Replays (or, with `check_body`, re-sends and inspects) the request; writes the final answer
-/// downstream and returns its status (0 when the client went away).
-pub(crate) async fn own_replay(
-    sidecar: &Sidecar,
-    session: &mut Session,
-    ctx: &mut Ctx,
-    check_body: bool,
-) -> u16 {
-    let (Some(live), Some(index)) = (ctx.live.clone(), ctx.upstream) else {
+/// Replays the request (re-sends it and, for an answer whose body decides, inspects that body);
+/// writes the final answer downstream and returns its status (0 when the client went away).
+pub(crate) async fn own_replay(app: &Arc<App>, session: &mut Session, ctx: &mut Ctx) -> u16 {
+    let Some(route) = ctx.route.clone() else {
         return 0;
     };
-    let up = &live.upstreams[index];
-    let cfg = &live.config.replay;
+    let up = route.up();
+    let cfg = &route.live().config.replay;
     // Pingora closes the client connection after fail_to_proxy; say so, so that no client
     // sends its next request on it.
     session.set_keepalive(None);
     // The upstream may have answered before the client finished sending: read the rest.
     while ctx.replay.is_ok() {
         match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if (ctx.body.len() + chunk.len()) as u64 > cfg.max_body {
-                    ctx.replay = Err(SkipReason::BodyTooLarge);
-                    ctx.body = BytesMut::new();
-                } else {
-                    ctx.body.extend_from_slice(&chunk);
-                }
-            }
+            Ok(Some(chunk)) => ctx.keep_body(&chunk),
             Ok(None) => break,
             Err(_) => return 0,
         }
     }
     if let Err(reason) = ctx.replay {
-        skipped(up, reason);
+        up.count_skipped(reason);
         return write_rejected(session, ctx).await;
     }
-    let body = ctx.body.clone().freeze();
-    let mut fresh_token = !check_body;
+    let body = ctx.body.take();
     loop {
         ctx.attempts += 1;
-        let resp = match send(session, ctx, up, body.clone()).await {
+        let mut resp = match send(session, ctx, body.clone()).await {
             Ok(r) => r,
-            Err(e) => {
-                let answer = if e.is_timeout() {
-                    LocalAnswer::timeout(&up.config.name)
-                } else {
-                    LocalAnswer::unreachable(&up.config.name)
-                };
-                ctx.local = Some(answer.code);
-                answer.write(session).await;
-                return answer.status;
-            }
+            Err(answer) => return write_local(session, ctx, answer).await,
         };
         let status = resp.status().as_u16();
         let www = resp
@@ -89,7 +55,6 @@ pub(crate) async fn own_replay(
             .get(http::header::WWW_AUTHENTICATE)
             .map(|v| v.as_bytes().to_vec());
         let verdict = classify(status, www.as_deref(), &up.config.expiry);
-        let mut resp = resp;
         let mut peek = BytesMut::new();
         let mut ended = false;
         if verdict == ExpiryVerdict::CheckBody {
@@ -110,67 +75,56 @@ pub(crate) async fn own_replay(
             ExpiryVerdict::NotExpired => false,
         };
         if expired {
-            let failed = ctx.token.as_ref().map_or(0, |t| t.generation);
-            if !fresh_token || ctx.attempts < cfg.max_attempts {
-                match sidecar.next_token(&live, up, ctx, failed).await {
-                    Ok(()) => {
-                        fresh_token = true;
-                        continue;
+            match after_expired_token(&ctx.attempt(false), cfg.max_attempts) {
+                Step::Replay { refresh } | Step::OwnReplay { refresh } => {
+                    match next_token(app, ctx, refresh).await {
+                        Ok(()) => continue,
+                        Err(answer) => return write_local(session, ctx, answer).await,
                     }
-                    Err(SkipReason::NoToken) => {
-                        skipped(up, SkipReason::NoToken);
-                        let answer = token_unavailable(up, cfg.wait_for_token);
-                        ctx.local = Some(answer.code);
-                        answer.write(session).await;
-                        return answer.status;
-                    }
-                    Err(reason) => skipped(up, reason),
                 }
-            } else {
-                skipped(up, SkipReason::AttemptsExhausted);
+                Step::Skip(reason) => up.count_skipped(reason),
+                Step::Pass | Step::Retry { .. } | Step::CheckBody => {}
             }
         }
-        return write_answer(session, ctx, resp, peek.freeze(), ended, cfg.debug_header).await;
+        return write_answer(session, ctx, resp, peek.freeze(), ended).await;
     }
 }
 
-async fn send(
-    session: &Session,
-    ctx: &Ctx,
-    up: &UpstreamRt,
-    body: Bytes,
-) -> Result<reqwest::Response, reqwest::Error> {
+/// Sends the request as [`outgoing::to_replay`] shapes it; a request that cannot be shaped or
+/// sent gets the sidecar's own answer instead.
+async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Response, LocalAnswer> {
+    let Some(up) = ctx.up() else {
+        return Err(LocalAnswer::internal());
+    };
     let req = session.req_header();
-    let target = upstream_target(ctx, up, &req.uri).unwrap_or_else(|| {
-        req.uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string()
-    });
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
-    for (name, value) in req.headers.iter() {
-        if hop_by_hop(name)
-            || name == HOST
-            || name == http::header::CONTENT_LENGTH
-            || name == EXPECTED_DURATION
-        {
-            continue;
-        }
-        headers.append(name.clone(), value.clone());
-    }
-    headers.insert(HOST, up.host_header.clone());
-    if let Some(token) = &ctx.token {
-        headers.remove(AUTHORIZATION);
-        if let Ok(Some((name, value))) = token_header(up, token) {
-            headers.insert(name, value);
-        }
-    }
-    up.replay_client
-        .request(req.method.clone(), format!("{}{target}", up.replay_base))
+    let (url, headers) = outgoing::to_replay(req, ctx).map_err(|r| r.answer(up))?;
+    // Includes a connect, if the replay client has no idle connection to the upstream.
+    let sent = std::time::Instant::now();
+    let answer = up
+        .replay_client
+        .request(req.method.clone(), url)
         .headers(headers)
         .body(body)
         .send()
-        .await
+        .await;
+    if answer.is_ok() {
+        up.metrics
+            .upstream_duration
+            .record(sent.elapsed().as_secs_f64());
+    }
+    answer.map_err(|e| {
+        if e.is_timeout() {
+            LocalAnswer::timeout(&up.config.name)
+        } else {
+            LocalAnswer::unreachable(&up.config.name)
+        }
+    })
+}
+
+async fn write_local(session: &mut Session, ctx: &mut Ctx, answer: LocalAnswer) -> u16 {
+    ctx.local = Some(answer.code);
+    answer.write(session).await;
+    answer.status
 }
 
 async fn write_answer(
@@ -179,19 +133,18 @@ async fn write_answer(
     mut resp: reqwest::Response,
     peek: Bytes,
     ended: bool,
-    debug_header: bool,
 ) -> u16 {
     let status = resp.status().as_u16();
     let Ok(mut header) = ResponseHeader::build(status, Some(resp.headers().len() + 1)) else {
         return 0;
     };
     for (name, value) in resp.headers() {
-        if !hop_by_hop(name) {
+        if !outgoing::hop_by_hop(name) {
             let _ = header.append_header(name.clone(), value.clone());
         }
     }
-    if debug_header && ctx.replays > 0 {
-        let _ = header.insert_header("x-sidecar-replayed", ctx.replays.to_string());
+    if let Some(v) = outgoing::replayed_header(ctx) {
+        let _ = header.insert_header(REPLAYED, v);
     }
     if session
         .write_response_header(Box::new(header), false)

@@ -1,29 +1,29 @@
-//! The Pingora `ProxyHttp` adapter: each hook asks `sidecar-filters` or the token source for a
-//! decision and acts on it.
+//! The Pingora `ProxyHttp` adapter. Each hook asks `sidecar-filters` (or the token waiting of
+//! [`crate::waiting`]) for a decision and carries it out; the outgoing request is shaped by
+//! [`crate::outgoing`], the per-request state lives in [`crate::ctx`], and what Pingora's retry
+//! loop cannot carry goes to [`crate::replay`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST};
-use http::{HeaderName, Uri};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 use sidecar_filters::{
-    absolute_form_authority, after_expired, classify, client_authorization, parse_retry_after,
-    query_with_token, replayable, Admission, AuthzDecision, BreakerVerdict, ExpiryVerdict,
-    NextStep, RateRequest, RequestView, Route, SkipReason,
+    absolute_form_authority, after_connect_failure, after_response, client_authorization,
+    replayable, retry_after_of, Admission, Answer, AuthzDecision, BreakerVerdict, ConnectFailure,
+    ErrorClass, Policy, RateRequest, RequestView, Route, Step,
 };
-use sidecar_token::{Token, TokenSource, Trigger};
 
-use crate::app::{App, InflightGuard, Live};
+use crate::app::App;
+use crate::ctx::{Ctx, ReplayBody, Routed};
 use crate::errors::LocalAnswer;
-
-/// Request header asking for a token that lasts the whole of a long operation (SPEC §5).
-pub const EXPECTED_DURATION: HeaderName = HeaderName::from_static("x-sidecar-expected-duration");
+use crate::outgoing::{self, EXPECTED_DURATION, REPLAYED};
+use crate::waiting::{next_token, swap_refused_token, token_for};
 
 /// The proxy service.
 pub struct Sidecar {
@@ -37,45 +37,8 @@ impl Sidecar {
     }
 }
 
-/// Per-request state.
-pub struct Ctx {
-    _inflight: InflightGuard,
-    started: Instant,
-    pub(crate) live: Option<Arc<Live>>,
-    pub(crate) upstream: Option<usize>,
-    /// Path to send upstream when the route rewrites it.
-    pub(crate) path: Option<String>,
-    /// The token injected into the current attempt; `None` passes the request through.
-    pub(crate) token: Option<Arc<Token>>,
-    /// Requests sent upstream so far (first attempt and replays).
-    pub(crate) attempts: u32,
-    /// Replays done.
-    pub(crate) replays: u32,
-    /// Whether this request may be replayed, or why not.
-    pub(crate) replay: std::result::Result<(), SkipReason>,
-    /// This request already forced one refresh: a rejection of its next token passes through.
-    pub(crate) forced: bool,
-    /// Copy of the request body (replayable requests, up to `replay.max_body`).
-    pub(crate) body: BytesMut,
-    /// The next `request_body_filter` call carries Pingora's retry buffer, already copied.
-    retry_buffer_next: bool,
-    /// The expired-token answer that started an own replay, in case no replay can be made.
-    pub(crate) rejected: Option<Box<ResponseHeader>>,
-    /// Error code of a local answer, for the access log.
-    pub(crate) local: Option<&'static str>,
-    /// Retries of transient failures done (SPEC §8).
-    transient: u32,
-    /// Wait before the next attempt (backoff or Retry-After).
-    retry_delay: Option<Duration>,
-    /// This request is the circuit breaker's probe.
-    probe: bool,
-    /// The client sent `X-Sidecar-Expected-Duration` (to strip before forwarding).
-    expected_header: bool,
-    /// Error class of the last attempt, for metrics and the log.
-    pub(crate) class: Option<&'static str>,
-    /// The 503 to give when a rejected request's replacement token could not be had.
-    unavailable: Option<LocalAnswer>,
-}
+// A response or request hook can only stop Pingora by failing; these errors carry the step
+// decided there to `error_while_proxy` (retry or not) and `fail_to_proxy` (what to write).
 
 /// Pingora retries this error through its own loop (body in its retry buffer).
 const RETRY: ErrorType = ErrorType::Custom("sidecar_replay");
@@ -83,9 +46,16 @@ const RETRY: ErrorType = ErrorType::Custom("sidecar_replay");
 const OWN_REPLAY: ErrorType = ErrorType::Custom("sidecar_own_replay");
 /// The answer's body decides whether the token expired: the sidecar re-sends and looks.
 const CHECK_BODY: ErrorType = ErrorType::Custom("sidecar_check_body");
-/// A rejected replayable request got no new token within `wait_for_token`: 503, not the 401
-/// (which would tell the client its own credentials are wrong).
-const TOKEN_UNAVAILABLE: ErrorType = ErrorType::Custom("sidecar_token_unavailable");
+/// `fail_to_proxy` writes `ctx.pending_answer`: a rejected replayable request got no new token
+/// within `wait_for_token` (503, not the 401, which would tell the client its own credentials
+/// are wrong), or the token cannot be sent.
+const LOCAL_ANSWER: ErrorType = ErrorType::Custom("sidecar_local_answer");
+
+fn retry_error(why: &'static str) -> Box<Error> {
+    let mut e = Error::explain(RETRY, why);
+    e.set_retry(true);
+    e
+}
 
 impl Sidecar {
     async fn answer(
@@ -97,38 +67,6 @@ impl Sidecar {
         ctx.local = Some(answer.code);
         answer.write(session).await;
         Ok(true)
-    }
-
-    /// A usable token, waiting for one within the configured bounds; with `expected`, one that
-    /// lasts 1.5× that long.
-    async fn token_for(
-        &self,
-        source: &TokenSource,
-        cfg: &sidecar_config::Replay,
-        expected: Option<Duration>,
-    ) -> std::result::Result<Arc<Token>, LocalAnswer> {
-        if expected.is_none() {
-            if let Some(t) = source.usable() {
-                return Ok(if source.is_rejected(&t) {
-                    self.replacement(source, t, cfg).await
-                } else {
-                    t
-                });
-            }
-        }
-        let unavailable =
-            |message: String| LocalAnswer::token_unavailable(message, Duration::from_secs(1));
-        let Some(_slot) = self.app.wait_slot(cfg.max_waiting) else {
-            return Err(unavailable(format!(
-                "too many requests are waiting for a token of provider {}",
-                source.name()
-            )));
-        };
-        match expected {
-            Some(d) => source.ensure(d.mul_f64(1.5), cfg.wait_for_token).await,
-            None => source.wait_usable(cfg.wait_for_token).await,
-        }
-        .map_err(|e| unavailable(e.to_string()))
     }
 }
 
@@ -149,28 +87,7 @@ impl ProxyHttp for Sidecar {
     }
 
     fn new_ctx(&self) -> Ctx {
-        Ctx {
-            _inflight: self.app.enter(),
-            started: Instant::now(),
-            live: None,
-            upstream: None,
-            path: None,
-            token: None,
-            attempts: 0,
-            replays: 0,
-            replay: Err(SkipReason::NoToken),
-            forced: false,
-            body: BytesMut::new(),
-            retry_buffer_next: false,
-            rejected: None,
-            local: None,
-            transient: 0,
-            retry_delay: None,
-            probe: false,
-            expected_header: false,
-            class: None,
-            unavailable: None,
-        }
+        Ctx::new(self.app.enter())
     }
 
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
@@ -180,8 +97,6 @@ impl ProxyHttp for Sidecar {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let live = self.app.live.load_full();
-        // Set first: the sidecar's own answers are logged and counted under this config too.
-        ctx.live = Some(live.clone());
         let req = session.req_header();
         let h2 = session.as_downstream().is_http2();
         let host = req
@@ -218,7 +133,8 @@ impl ProxyHttp for Sidecar {
                 return self.answer(session, ctx, answer).await;
             }
         };
-        ctx.upstream = Some(index);
+        // Set first: the sidecar's own answers are logged and counted under this route too.
+        ctx.route = Some(Routed::new(live.clone(), index));
         ctx.path = path;
         let up = &live.upstreams[index];
         // The provider whose token goes on this request, if any.
@@ -273,6 +189,7 @@ impl ProxyHttp for Sidecar {
         let has_key = !cfg.idempotent_methods.contains(&req.method)
             && req.headers.contains_key(&cfg.idempotency_header);
         ctx.replay = replayable(&req.method, has_key, declared, up.config.replay, cfg);
+        ctx.body = ReplayBody::new(cfg.max_body);
         let expected_header = req.headers.get(EXPECTED_DURATION);
         // Never forwarded, whatever the route (SPEC §5).
         ctx.expected_header = expected_header.is_some();
@@ -289,7 +206,7 @@ impl ProxyHttp for Sidecar {
                     }
                 },
             };
-            match self.token_for(source, cfg, expected).await {
+            match token_for(&self.app, source, cfg, expected).await {
                 Ok(t) => ctx.token = Some(t),
                 Err(answer) => return self.answer(session, ctx, answer).await,
             }
@@ -298,13 +215,13 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) else {
-            return Error::e_explain(ErrorType::InternalError, "no route chosen");
-        };
-        let up = &live.upstreams[i];
-        if let Some(delay) = ctx.retry_delay.take() {
+        // Backoff or Retry-After of the previous attempt, if it failed transiently.
+        if let Some(delay) = ctx.next_attempt_after.take() {
             tokio::time::sleep(delay).await;
         }
+        let Some(up) = ctx.up() else {
+            return Error::e_explain(ErrorType::InternalError, "no route chosen");
+        };
         // An upstream that answered 429/503 with Retry-After is left alone until then.
         if let Some(until) = self.app.holds.held_until(&up.config.name) {
             tokio::time::sleep_until(until).await;
@@ -320,35 +237,17 @@ impl ProxyHttp for Sidecar {
     ) -> Result<()> {
         ctx.attempts += 1;
         ctx.retry_buffer_next = ctx.attempts > 1;
-        self.swap_refused_token(ctx).await;
-        let (Some(live), Some(i)) = (&ctx.live, ctx.upstream) else {
-            return Error::e_explain(ErrorType::InternalError, "no route chosen");
-        };
-        let up = &live.upstreams[i];
-        upstream_request.insert_header(HOST, up.host_header.clone())?;
-        if ctx.expected_header {
-            upstream_request.remove_header(&EXPECTED_DURATION);
-        }
-        if let Some(pq) = upstream_target(ctx, up, &session.req_header().uri) {
-            let uri: Uri = pq.parse().map_err(|_| {
-                Error::explain(ErrorType::InvalidHTTPHeader, "cannot rewrite the path")
-            })?;
-            upstream_request.set_uri(uri);
-        }
-        if let Some(token) = &ctx.token {
-            let header = token_header(up, token)?;
-            // insert_header replaces: only a token carried elsewhere needs an explicit removal.
-            if header
-                .as_ref()
-                .is_none_or(|(name, _)| name != AUTHORIZATION)
-            {
-                upstream_request.remove_header(&AUTHORIZATION);
+        swap_refused_token(ctx).await;
+        match outgoing::to_pingora(upstream_request, session.req_header(), ctx) {
+            Ok(()) => {
+                ctx.sent_at = Some(Instant::now());
+                Ok(())
             }
-            if let Some((name, value)) = header {
-                upstream_request.insert_header(name, value)?;
+            Err(refusal) => {
+                ctx.pending_answer = ctx.up().map(|up| refusal.answer(up));
+                Error::e_explain(LOCAL_ANSWER, "the request cannot be sent")
             }
         }
-        Ok(())
     }
 
     async fn request_body_filter(
@@ -367,13 +266,8 @@ impl ProxyHttp for Sidecar {
         if ctx.replay.is_err() || ctx.token.is_none() {
             return Ok(());
         }
-        if let (Some(chunk), Some(live)) = (body.as_ref(), &ctx.live) {
-            if (ctx.body.len() + chunk.len()) as u64 > live.config.replay.max_body {
-                ctx.body = BytesMut::new();
-                ctx.replay = Err(SkipReason::BodyTooLarge);
-            } else {
-                ctx.body.extend_from_slice(chunk);
-            }
+        if let Some(chunk) = body.as_ref() {
+            ctx.keep_body(chunk);
         }
         Ok(())
     }
@@ -388,13 +282,8 @@ impl ProxyHttp for Sidecar {
             .await?;
         // The answer goes to the client. (Done here rather than in `response_filter`: one hook
         // less per request.)
-        if ctx.replays > 0
-            && ctx
-                .live
-                .as_ref()
-                .is_some_and(|l| l.config.replay.debug_header)
-        {
-            upstream_response.insert_header("x-sidecar-replayed", ctx.replays.to_string())?;
+        if let Some(v) = outgoing::replayed_header(ctx) {
+            upstream_response.insert_header(REPLAYED, v)?;
         }
         Ok(())
     }
@@ -410,7 +299,7 @@ impl ProxyHttp for Sidecar {
         if *e.etype() == RETRY {
             return e;
         }
-        if *e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY || *e.etype() == TOKEN_UNAVAILABLE {
+        if *e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY || *e.etype() == LOCAL_ANSWER {
             // fail_to_proxy takes it from here; Pingora must not resend on its own.
             let mut e = e;
             e.set_retry(false);
@@ -433,25 +322,26 @@ impl ProxyHttp for Sidecar {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.class = Some(if matches!(e.etype(), ErrorType::ConnectTimedout) {
-            "timeout"
-        } else {
-            "network"
-        });
-        // Nothing was sent: any request may be retried, within the backoff budget. A certificate
-        // that does not verify will not verify on the next try either.
-        let retry = ctx.live.as_ref().map(|l| &l.config.raw.retry);
-        let permanent = matches!(
-            e.etype(),
-            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert
-        );
-        match retry.filter(|_| !permanent) {
-            Some(r) if (ctx.transient as usize) < r.backoff.len() => {
-                ctx.retry_delay = Some(jittered(r.backoff[ctx.transient as usize].0));
+        let failure = match e.etype() {
+            ErrorType::ConnectTimedout => ConnectFailure::Timeout,
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert => ConnectFailure::Permanent,
+            _ => ConnectFailure::Other,
+        };
+        let Some(route) = &ctx.route else {
+            e.set_retry(false);
+            return e;
+        };
+        let retry = &route.live().config.retry;
+        let (class, delay) = after_connect_failure(failure, ctx.transient, retry, rand::random());
+        ctx.class = Some(class);
+        match delay {
+            // Nothing was sent: any request may go again.
+            Some(d) => {
+                ctx.next_attempt_after = Some(d);
                 ctx.transient += 1;
                 e.set_retry(true);
             }
-            _ => e.set_retry(false),
+            None => e.set_retry(false),
         }
         e
     }
@@ -460,21 +350,19 @@ impl ProxyHttp for Sidecar {
         if (*e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY)
             && session.response_written().is_none()
         {
-            let code =
-                crate::replay::own_replay(self, session, ctx, *e.etype() == CHECK_BODY).await;
+            let code = crate::replay::own_replay(&self.app, session, ctx).await;
             return FailToProxy {
                 error_code: code,
                 can_reuse_downstream: false,
             };
         }
+        // A borrow of `ctx.route` alone: `ctx.class` is set below.
         let upstream = ctx
-            .live
+            .route
             .as_ref()
-            .zip(ctx.upstream)
-            .map(|(l, i)| l.upstreams[i].config.name.clone())
-            .unwrap_or_default();
+            .map_or("", |r| r.up().config.name.as_str());
         let answer = match e.etype() {
-            t if *t == TOKEN_UNAVAILABLE => ctx.unavailable.take(),
+            t if *t == LOCAL_ANSWER => ctx.pending_answer.take(),
             ErrorType::HTTPStatus(code) => Some(LocalAnswer {
                 status: *code,
                 code: "error",
@@ -482,13 +370,13 @@ impl ProxyHttp for Sidecar {
                 retry_after: None,
             }),
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                ctx.class = Some("timeout");
-                Some(LocalAnswer::timeout(&upstream))
+                ctx.class = Some(ErrorClass::Timeout);
+                Some(LocalAnswer::timeout(upstream))
             }
             _ => match e.esource() {
                 ErrorSource::Upstream => {
-                    ctx.class = Some("network");
-                    Some(LocalAnswer::unreachable(&upstream))
+                    ctx.class = Some(ErrorClass::Network);
+                    Some(LocalAnswer::unreachable(upstream))
                 }
                 ErrorSource::Downstream => match e.etype() {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
@@ -496,12 +384,7 @@ impl ProxyHttp for Sidecar {
                     }
                     _ => Some(LocalAnswer::bad_request("malformed request".into())),
                 },
-                ErrorSource::Internal | ErrorSource::Unset => Some(LocalAnswer {
-                    status: 500,
-                    code: "internal",
-                    message: "internal error".into(),
-                    retry_after: None,
-                }),
+                ErrorSource::Internal | ErrorSource::Unset => Some(LocalAnswer::internal()),
             },
         };
         let code = match answer {
@@ -523,11 +406,7 @@ impl ProxyHttp for Sidecar {
         crate::connection::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
-        let route = ctx
-            .live
-            .as_deref()
-            .zip(ctx.upstream)
-            .map(|(l, i)| &l.upstreams[i]);
+        let route = ctx.up();
         let upstream = route.map_or("", |up| up.config.name.as_str());
         let method = session.req_header().method.as_str();
         let m = route.map_or(&self.app.unrouted, |up| &up.metrics);
@@ -535,16 +414,19 @@ impl ProxyHttp for Sidecar {
         m.duration.record(elapsed.as_secs_f64());
         if let Some(up) = route {
             if ctx.attempts > 0 || ctx.class.is_some() {
-                let failed = matches!(ctx.class, Some("network" | "timeout" | "server"));
+                let failed = ctx.class.is_some_and(ErrorClass::is_upstream_failure);
                 up.breaker.record(!failed, Instant::now());
             } else if ctx.probe {
                 up.breaker.abandon_probe();
             }
             if let Some(class) = ctx.class {
-                metrics::counter!("sidecar_upstream_errors_total", "upstream" => up.config.name.clone(), "class" => class).increment(1);
+                metrics::counter!("sidecar_upstream_errors_total", "upstream" => up.config.name.clone(), "class" => class.as_str()).increment(1);
             }
         }
-        let access_log = ctx.live.as_ref().is_none_or(|l| l.config.log.access_log);
+        let access_log = match &ctx.route {
+            Some(r) => r.live().config.log.access_log,
+            None => self.app.live.load().config.log.access_log,
+        };
         if access_log {
             tracing::info!(
                 target: "access",
@@ -557,7 +439,7 @@ impl ProxyHttp for Sidecar {
                 replayed = ctx.replays,
                 generation = ctx.token.as_ref().map_or(0, |t| t.generation),
                 local = ctx.local.unwrap_or(""),
-                class = ctx.class.unwrap_or(""),
+                class = ctx.class.map_or("", ErrorClass::as_str),
                 error = e.map(|e| e.etype().as_str()).unwrap_or(""),
             );
         }
@@ -565,8 +447,9 @@ impl ProxyHttp for Sidecar {
 }
 
 impl Sidecar {
-    /// Expired-token and transient-failure decisions on an upstream answer's header; `Err`
-    /// hands the request to a replay or retry.
+    /// What happens to an upstream answer: [`after_response`] decides, this carries the step
+    /// out. `Err` hands the request to Pingora's retry loop (`RETRY`) or to `fail_to_proxy`
+    /// (`CHECK_BODY`, `OWN_REPLAY`, `LOCAL_ANSWER`): the only way out of a response hook.
     async fn inspect_response(
         &self,
         session: &mut Session,
@@ -574,299 +457,83 @@ impl Sidecar {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        ctx.class = class_of(status);
+        ctx.class = ErrorClass::of_status(status);
+        if let (Some(sent), Some(up)) = (ctx.sent_at.take(), ctx.up()) {
+            up.metrics
+                .upstream_duration
+                .record(sent.elapsed().as_secs_f64());
+        }
         if status < 400 {
-            // Expiry and retry statuses are errors (config validation): nothing to decide.
             return Ok(());
         }
-        let (Some(live), Some(i)) = (ctx.live.clone(), ctx.upstream) else {
+        let Some(route) = &ctx.route else {
             return Ok(());
         };
-        let up = &live.upstreams[i];
-        let retry = &live.config.raw.retry;
-        let retry_after = if status == 429 || status == 503 {
-            let after = upstream_response
-                .headers
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, SystemTime::now()));
-            if let Some(d) = after {
-                // Further requests to this upstream wait until then (bounded by max_retry_after).
-                self.app.holds.hold_for(&up.config.name, d);
-            }
-            after
-        } else {
-            None
+        let (live, up) = (route.live(), route.up());
+        let headers = &upstream_response.headers;
+        let retry_after = retry_after_of(
+            status,
+            headers.get(http::header::RETRY_AFTER).map(|v| v.as_bytes()),
+            SystemTime::now(),
+        );
+        if let Some(d) = retry_after {
+            // Further requests to this upstream wait until then (bounded by max_retry_after),
+            // whatever becomes of this one.
+            self.app.holds.hold_for(&up.config.name, d);
+        }
+        let answer = Answer {
+            status,
+            www_authenticate: headers
+                .get(http::header::WWW_AUTHENTICATE)
+                .map(|v| v.as_bytes()),
+            retry_after,
         };
-        let transient =
-            retry.statuses.contains(&status) || (status == 429 && retry_after.is_some());
-        if transient
-            && ctx.replay.is_ok()
-            && (ctx.transient as usize) < retry.backoff.len()
-            && body_whole(session)
-        {
-            let backoff = jittered(retry.backoff[ctx.transient as usize].0);
-            ctx.retry_delay = Some(match retry_after {
-                Some(d) if retry.respect_retry_after => d.min(retry.max_retry_after.0),
-                _ => backoff,
-            });
-            ctx.transient += 1;
-            let mut e = Error::explain(RETRY, "transient upstream answer; retrying");
-            e.set_retry(true);
-            return Err(e);
-        }
-        let Some(token) = ctx.token.clone() else {
-            return Ok(());
+        let state = ctx.attempt(body_whole(session));
+        let policy = Policy {
+            retry: &live.config.retry,
+            expiry: &up.config.expiry,
+            max_attempts: live.config.replay.max_attempts,
         };
-        let www = upstream_response
-            .headers
-            .get(http::header::WWW_AUTHENTICATE)
-            .map(|v| v.as_bytes());
-        let verdict = classify(upstream_response.status.as_u16(), www, &up.config.expiry);
-        if verdict == ExpiryVerdict::NotExpired {
-            return Ok(());
-        }
-        if let Err(reason) = ctx.replay {
-            if verdict == ExpiryVerdict::Expired {
-                skipped(up, reason);
-            }
-            return Ok(());
-        }
-        let body_whole = body_whole(session);
-        if verdict == ExpiryVerdict::CheckBody {
-            if ctx.attempts >= live.config.replay.max_attempts {
-                return Ok(());
-            }
-            ctx.rejected = Some(Box::new(upstream_response.clone()));
-            return Err(Error::explain(
-                CHECK_BODY,
-                "the answer's body decides whether the token expired",
-            ));
-        }
-        match self.next_token(&live, up, ctx, token.generation).await {
-            Ok(()) => {}
-            Err(SkipReason::NoToken) => {
-                skipped(up, SkipReason::NoToken);
-                ctx.unavailable = Some(token_unavailable(up, live.config.replay.wait_for_token));
-                return Err(Error::explain(
-                    TOKEN_UNAVAILABLE,
-                    "no replacement for a rejected token within wait_for_token",
-                ));
-            }
-            Err(reason) => {
-                skipped(up, reason);
-                return Ok(());
-            }
-        }
-        if body_whole {
-            let mut e = Error::explain(
-                RETRY,
-                "token expired upstream; replaying with a fresh token",
-            );
-            e.set_retry(true);
-            Err(e)
-        } else {
-            ctx.rejected = Some(Box::new(upstream_response.clone()));
-            Err(Error::explain(
-                OWN_REPLAY,
-                "token expired upstream; replaying a large body",
-            ))
-        }
-    }
-}
-
-impl Sidecar {
-    /// The token that replaces `refused` (refused by an upstream, its replacement in flight):
-    /// joins that refresh rather than send a request bound to be refused and replayed — on a
-    /// refresh storm a wait for the one identity-provider call instead of a wasted upstream
-    /// round trip per request. Takes no `max_waiting` slot: it joins a call already under way
-    /// (bounded by `wait_for_token`) and holds no buffered body. If the refresh fails, the
-    /// refused token goes out as it would have.
-    async fn replacement(
-        &self,
-        source: &TokenSource,
-        refused: Arc<Token>,
-        cfg: &sidecar_config::Replay,
-    ) -> Arc<Token> {
-        join_refresh(source, refused.generation, cfg)
-            .await
-            .unwrap_or(refused)
-    }
-
-    /// `upstream_request_filter`'s side of [`Sidecar::replacement`]: the token was refused
-    /// after this request took it. Costs one atomic load when it was not.
-    async fn swap_refused_token(&self, ctx: &mut Ctx) {
-        let (live, i, token) = match (&ctx.live, ctx.upstream, &ctx.token) {
-            (Some(l), Some(i), Some(t))
-                if l.upstreams[i]
-                    .tokens
-                    .as_ref()
-                    .is_some_and(|s| s.is_rejected(t)) =>
-            {
-                (l.clone(), i, t.clone())
-            }
-            _ => return,
-        };
-        if let Some(source) = &live.upstreams[i].tokens {
-            ctx.token = Some(self.replacement(source, token, &live.config.replay).await);
-        }
-    }
-
-    /// Makes `ctx.token` the token to replay with, per the generation rule: joins (or starts) the
-    /// one refresh for `failed_generation`, or takes the newer token someone else already got.
-    /// Waiting for the refresh counts against `max_waiting` and `wait_for_token`.
-    pub(crate) async fn next_token(
-        &self,
-        live: &Live,
-        up: &crate::app::UpstreamRt,
-        ctx: &mut Ctx,
-        failed_generation: u64,
-    ) -> std::result::Result<(), SkipReason> {
-        let Some(source) = &up.tokens else {
-            return Err(SkipReason::NoToken);
-        };
-        let current = source.current().map_or(0, |t| t.generation);
-        let cfg = &live.config.replay;
-        match after_expired(
-            ctx.attempts,
-            cfg.max_attempts,
-            failed_generation,
-            current,
-            ctx.forced,
-        ) {
-            NextStep::PassThrough(reason) => Err(reason),
-            NextStep::Replay { refresh: false } => {
-                ctx.token = source.usable().or_else(|| source.current());
-                ctx.replays += 1;
-                replayed(up, "newer_token", "ok");
+        let step = after_response(&answer, &state, &policy, rand::random());
+        match step {
+            Step::Pass => Ok(()),
+            Step::Skip(reason) => {
+                up.count_skipped(reason);
                 Ok(())
             }
-            NextStep::Replay { refresh: true } => {
-                ctx.forced = true;
-                match self.wait_refresh(source, failed_generation, cfg).await {
-                    Some(t) => {
-                        ctx.token = Some(t);
-                        ctx.replays += 1;
-                        replayed(up, "refreshed", "ok");
-                        Ok(())
-                    }
-                    None => {
-                        replayed(up, "refreshed", "no_token");
-                        Err(SkipReason::NoToken)
-                    }
+            Step::Retry { delay } => {
+                ctx.transient += 1;
+                ctx.next_attempt_after = Some(delay);
+                Err(retry_error("transient upstream answer; retrying"))
+            }
+            Step::CheckBody => {
+                ctx.rejected = Some(Box::new(upstream_response.clone()));
+                Err(Error::explain(
+                    CHECK_BODY,
+                    "the answer's body decides whether the token expired",
+                ))
+            }
+            Step::Replay { refresh } | Step::OwnReplay { refresh } => {
+                if let Err(answer) = next_token(&self.app, ctx, refresh).await {
+                    ctx.pending_answer = Some(answer);
+                    return Err(Error::explain(
+                        LOCAL_ANSWER,
+                        "no replacement for a rejected token within wait_for_token",
+                    ));
+                }
+                if let Step::Replay { .. } = step {
+                    Err(retry_error(
+                        "token expired upstream; replaying with a fresh token",
+                    ))
+                } else {
+                    ctx.rejected = Some(Box::new(upstream_response.clone()));
+                    Err(Error::explain(
+                        OWN_REPLAY,
+                        "token expired upstream; replaying a large body",
+                    ))
                 }
             }
         }
-    }
-
-    /// The replacement of a rejected token, trying again after failed refreshes (each try
-    /// waits out the provider's backoff) until `wait_for_token` runs out.
-    async fn wait_refresh(
-        &self,
-        source: &TokenSource,
-        failed_generation: u64,
-        cfg: &sidecar_config::Replay,
-    ) -> Option<Arc<Token>> {
-        let _slot = self.app.wait_slot(cfg.max_waiting)?;
-        let deadline = tokio::time::Instant::now() + cfg.wait_for_token;
-        loop {
-            let refresh = source.refresh(Trigger::Unauthorized, Some(failed_generation));
-            match tokio::time::timeout_at(deadline, refresh).await {
-                Ok(Ok(token)) => return Some(token),
-                // The next try waits for the backoff inside `refresh`; the floor only matters
-                // for a configured backoff of zero.
-                Ok(Err(_)) => {
-                    let floor = tokio::time::Instant::now() + Duration::from_millis(50);
-                    tokio::time::sleep_until(floor.min(deadline)).await;
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
-/// The token that follows generation `refused`: joins (or starts) the one refresh for it, or
-/// takes the newer token already held; `None` if none came within `wait_for_token`.
-async fn join_refresh(
-    source: &TokenSource,
-    refused: u64,
-    cfg: &sidecar_config::Replay,
-) -> Option<Arc<Token>> {
-    let refresh = source.refresh(Trigger::Unauthorized, Some(refused));
-    tokio::time::timeout(cfg.wait_for_token, refresh)
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-}
-
-/// The header that carries the token on this upstream, if any.
-pub(crate) fn token_header(
-    up: &crate::app::UpstreamRt,
-    token: &Token,
-) -> Result<Option<(HeaderName, http::HeaderValue)>> {
-    let Some(name) = &up.config.inject.header else {
-        return Ok(None);
-    };
-    let scheme = &up.config.inject.scheme;
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return Ok(Some((name.clone(), token.bearer_header().clone())));
-    }
-    let value = if scheme.is_empty() {
-        token.expose().to_string()
-    } else {
-        format!("{scheme} {}", token.expose())
-    };
-    let mut value = http::HeaderValue::from_str(&value)
-        .map_err(|_| Error::explain(ErrorType::InternalError, "token is not a header value"))?;
-    value.set_sensitive(true);
-    Ok(Some((name.clone(), value)))
-}
-
-/// The path and query to send upstream when they differ from the client's.
-pub(crate) fn upstream_target(ctx: &Ctx, up: &crate::app::UpstreamRt, uri: &Uri) -> Option<String> {
-    let query_param = ctx.token.as_ref().and(up.config.inject.query.as_deref());
-    if ctx.path.is_none() && query_param.is_none() {
-        return None;
-    }
-    let path = ctx.path.as_deref().unwrap_or(uri.path());
-    let query = match (query_param, &ctx.token) {
-        (Some(param), Some(token)) => Some(query_with_token(uri.query(), param, token.expose())),
-        _ => uri.query().map(str::to_string),
-    };
-    Some(match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    })
-}
-
-/// 503 `token_unavailable` for a request whose rejected token could not be replaced, with the
-/// provider's last error and when it will be asked again.
-pub(crate) fn token_unavailable(up: &crate::app::UpstreamRt, waited: Duration) -> LocalAnswer {
-    match &up.tokens {
-        Some(source) => LocalAnswer::token_unavailable(
-            source.unavailable(waited).to_string(),
-            source.retry_in(),
-        ),
-        None => LocalAnswer::token_unavailable("no token".into(), Duration::from_secs(1)),
-    }
-}
-
-pub(crate) fn skipped(up: &crate::app::UpstreamRt, reason: SkipReason) {
-    metrics::counter!("sidecar_replay_skipped_total", "upstream" => up.config.name.clone(), "reason" => reason.as_str()).increment(1);
-}
-
-pub(crate) fn replayed(up: &crate::app::UpstreamRt, reason: &'static str, result: &'static str) {
-    metrics::counter!("sidecar_replays_total", "upstream" => up.config.name.clone(), "reason" => reason, "result" => result).increment(1);
-}
-
-/// Error class of an upstream status (SPEC §8), `None` for success.
-fn class_of(status: u16) -> Option<&'static str> {
-    match status {
-        401 | 403 => Some("auth"),
-        429 => Some("rate_limit"),
-        400..=499 => Some("client"),
-        500..=599 => Some("server"),
-        _ => None,
     }
 }
 
@@ -877,9 +544,4 @@ fn body_whole(session: &mut Session) -> bool {
     downstream.is_body_done()
         && !downstream.retry_buffer_truncated()
         && (downstream.is_body_empty() || downstream.get_retry_buffer().is_some())
-}
-
-/// A backoff step with ±20 % jitter, so that retries of many requests spread out.
-fn jittered(d: Duration) -> Duration {
-    d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
 }

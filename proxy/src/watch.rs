@@ -89,7 +89,7 @@ pub fn spawn(app: Arc<App>, path: PathBuf) -> Option<notify::RecommendedWatcher>
                 let now = digest(&path);
                 if now.is_some() && now != last {
                     last = now;
-                    crate::cli::reload(&app, &path);
+                    app.reload(&path);
                 }
             }
         })

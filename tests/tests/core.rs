@@ -567,3 +567,37 @@ async fn error_logs_never_print_query_strings() {
         logs.replace("query-secret-from-client", "<THE SECRET>")
     );
 }
+
+/// The value of `name{labels…}` in Prometheus text, 0 when absent (no sample yet).
+fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
+    let prefix = format!("{name}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// `sidecar_upstream_duration_seconds` (SPEC §9) is a histogram per upstream with one sample
+/// per attempt that got an answer, measuring the upstream's part: a 503 retried once is two
+/// samples, and an upstream that takes 300 ms to answer adds at least that.
+#[tokio::test]
+async fn upstream_duration_is_recorded_per_attempt() {
+    use sidecar_mocks::Scripted;
+    let (api, sc) = open_stack("").await;
+    let name = "sidecar_upstream_duration_seconds";
+    let before = sc.admin_text("/metrics").await;
+    assert!(
+        before.contains(&format!("# TYPE {name} histogram")),
+        "{name} is not a histogram:\n{before}"
+    );
+    let count = |m: &str| sample(m, &format!("{name}_count"), "upstream=\"api\"");
+    let sum = |m: &str| sample(m, &format!("{name}_sum"), "upstream=\"api\"");
+    api.push_script(Scripted::status(503));
+    api.push_script(Scripted::status(200).with_delay(Duration::from_millis(300)));
+    let r = reqwest::get(sc.url("/items")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(api.count(), 2, "one transient retry");
+    let after = sc.admin_text("/metrics").await;
+    assert_eq!(count(&after) - count(&before), 2.0, "{after}");
+    assert!(sum(&after) - sum(&before) >= 0.3, "{after}");
+}

@@ -1,0 +1,197 @@
+//! Per-request state: what the hooks learn about one request and pass on to the next hook.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason};
+use sidecar_token::Token;
+
+use crate::app::{InflightGuard, Live, UpstreamRt};
+use crate::errors::LocalAnswer;
+
+/// The route a request took: the config it runs under and its upstream there.
+#[derive(Clone)]
+pub struct Routed {
+    live: Arc<Live>,
+    upstream: usize,
+}
+
+impl Routed {
+    /// Upstream number `upstream` of `live` (an index `Routes::route` gave for that config).
+    pub(crate) fn new(live: Arc<Live>, upstream: usize) -> Routed {
+        Routed { live, upstream }
+    }
+
+    /// The config (and everything built from it) the request runs under.
+    pub(crate) fn live(&self) -> &Live {
+        &self.live
+    }
+
+    /// The upstream.
+    pub(crate) fn up(&self) -> &UpstreamRt {
+        &self.live.upstreams[self.upstream]
+    }
+}
+
+/// The copy of a replayable request's body that the sidecar's own replay sends, bounded by
+/// `replay.max_body`.
+pub(crate) struct ReplayBody {
+    bytes: BytesMut,
+    max: u64,
+}
+
+impl ReplayBody {
+    /// An empty copy that holds at most `max` bytes. Allocates nothing until a chunk comes.
+    pub(crate) fn new(max: u64) -> ReplayBody {
+        ReplayBody {
+            bytes: BytesMut::new(),
+            max,
+        }
+    }
+
+    /// Adds a chunk; past the bound, forgets everything and says the body is too large.
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<(), SkipReason> {
+        if (self.bytes.len() as u64).saturating_add(chunk.len() as u64) > self.max {
+            self.bytes = BytesMut::new();
+            return Err(SkipReason::BodyTooLarge);
+        }
+        self.bytes.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// The body kept, handed over once (without a copy).
+    pub(crate) fn take(&mut self) -> Bytes {
+        std::mem::take(&mut self.bytes).freeze()
+    }
+}
+
+/// Per-request state.
+pub struct Ctx {
+    _inflight: InflightGuard,
+    /// When the request came.
+    pub(crate) started: Instant,
+    /// Set once a route matched.
+    pub(crate) route: Option<Routed>,
+    /// Path to send upstream when the route rewrites it.
+    pub(crate) path: Option<String>,
+    /// The token injected into the current attempt; `None` passes the request through.
+    pub(crate) token: Option<Arc<Token>>,
+    /// Requests sent upstream so far (first attempt and replays).
+    pub(crate) attempts: u32,
+    /// Replays done.
+    pub(crate) replays: u32,
+    /// Whether this request may be replayed, or why not.
+    pub(crate) replay: Result<(), SkipReason>,
+    /// This request already forced one refresh: a rejection of its next token passes through.
+    pub(crate) forced: bool,
+    /// Copy of the request body, for the sidecar's own replay.
+    pub(crate) body: ReplayBody,
+    /// The next `request_body_filter` call carries Pingora's retry buffer, already copied.
+    pub(crate) retry_buffer_next: bool,
+    /// The expired-token answer held back for an own replay, in case no replay can be made.
+    pub(crate) rejected: Option<Box<ResponseHeader>>,
+    /// Error code of a local answer, for the access log.
+    pub(crate) local: Option<&'static str>,
+    /// Retries of transient failures done (SPEC §8).
+    pub(crate) transient: u32,
+    /// Wait before the next attempt (backoff or Retry-After). Decided where the failure is seen
+    /// (`fail_to_connect` cannot wait, and a response hook would hold the upstream connection
+    /// while it waits); slept in `upstream_peer`, the first async hook of the next attempt.
+    pub(crate) next_attempt_after: Option<Duration>,
+    /// When the current attempt's request went to the upstream, until its answer's header came
+    /// (`sidecar_upstream_duration_seconds`).
+    pub(crate) sent_at: Option<Instant>,
+    /// This request is the circuit breaker's probe.
+    pub(crate) probe: bool,
+    /// The client sent `X-Sidecar-Expected-Duration` (to strip before forwarding).
+    pub(crate) expected_header: bool,
+    /// Error class of the last attempt, for metrics and the log.
+    pub(crate) class: Option<ErrorClass>,
+    /// The sidecar's own answer, decided in a hook that can only fail, for `fail_to_proxy` to
+    /// write (a rejected token with no replacement; a token that cannot be sent).
+    pub(crate) pending_answer: Option<LocalAnswer>,
+}
+
+impl Ctx {
+    /// A request that just came in.
+    pub(crate) fn new(inflight: InflightGuard) -> Ctx {
+        Ctx {
+            _inflight: inflight,
+            started: Instant::now(),
+            route: None,
+            path: None,
+            token: None,
+            attempts: 0,
+            replays: 0,
+            replay: Err(SkipReason::NoToken),
+            forced: false,
+            body: ReplayBody::new(0),
+            retry_buffer_next: false,
+            rejected: None,
+            local: None,
+            transient: 0,
+            next_attempt_after: None,
+            sent_at: None,
+            probe: false,
+            expected_header: false,
+            class: None,
+            pending_answer: None,
+        }
+    }
+
+    /// The upstream of the route, if one matched.
+    pub(crate) fn up(&self) -> Option<&UpstreamRt> {
+        self.route.as_ref().map(Routed::up)
+    }
+
+    /// Keeps a body chunk for a possible own replay; a body past `max_body` makes the request
+    /// not replayable.
+    pub(crate) fn keep_body(&mut self, chunk: &[u8]) {
+        if let Err(reason) = self.body.push(chunk) {
+            self.replay = Err(reason);
+        }
+    }
+
+    /// The state [`sidecar_filters::after_response`] decides on; `body_whole` says whether
+    /// Pingora's retry buffer holds the whole body.
+    pub(crate) fn attempt(&self, body_whole: bool) -> Attempt {
+        Attempt {
+            attempts: self.attempts,
+            transient: self.transient,
+            replay: self.replay,
+            forced: self.forced,
+            body_whole,
+            token: self.generations(),
+        }
+    }
+
+    /// The generation this attempt carried and the provider's newest; `None` without a token.
+    fn generations(&self) -> Option<Generations> {
+        let sent = self.token.as_ref()?.generation;
+        let current = self
+            .up()
+            .and_then(|up| up.tokens.as_ref())
+            .and_then(|s| s.current())
+            .map_or(0, |t| t.generation);
+        Some(Generations { sent, current })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replay_body_keeps_up_to_its_bound_then_nothing() {
+        let mut body = ReplayBody::new(5);
+        assert_eq!(body.push(b"abc"), Ok(()));
+        assert_eq!(body.push(b"de"), Ok(()));
+        assert_eq!(body.take(), Bytes::from_static(b"abcde"));
+        let mut body = ReplayBody::new(5);
+        assert_eq!(body.push(b"abc"), Ok(()));
+        assert_eq!(body.push(b"def"), Err(SkipReason::BodyTooLarge));
+        assert!(body.take().is_empty());
+    }
+}

@@ -1,0 +1,166 @@
+//! Serving: the Pingora server with the proxy and admin services over one [`App`], until a
+//! signal stops it. Used by `run` and by `demo`.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::proxy::http_proxy;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::listening::Service;
+use sidecar_config::Config;
+
+use crate::admin::Admin;
+use crate::app::App;
+use crate::connection::Limited;
+use crate::service::Sidecar;
+use crate::shutdown::Signals;
+
+/// Idle upstream connections kept for reuse (Pingora's default is 128). An application that
+/// sends a burst of a thousand requests would otherwise open most of them afresh next time:
+/// measured on a 1,000-request burst, the connects were most of the sidecar's cost
+/// (bench/PROFILE.md §7).
+pub const UPSTREAM_POOL: usize = 1024;
+
+fn metrics_recorder() -> Option<PrometheusHandle> {
+    let buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
+    ];
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(&buckets)
+        .ok()?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).ok()?;
+    Some(handle)
+}
+
+/// Pingora's listener hand-over (SIGQUIT to the old process, `--upgrade` on the new one).
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    /// Take the sockets over from the running process.
+    pub upgrade: bool,
+    /// The hand-over socket.
+    pub upgrade_sock: String,
+}
+
+/// Serves `config` until a signal stops it; returns the exit code. `on_ready` runs once the
+/// state is built (the demo uses it to start its scripted client).
+pub fn serve(config: Config, on_ready: Option<Box<dyn FnOnce(Arc<App>) + Send>>) -> i32 {
+    let upgrade = Upgrade {
+        upgrade: false,
+        upgrade_sock: format!("/tmp/token-sidecar-upgrade-{}.sock", std::process::id()),
+    };
+    serve_with(config, on_ready, upgrade)
+}
+
+/// [`serve`] with upgrade settings.
+pub fn serve_with(
+    config: Config,
+    on_ready: Option<Box<dyn FnOnce(Arc<App>) + Send>>,
+    upgrade: Upgrade,
+) -> i32 {
+    crate::logging::init(&config.log);
+    let metrics = metrics_recorder();
+    let token_rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("token-refresh")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the token runtime: {e}");
+            return 1;
+        }
+    };
+    if let Some(handle) = metrics.clone() {
+        // The recorder is rendered by the admin server, not installed: its upkeep (draining
+        // histogram buffers) would otherwise only run when /metrics is scraped.
+        token_rt.spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                handle.run_upkeep();
+            }
+        });
+    }
+    let listen = config.listen.to_string();
+    let admin_listen = config.admin_listen.to_string();
+    let source = config.source.clone();
+    let app = match App::new(config, token_rt.handle().clone()) {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+
+    let conf = ServerConf {
+        threads: 1,
+        // One current-thread runtime per thread: measured 24-36 % less CPU per request than
+        // Pingora's work-stealing runtime here (bench/PROFILE.md).
+        work_stealing: false,
+        // Grace is handled by our own SIGTERM drain (Pingora would sleep its full grace period
+        // even when idle).
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: UPSTREAM_POOL,
+        upgrade_sock: upgrade.upgrade_sock.clone(),
+        ..ServerConf::default()
+    };
+    let opt = pingora::server::configuration::Opt {
+        upgrade: upgrade.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    server.bootstrap();
+
+    // CONNECT reaches request_filter, which refuses it with a JSON 403 `forbidden_target`
+    // (Pingora's own refusal is a bare 405).
+    let mut options = HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    // HTTP/2 connections (h2c) idle out on Pingora's own timer, read once here; the HTTP/1
+    // limits follow reloads (see `connection`).
+    options.h2_idle_timeout = Some(app.live.load().config.downstream.idle_timeout);
+    let mut proxy = http_proxy(&server.configuration, Sidecar::new(app.clone()));
+    proxy.server_options = Some(options);
+    // Client connection limits (SPEC §11) wrap the proxy: see `connection`.
+    let mut proxy = Service::new(
+        "token-sidecar proxy".to_string(),
+        Limited::new(proxy, app.clone()),
+    );
+    proxy.add_tcp(&listen);
+    let mut admin = Service::new(
+        "token-sidecar admin".to_string(),
+        HttpServer::new_app(Admin::new(app.clone(), metrics)),
+    );
+    admin.add_tcp(&admin_listen);
+    server.add_service(proxy);
+    server.add_service(admin);
+
+    tracing::info!(listen = %listen, admin = %admin_listen, "token-sidecar serving");
+    if let Some(f) = on_ready {
+        f(app.clone());
+    }
+    let _watcher = source
+        .clone()
+        .and_then(|path| crate::watch::spawn(app.clone(), path));
+    let reload_app = app.clone();
+    let reload: Box<dyn Fn() + Send + Sync> = match source {
+        Some(path) => Box::new(move || {
+            reload_app.reload(&path);
+        }),
+        None => Box::new(|| tracing::info!("SIGHUP: no config file to reload")),
+    };
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals::new(app.clone(), reload)),
+    });
+    for source in app.live.load().providers.values() {
+        source.stop();
+    }
+    token_rt.shutdown_background();
+    0
+}
