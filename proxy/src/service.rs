@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{ErrorSource, ErrorType};
 use sidecar_filters::{
     absolute_form_authority, after_connect_failure, after_response, client_authorization,
@@ -286,6 +286,24 @@ impl ProxyHttp for Sidecar {
             upstream_response.insert_header(REPLAYED, v)?;
         }
         Ok(())
+    }
+
+    /// A replay or retry the sidecar decided is its normal work, not a failure: it is counted
+    /// (`sidecar_replays_total`) and shown in the access log, so Pingora's WARN line goes.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &Ctx,
+        error: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        *error.etype() == RETRY
+    }
+
+    /// The sidecar's own replay ends in an answer of its own (often a 200): Pingora's ERROR
+    /// line about the error that handed the request over would be false.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        *error.etype() == OWN_REPLAY || *error.etype() == CHECK_BODY
     }
 
     fn error_while_proxy(

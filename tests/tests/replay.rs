@@ -77,6 +77,12 @@ async fn revocation_under_200_concurrent_gets_costs_one_idp_call() {
         sc.logs()
     );
     assert_eq!(idp.calls() - before, 1, "exactly one extra token request");
+    // Every request succeeded: nothing for an operator to look at (SPEC §16).
+    let logs = sc.logs();
+    assert!(
+        !logs.contains(" WARN ") && !logs.contains(" ERROR "),
+        "{logs}"
+    );
 }
 
 #[tokio::test]
@@ -107,6 +113,12 @@ async fn large_put_bodies_are_replayed_byte_exact_and_oversized_ones_are_not() {
         assert_eq!(seen[0].status, 401);
         assert_eq!(seen[1].status, 200);
     }
+    // The sidecar's own replays (bodies over 64 KiB) ended 200: no ERROR or WARN line.
+    let logs = sc.logs();
+    assert!(
+        !logs.contains(" WARN ") && !logs.contains(" ERROR "),
+        "{logs}"
+    );
     // 2 MiB is over replay.max_body (1 MiB): streamed once, the 401 comes back unchanged.
     idp.registry().revoke_all();
     api.clear();
