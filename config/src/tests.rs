@@ -562,10 +562,10 @@ fn url_credentials_are_refused_and_never_shown() {
         );
     }
     assert_eq!(
-        validate::shown_url("https://u:p@h:1/x@y?q=a@b"),
+        validate::urls::shown_url("https://u:p@h:1/x@y?q=a@b"),
         "https://<redacted>@h:1/x@y?q=a@b"
     );
-    assert_eq!(validate::shown_url("https://h/x@y"), "https://h/x@y");
+    assert_eq!(validate::urls::shown_url("https://h/x@y"), "https://h/x@y");
 }
 
 #[test]

@@ -1,0 +1,111 @@
+//! Upstream routes (SPEC §4): URL, match, injection, expiry statuses.
+
+use std::path::PathBuf;
+
+use http::HeaderName;
+
+use super::urls::{shown_url, NO_URL_CREDENTIALS};
+use crate::schema::RawUpstream;
+use crate::{Expiry, Inject, Upstream};
+
+/// Statuses an expired-token answer or a transient failure can have: only errors, so that the
+/// proxy can pass every success and redirect on without looking further.
+pub(super) const ERROR_STATUSES: std::ops::RangeInclusive<u16> = 400..=599;
+
+pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
+    let name = &u.name;
+    let url = url::Url::parse(&u.url)
+        .map_err(|e| format!("upstream {name:?}: url {:?}: {e}", shown_url(&u.url)))?;
+    let tls = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        other => {
+            return Err(format!(
+                "upstream {name:?}: scheme {other:?} is not http or https"
+            ))
+        }
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("upstream {name:?}: url {NO_URL_CREDENTIALS}"));
+    }
+    if url.query().is_some() {
+        return Err(format!(
+            "upstream {name:?}: url must be scheme://host[:port][/base-path] only"
+        ));
+    }
+    let host = match url.host() {
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        Some(h) => h.to_string(),
+        None => return Err(format!("upstream {name:?}: url has no host")),
+    };
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
+    let authority = match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap_or(&host)),
+        None => url.host_str().unwrap_or(&host).to_string(),
+    };
+    let base_path = url.path().trim_end_matches('/').to_string();
+
+    let path_prefix = u.matcher.path_prefix.clone().unwrap_or_else(|| "/".into());
+    if !path_prefix.starts_with('/') {
+        return Err(format!(
+            "upstream {name:?}: match.path_prefix must start with /"
+        ));
+    }
+    let header = match &u.inject.header {
+        Some(h) => Some(
+            HeaderName::try_from(h.as_str())
+                .map_err(|e| format!("upstream {name:?}: inject.header {h:?}: {e}"))?,
+        ),
+        None => None,
+    };
+    if header.is_none() && u.inject.query.is_none() {
+        return Err(format!(
+            "upstream {name:?}: inject needs a header, a query parameter, or both"
+        ));
+    }
+    for s in u.expiry.statuses.iter().chain(&u.expiry.body_statuses) {
+        if !ERROR_STATUSES.contains(s) {
+            return Err(format!(
+                "upstream {name:?}: expiry status {s} is not an error status (400-599)"
+            ));
+        }
+    }
+    Ok(Upstream {
+        name: name.clone(),
+        tls,
+        host,
+        port,
+        authority,
+        base_path,
+        provider: u.provider.clone(),
+        path_prefix: path_prefix.trim_end_matches('/').to_string(),
+        match_host: u.matcher.host.as_ref().map(|h| h.to_ascii_lowercase()),
+        strip_prefix: u.matcher.strip_prefix,
+        inject: Inject {
+            header,
+            scheme: u.inject.scheme.clone(),
+            query: u.inject.query.clone(),
+        },
+        client_authorization: u.client_authorization,
+        replay: u.replay,
+        connect_timeout: u.timeouts.connect.0,
+        read_timeout: u.timeouts.read.0,
+        idle_timeout: u.timeouts.idle.0,
+        ca_file: u.tls.ca_file.as_ref().map(PathBuf::from),
+        server_name: u.tls.server_name.clone(),
+        breaker_failures: u.circuit_breaker.failures,
+        breaker_cooldown: u.circuit_breaker.cooldown.0,
+        expiry: Expiry {
+            statuses: u.expiry.statuses.clone(),
+            body_patterns: u
+                .expiry
+                .body_patterns
+                .iter()
+                .map(|p| p.to_lowercase())
+                .collect(),
+            body_statuses: u.expiry.body_statuses.clone(),
+        },
+    })
+}
