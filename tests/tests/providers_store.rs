@@ -196,23 +196,7 @@ async fn kill_9_right_after_a_rotation_restarts_with_a_usable_refresh_token() {
     let key = keygen();
     let rt0 = idp.issue_refresh_token();
     // No login fallback: a lost refresh token would be a permanent invalid_grant failure.
-    let yaml = format!(
-        r#"providers:
-  rt:
-    type: oauth2_refresh_token
-    token_url: "{}"
-    client_id: demo-client
-    client_secret: demo-secret
-    refresh_token: "${{env:RT}}"
-    store: {{ path: "{}", key: "${{env:STORE_KEY}}" }}
-    {REFRESH}
-upstreams:
-  - {{ name: api, url: "{}", provider: rt }}
-"#,
-        idp.token_url(),
-        store.display(),
-        api.url()
-    );
+    let yaml = rt_with_store(&idp, &store, &api);
     let env = [("RT", rt0.as_str()), ("STORE_KEY", key.as_str())];
 
     for life in 0..3 {
@@ -261,23 +245,7 @@ async fn a_refused_stored_refresh_token_gives_way_to_a_newly_configured_one() {
     let dir = Scratch::new("rt-replaced");
     let store = dir.path("rt.tok");
     let key = keygen();
-    let yaml = format!(
-        r#"providers:
-  rt:
-    type: oauth2_refresh_token
-    token_url: "{}"
-    client_id: demo-client
-    client_secret: demo-secret
-    refresh_token: "${{env:RT}}"
-    store: {{ path: "{}", key: "${{env:STORE_KEY}}" }}
-    {REFRESH}
-upstreams:
-  - {{ name: api, url: "{}", provider: rt }}
-"#,
-        idp.token_url(),
-        store.display(),
-        api.url()
-    );
+    let yaml = rt_with_store(&idp, &store, &api);
     let rt0 = idp.issue_refresh_token();
     let mut sc = Sidecar::start_with_env(&yaml, &[("RT", &rt0), ("STORE_KEY", &key)]).await;
     through(&sc, &api, "/a").await;
@@ -312,4 +280,26 @@ upstreams:
     assert!(presented.contains(&fresh), "{presented:?}");
     assert!(!presented.contains(&rt0));
     healthy(&sc).await;
+}
+
+/// A refresh-token provider `rt` without login fallback whose tokens are kept in `store` (key in
+/// `STORE_KEY`, first refresh token in `RT`), in front of `api`.
+fn rt_with_store(idp: &MockIdp, store: &Path, api: &MockUpstream) -> String {
+    format!(
+        r#"providers:
+  rt:
+    type: oauth2_refresh_token
+    token_url: "{}"
+    client_id: demo-client
+    client_secret: demo-secret
+    refresh_token: "${{env:RT}}"
+    store: {{ path: "{}", key: "${{env:STORE_KEY}}" }}
+    {REFRESH}
+upstreams:
+  - {{ name: api, url: "{}", provider: rt }}
+"#,
+        idp.token_url(),
+        store.display(),
+        api.url()
+    )
 }
