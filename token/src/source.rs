@@ -215,12 +215,9 @@ impl TokenSource {
                     .unwrap_or_else(|| "the last refresh failed".into()),
             );
         }
-        let current = self.current()?;
-        let spacing = self.inner.schedule.min_interval(current.lifetime());
-        let recent = book
-            .last_attempt_at
-            .is_some_and(|last| now < last + spacing);
-        recent.then(|| {
+        // The backoff is over: only min_interval since the last call can hold it back.
+        self.current()?;
+        flight::gate(&self.inner, &book).map(|_| {
             format!(
                 "the identity provider issues tokens shorter than {}",
                 humantime::format_duration(min_ttl)

@@ -83,7 +83,7 @@ pub(super) async fn refresh(
 /// When the next identity-provider call may start, if not now: never sooner than
 /// `min_interval` after the last one, nor inside the failure backoff, whatever asks for it
 /// (proactive, a rejected token, `ensure`, a manual refresh).
-fn gate(inner: &Inner, book: &Book) -> Option<Instant> {
+pub(super) fn gate(inner: &Inner, book: &Book) -> Option<Instant> {
     let spacing = inner
         .current
         .load_full()
