@@ -30,12 +30,8 @@ upstreams:
         idp.token_url(),
         api.url()
     );
-    let sc = Sidecar::start(&yaml).await;
     // The first token, before the test measures IdP calls.
-    sc.wait_status(Duration::from_secs(10), |v| {
-        v["providers"][0]["generation"] == 1
-    })
-    .await;
+    let sc = Sidecar::start_with_first_token(&yaml).await;
     (idp, api, sc)
 }
 

@@ -7,30 +7,19 @@ mod support;
 use std::time::{Duration, Instant};
 
 use sidecar_mocks::{Failure, IdpConfig, MockIdp, MockUpstream, Scripted, UpstreamConfig};
+use support::providers::cc_provider;
 use support::{wait_until, Scratch, Sidecar};
 
 /// A sidecar in front of `api` whose provider `main` uses the mock IdP; `refresh` is the
 /// provider's refresh block, `extra` more top-level YAML.
 async fn start(idp: &MockIdp, api: &MockUpstream, refresh: &str, extra: &str) -> Sidecar {
     let yaml = format!(
-        r#"providers:
-  main:
-    type: oauth2_client_credentials
-    token_url: "{}"
-    client_id: demo-client
-    client_secret: demo-secret
-    refresh: {refresh}
-upstreams:
-  - {{ name: api, url: "{}", provider: main }}
-{extra}"#,
-        idp.token_url(),
+        "providers:\n{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\n{extra}",
+        cc_provider("main", idp, &format!("refresh: {refresh}")),
         api.url()
     );
-    let sc = Sidecar::start(&yaml).await;
-    sc.wait_status(Duration::from_secs(10), |v| {
-        v["providers"][0]["generation"] == 1
-    })
-    .await;
+    // The first token, before the test measures IdP calls.
+    let sc = Sidecar::start_with_first_token(&yaml).await;
     sc
 }
 

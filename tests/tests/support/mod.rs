@@ -70,6 +70,17 @@ impl Sidecar {
         Sidecar::start_with_env(yaml, &[]).await
     }
 
+    /// Starts a sidecar and waits until its first provider holds its first token, so that a
+    /// test counts identity-provider calls from a known point.
+    pub async fn start_with_first_token(yaml: &str) -> Sidecar {
+        let sc = Sidecar::start(yaml).await;
+        sc.wait_status(Duration::from_secs(10), |v| {
+            v["providers"][0]["generation"] == 1
+        })
+        .await;
+        sc
+    }
+
     pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Sidecar {
         let scratch = Scratch::new("sidecar");
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
