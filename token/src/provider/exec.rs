@@ -1,6 +1,7 @@
 //! `exec`: runs a command (no shell) and reads a token from its standard output: a Kubernetes
 //! `ExecCredential`, `{token, expires_in|expires_at}` JSON, or a bare token line. Standard error
-//! is logged; standard output never is.
+//! is logged at debug and its last line names a failure, both without the `env:` values;
+//! standard output never is logged.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -11,7 +12,7 @@ use sidecar_config::Secret;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::lifetime::{seconds, until};
-use super::redact::truncate;
+use super::redact::Redactor;
 use super::{Fetched, Held, Provider, ProviderError};
 
 /// Output beyond this is not a token.
@@ -21,6 +22,8 @@ pub(super) struct Exec {
     command: Vec<String>,
     timeout: Duration,
     env: BTreeMap<String, Secret>,
+    /// The `env:` values, kept out of what the command's standard error puts in logs and errors.
+    redactor: Redactor,
 }
 
 impl Exec {
@@ -29,10 +32,15 @@ impl Exec {
         timeout: Duration,
         env: BTreeMap<String, Secret>,
     ) -> Exec {
+        let mut redactor = Redactor::default();
+        for v in env.values() {
+            redactor.secret(v.expose());
+        }
         Exec {
             command,
             timeout,
             env,
+            redactor,
         }
     }
 
@@ -83,10 +91,12 @@ impl Exec {
             .rev()
             .find(|l| !l.trim().is_empty())
             .unwrap_or("");
-        if !err.trim().is_empty() {
-            tracing::warn!(command = %program, stderr = %truncate(err.trim()), "token command wrote to stderr");
-        }
         let status = status.map_err(|e| ProviderError::Setup(format!("{program}: {e}")))?;
+        if !err.trim().is_empty() {
+            // Many credential helpers report progress on stderr: news only when they failed
+            // (the failure itself is logged with its last line by the token source).
+            tracing::debug!(command = %program, stderr = %self.redactor.clean(err.trim()), "token command wrote to stderr");
+        }
         if !status.success() {
             let code = status
                 .code()
@@ -94,7 +104,7 @@ impl Exec {
             let detail = if last_line.is_empty() {
                 String::new()
             } else {
-                format!(": {}", truncate(last_line.trim()))
+                format!(": {}", self.redactor.clean(last_line.trim()))
             };
             return Err(ProviderError::Rejected {
                 status: 0,

@@ -494,6 +494,16 @@ async fn exec_failures_name_the_exit_and_stderr_but_not_stdout() {
         "{err}"
     );
     assert!(!err.contains("SECRET"), "{err}");
+    // A helper that echoes its environment on failure: the `env:` values stay out.
+    let err = exec(
+        "echo \"auth with $TOKEN_TEST_VALUE failed\" >&2; exit 2",
+        "5s",
+    )
+    .fetch(&Held::default())
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("auth with <redacted> failed"), "{err}");
     let err = exec("sleep 30", "200ms")
         .fetch(&Held::default())
         .await
