@@ -39,8 +39,6 @@ use crate::app::App;
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// What a refused connection may send before it is closed without waiting for its end.
 const REFUSAL_DRAIN: usize = 64 * 1024;
-/// The first bytes of an HTTP/2 connection (RFC 9113 §3.4): no request heads to time out.
-const H2_PREFACE_START: &[u8] = b"PRI ";
 
 /// Wraps the proxy application: at most `downstream.max_connections` client connections at
 /// once, each stream [`Guarded`]. Limits are read from the live config at each accept, so a
@@ -155,8 +153,6 @@ enum Phase {
     Request = 1,
     /// Between keep-alive requests: the next request must start within `idle_timeout`.
     Idle = 2,
-    /// HTTP/2: no heads of ours to time out; the h2 server's own idle timeout applies.
-    H2 = 3,
 }
 
 impl Phase {
@@ -164,8 +160,7 @@ impl Phase {
         match v {
             0 => Phase::Head,
             1 => Phase::Request,
-            2 => Phase::Idle,
-            _ => Phase::H2,
+            _ => Phase::Idle,
         }
     }
 }
@@ -187,8 +182,6 @@ pub struct Guarded {
     timer: Option<Pin<Box<Sleep>>>,
     /// Bytes of the current head have arrived (a timeout then deserves a 408).
     head_started: bool,
-    /// Preface bytes matched so far; `None` once the protocol is known.
-    sniffed: Option<usize>,
     timed_out: bool,
 }
 
@@ -202,18 +195,12 @@ impl Guarded {
             deadline: None,
             timer: None,
             head_started: false,
-            sniffed: Some(0),
             timed_out: false,
         }
     }
 
     fn set_phase(&self, phase: Phase) {
-        // Once HTTP/2, always HTTP/2.
-        let _ = self
-            .phase
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                (Phase::from_u8(p) != Phase::H2).then_some(phase as u8)
-            });
+        self.phase.store(phase as u8, Ordering::Release);
     }
 
     fn phase(&self) -> Phase {
@@ -227,7 +214,7 @@ impl Guarded {
             let limit = match phase {
                 Phase::Head => Some(self.limits.header_timeout),
                 Phase::Idle => Some(self.limits.idle_timeout),
-                Phase::Request | Phase::H2 => None,
+                Phase::Request => None,
             };
             self.deadline = limit.map(|d| Instant::now() + d);
             if phase != Phase::Head {
@@ -246,21 +233,6 @@ impl Guarded {
             timer.as_mut().reset(deadline);
         }
         timer.as_mut().poll(cx).is_ready()
-    }
-
-    /// Looks at the first bytes of the connection: an HTTP/2 preface turns the deadlines off.
-    fn sniff(&mut self, data: &[u8]) {
-        let Some(matched) = self.sniffed else { return };
-        let want = &H2_PREFACE_START[matched..];
-        let n = want.len().min(data.len());
-        if data[..n] != want[..n] {
-            self.sniffed = None;
-        } else if n == want.len() {
-            self.sniffed = None;
-            self.set_phase(Phase::H2);
-        } else {
-            self.sniffed = Some(matched + n);
-        }
     }
 
     /// Best effort: one write attempt of a 408 for a client whose head stopped half way.
@@ -308,12 +280,6 @@ impl AsyncRead for Guarded {
             Poll::Ready(Ok(())) => {
                 let data = &buf.filled()[before..];
                 if !data.is_empty() {
-                    if this.sniffed.is_some() {
-                        let mut first = [0u8; H2_PREFACE_START.len()];
-                        let n = first.len().min(data.len());
-                        first[..n].copy_from_slice(&data[..n]);
-                        this.sniff(&first[..n]);
-                    }
                     if phase == Phase::Idle {
                         // The next request has started: its head gets its own deadline.
                         this.set_phase(Phase::Head);
