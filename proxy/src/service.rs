@@ -289,15 +289,17 @@ impl ProxyHttp for Sidecar {
     }
 
     /// A replay or retry the sidecar decided is its normal work, not a failure: it is counted
-    /// (`sidecar_replays_total`) and shown in the access log, so Pingora's WARN line goes.
+    /// (`sidecar_replays_total`, `sidecar_upstream_errors_total`) and shown in the access log,
+    /// so Pingora's WARN line goes.
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
-        _ctx: &Ctx,
+        ctx: &Ctx,
         error: &Error,
         _context: ProxyWarnLogContext,
     ) -> bool {
-        *error.etype() == RETRY
+        // A connect failure the sidecar decided to retry after its backoff is counted too.
+        *error.etype() == RETRY || (error.retry() && ctx.next_attempt_after.is_some())
     }
 
     /// The sidecar's own replay ends in an answer of its own (often a 200): Pingora's ERROR
