@@ -118,7 +118,10 @@ impl Routes {
             routes: upstreams
                 .iter()
                 .map(|u| Compiled {
-                    prefix: u.path_prefix.clone(),
+                    // Matched against normalised paths, so normalised the same way: a
+                    // prefix written `/a//b` or `/a/./b` must not silently never match.
+                    prefix: normalize(&u.path_prefix)
+                        .map_or_else(|_| u.path_prefix.clone(), Cow::into_owned),
                     host: u.match_host.clone(),
                     strip: u.strip_prefix,
                     base_path: u.base_path.clone(),
@@ -287,6 +290,13 @@ upstreams:
             ..view(&get, "/x", None)
         };
         assert_eq!(fwd(r.route(&known)), (3, None));
+    }
+
+    #[test]
+    fn prefixes_are_normalised_like_the_paths_they_match() {
+        let yaml = "upstreams:\n  - { name: a, url: \"http://127.0.0.1:1\", match: { path_prefix: /a//./b } }\n";
+        let r = Routes::new(&Config::parse(yaml, "t.yaml").unwrap().upstreams);
+        assert_eq!(fwd(r.route(&view(&Method::GET, "/a/b/x", None))), (0, None));
     }
 
     #[test]

@@ -254,7 +254,14 @@ proptest! {
         match after_response(&a, &state, &policy, jitter) {
             Step::Retry { delay } => {
                 prop_assert!(replayable && body_whole && (transient as usize) < c.retry.backoff.len());
-                prop_assert!(delay <= Duration::from_secs(30).max(Duration::from_millis(2400)));
+                // A Retry-After is capped at max_retry_after (30 s); a backoff step (at most
+                // 2 s) at +20 % jitter.
+                let bound = if a.retry_after.is_some() {
+                    Duration::from_secs(30)
+                } else {
+                    Duration::from_millis(2400)
+                };
+                prop_assert!(delay <= bound, "{delay:?}");
             }
             Step::Replay { .. } => prop_assert!(replayable && body_whole && token.is_some()),
             Step::OwnReplay { .. } | Step::CheckBody => prop_assert!(replayable && token.is_some()),
