@@ -331,14 +331,12 @@ async fn pipelined_requests_are_all_answered_in_order_or_cut_off_explicitly() {
             break;
         }
     }
-    assert!(
-        answered == 100 || last_close,
-        "{answered} of 100 pipelined requests answered, then the connection closed without \
-         `Connection: close`: the rest were dropped in silence"
+    // Pipelining is on: every request is answered, in order (a close after some answers would
+    // be allowed by HTTP/1.1, but is not what the sidecar does).
+    assert_eq!(
+        answered, 100,
+        "{answered} of 100 pipelined requests answered (Connection: close seen: {last_close})"
     );
-    if answered < 100 {
-        assert!(matches!(conn.next().await, Next::Closed));
-    }
     assert_eq!(
         api.count(),
         answered,
