@@ -1,6 +1,6 @@
 //! `exec`: runs a command (no shell) and reads a token from its standard output: a Kubernetes
 //! `ExecCredential`, `{token, expires_in|expires_at}` JSON, or a bare token line. Standard error
-//! is logged at debug and its last line names a failure, both without the `env:` values;
+//! is logged at info and its last line names a failure, both without the `env:` values;
 //! standard output never is logged.
 
 use std::collections::BTreeMap;
@@ -93,9 +93,9 @@ impl Exec {
             .unwrap_or("");
         let status = status.map_err(|e| ProviderError::Setup(format!("{program}: {e}")))?;
         if !err.trim().is_empty() {
-            // Many credential helpers report progress on stderr: news only when they failed
-            // (the failure itself is logged with its last line by the token source).
-            tracing::debug!(command = %program, stderr = %self.redactor.clean(err.trim()), "token command wrote to stderr");
+            // Many credential helpers report progress on stderr: INFO, not WARN (a failure is
+            // logged with its last line by the token source).
+            tracing::info!(command = %program, stderr = %self.redactor.clean(err.trim()), "token command wrote to stderr");
         }
         if !status.success() {
             let code = status
