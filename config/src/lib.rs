@@ -21,8 +21,8 @@ use http::{HeaderName, Method};
 
 pub use read::{read_bounded, read_within, ReadError, MAX_FILE, READ_TIMEOUT};
 pub use refs::{MAX_REFERENCED, REFERENCES_TIME};
-pub use schema::RateLimitMode;
 pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};
+pub use schema::{OnRedisDown, RateLimitMode};
 pub use values::{
     parse_duration, parse_percent, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION,
     MAX_SIZE,
@@ -88,6 +88,27 @@ pub struct Config {
     pub retry: Retry,
     /// Logging.
     pub log: Log,
+    /// Replicas sharing one account through Redis; `None`: nothing is shared.
+    pub shared: Option<Shared>,
+}
+
+/// `shared:` validated: how replicas reach the Redis they share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shared {
+    /// The connection URL, password included: only for the Redis client.
+    pub url: Secret,
+    /// The same with any password replaced by `<redacted>`: for logs, status and errors.
+    pub shown_url: String,
+    /// Replicas with the same prefix share state.
+    pub key_prefix: String,
+    /// What a replica does while Redis cannot be reached.
+    pub on_redis_down: OnRedisDown,
+    /// Tokens may lie in Redis unencrypted (providers without a store key).
+    pub plaintext_tokens: bool,
+    /// Bound on every Redis call.
+    pub timeout: Duration,
+    /// Lease of the refresh lock.
+    pub lease: Duration,
 }
 
 /// Retry of transient upstream failures (SPEC §8), validated: every status is an error status
@@ -140,6 +161,8 @@ pub struct Provider {
     pub refresh: RefreshPolicy,
     /// Encrypted persistence across restarts; `None`: tokens live in memory only.
     pub store: Option<Store>,
+    /// Its tokens are shared with the other replicas through `shared.redis`.
+    pub shared: bool,
 }
 
 /// Where and with which key a provider's tokens are persisted (SPEC §5).
@@ -412,6 +435,8 @@ pub struct RateLimit {
     pub key: Option<RateKey>,
     /// Most keys remembered at once.
     pub max_keys: usize,
+    /// Held across all replicas through `shared.redis`.
+    pub shared: bool,
 }
 
 /// What separates the clients of a keyed rate limit.

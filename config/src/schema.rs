@@ -51,6 +51,64 @@ pub struct RawConfig {
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
+    /// Replicas sharing one account through Redis; absent: nothing is shared and nothing
+    /// connects to Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<RawShared>,
+}
+
+/// `shared:`: several sidecars acting as one client of the identity provider and the API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShared {
+    /// The Redis (or Valkey) server the replicas share.
+    pub redis: RawRedis,
+    /// What a replica does while Redis cannot be reached.
+    #[serde(default)]
+    pub on_redis_down: OnRedisDown,
+}
+
+/// Where the shared state lives.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    /// `redis://[:password@]host[:port][/db]` or `rediss://` for TLS; the password by
+    /// `${env:NAME}`. Never printed as written.
+    pub url: Secret,
+    /// Replicas with the same prefix share state.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Store tokens in Redis unencrypted (for providers without a `store.key`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plaintext_tokens: bool,
+    /// Bound on every Redis call.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: Dur,
+    /// Lease of the refresh lock; its holder renews it while the identity-provider call runs.
+    #[serde(default = "default_lease")]
+    pub lease: Dur,
+}
+
+fn default_key_prefix() -> String {
+    "token-sidecar".into()
+}
+fn default_redis_timeout() -> Dur {
+    millis(500)
+}
+fn default_lease() -> Dur {
+    secs(10)
+}
+
+/// What a replica does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisDown {
+    /// Each replica goes on alone: its own refreshes and rate limits.
+    #[default]
+    Local,
+    /// Keep the current token until it expires, then answer 503 `token_unavailable`: for APIs
+    /// that allow one session per key.
+    FailClosed,
 }
 
 fn default_listen() -> String {
@@ -167,6 +225,9 @@ pub struct RawProvider {
     /// Refresh policy.
     #[serde(default)]
     pub refresh: RawRefresh,
+    /// Share this provider's tokens through `shared.redis`; default: true when `shared` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<bool>,
 }
 
 fn default_ttl() -> Dur {
@@ -663,6 +724,10 @@ pub struct RawRateLimit {
     /// Most keys remembered at once; the least recently used is forgotten.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// Hold this limit across all replicas through `shared.redis`; default: true when `shared`
+    /// is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<bool>,
 }
 
 fn default_max_wait() -> Dur {

@@ -5,6 +5,7 @@ mod downstream;
 mod locate;
 mod providers;
 mod rate_limits;
+mod shared;
 mod upstreams;
 pub(crate) mod urls;
 
@@ -26,10 +27,19 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
     let admin_listen =
         parse_addr(&raw.admin_listen).map_err(|m| at.error(&["admin_listen:"], m))?;
 
+    let shared = match &raw.shared {
+        None => None,
+        Some(s) => {
+            Some(shared::shared(s).map_err(|(key, m)| at.error(&["shared:", "redis:", key], m))?)
+        }
+    };
+
     let mut providers = BTreeMap::new();
     for (name, p) in &raw.providers {
-        let provider =
+        let mut provider =
             provider(name, p).map_err(|m| at.error(&["providers:", &format!("{name}:")], m))?;
+        provider.shared = shared::provider_shared(&raw, shared.as_ref(), &provider)
+            .map_err(|m| at.error(&["providers:", &format!("{name}:")], m))?;
         if let Some(store) = &provider.store {
             let shared = providers
                 .values()
@@ -119,7 +129,9 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
                 format!("rate limit {:?}: {m}", l.name),
             )
         })?;
-        rate_limits.push(rate_limit(l, rate).map_err(here)?);
+        let mut rule = rate_limit(l, rate).map_err(here)?;
+        rule.shared = shared::rate_limit_shared(l.shared, shared.as_ref(), &rule).map_err(here)?;
+        rate_limits.push(rule);
     }
 
     let downstream =
@@ -145,6 +157,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
             format: raw.log.format,
             access_log: raw.log.access_log,
         },
+        shared,
         source: None,
         raw,
     })

@@ -232,6 +232,8 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
             escalate_after: p.refresh.escalate_after,
         },
         store,
+        // Decided with the whole config in view (`shared:` is a top-level section).
+        shared: false,
     })
 }
 

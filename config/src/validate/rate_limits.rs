@@ -81,5 +81,7 @@ pub(super) fn rate_limit(l: &RawRateLimit, rate: crate::Rate) -> Result<crate::R
         max_wait: l.max_wait.0,
         key,
         max_keys: l.max_keys,
+        // Decided with the whole config in view (`shared:` is a top-level section).
+        shared: false,
     })
 }

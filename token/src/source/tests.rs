@@ -76,6 +76,7 @@ fn rig(ttl: Duration, latency: Duration) -> Rig {
             escalate_after: 3,
         },
         store: None,
+        shared: false,
     };
     let panic_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let panic_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -320,6 +321,7 @@ fn stored_config(path: &std::path::Path, kind: sidecar_config::ProviderKind) -> 
             path: path.to_path_buf(),
             key: sidecar_config::Secret::new(STORE_KEY),
         }),
+        shared: false,
     }
 }
 
