@@ -160,10 +160,14 @@ impl ServeHttp for Admin {
                     )
                 }
             }
-            (Method::GET, "/v1/token/status") => json(
-                StatusCode::OK,
-                serde_json::json!({ "providers": self.statuses() }),
-            ),
+            (Method::GET, "/v1/token/status") => {
+                let shared = self.app.live.load().shared.as_ref().map(|b| b.state());
+                let mut body = serde_json::json!({ "providers": self.statuses() });
+                if let Some(state) = shared {
+                    body["shared"] = state.into();
+                }
+                json(StatusCode::OK, body)
+            }
             (Method::POST, "/v1/token/refresh") => self.token_action(&params, false).await,
             (Method::POST, "/v1/token/ensure") => self.token_action(&params, true).await,
             (Method::POST, "/v1/reload") => {

@@ -16,7 +16,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 use sidecar_config::{Config, Upstream};
 use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
-use sidecar_token::TokenSource;
+use sidecar_token::{SharedBackend, TokenSource};
 use tokio::sync::Notify;
 
 /// Everything a request needs, built once per config.
@@ -31,6 +31,8 @@ pub struct Live {
     pub providers: HashMap<String, TokenSource>,
     /// Client-side rate limits; unchanged rules keep their state across reloads.
     pub limiter: RateLimiter,
+    /// The Redis replicas share (`shared:`); `None`: nothing is shared, nothing connects.
+    pub shared: Option<SharedBackend>,
 }
 
 /// An upstream ready for requests.
@@ -116,6 +118,12 @@ impl UpstreamMetrics {
 /// Why a config could not be put to work.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The shared Redis cannot be used as configured (never for being unreachable).
+    #[error("shared: {message}")]
+    Shared {
+        /// Why.
+        message: String,
+    },
     /// An upstream host that does not resolve, or a CA file that cannot be read.
     #[error("upstream {upstream}: {message}")]
     Upstream {
@@ -134,15 +142,32 @@ impl Live {
         previous: Option<&Live>,
         handle: &tokio::runtime::Handle,
     ) -> Result<Live, BuildError> {
+        // The Redis connection survives a reload that leaves `shared:` as it was.
+        let shared = match (&config.shared, previous) {
+            (None, _) => None,
+            (Some(s), Some(prev))
+                if prev.config.shared.as_ref() == Some(s) && prev.shared.is_some() =>
+            {
+                prev.shared.clone()
+            }
+            (Some(s), _) => Some(
+                SharedBackend::start(s, handle).map_err(|message| BuildError::Shared { message })?,
+            ),
+        };
         let mut providers = HashMap::new();
         let mut fresh = Vec::new();
         for (name, p) in &config.providers {
             let reused = previous.and_then(|prev| {
-                let same = prev.config.providers.get(name) == Some(p);
+                let same = prev.config.providers.get(name) == Some(p)
+                    && prev.config.shared == config.shared
+                    && prev.config.replay.wait_for_token == config.replay.wait_for_token;
                 same.then(|| prev.providers.get(name).cloned()).flatten()
             });
             let source = reused.unwrap_or_else(|| {
                 let s = TokenSource::new(p, handle.clone());
+                if let (Some(backend), true) = (&shared, p.shared) {
+                    s.share_through(backend, p, config.replay.wait_for_token);
+                }
                 fresh.push(s.clone());
                 s
             });
@@ -166,6 +191,7 @@ impl Live {
             routes: Routes::new(&config.upstreams),
             upstreams,
             providers,
+            shared,
             config,
         })
     }

@@ -7,6 +7,7 @@
 
 mod provider;
 mod schedule;
+mod shared;
 mod source;
 mod store;
 mod token;
@@ -15,6 +16,7 @@ pub use provider::{
     build_provider, check_provider, AssertionSigner, Fetched, Held, Provider, ProviderError,
 };
 pub use schedule::Schedule;
+pub use shared::SharedBackend;
 pub use source::{RefreshError, State, Status, TokenSource, Trigger, Unavailable};
 pub use store::{Record, Store, StoreError};
 pub use token::{fingerprint, jwt_exp, Token};

@@ -94,6 +94,10 @@ pub enum ProviderError {
     /// not start, a missing token file).
     #[error("{0}")]
     Setup(String),
+    /// The replicas' shared state (Redis) decided against an identity-provider call: it is down
+    /// and `on_redis_down: fail_closed`, or another replica's refresh did not land in time.
+    #[error("shared token state: {0}")]
+    Shared(String),
     /// A fault of the sidecar itself (a refresh that panicked or was cancelled).
     #[error("internal error: {0}")]
     Internal(String),

@@ -27,6 +27,7 @@ pub use state::{State, Status, Trigger};
 
 use crate::provider::{build_provider, Provider};
 use crate::schedule::Schedule;
+use crate::shared::{SharedBackend, SharedTokens};
 use crate::store::Store;
 use crate::token::Token;
 use inner::{lock, Book, Inner};
@@ -78,6 +79,7 @@ impl TokenSource {
                 handle,
                 refresher: Mutex::new(None),
                 store,
+                shared: std::sync::OnceLock::new(),
                 escalate_after: config.refresh.escalate_after.max(1),
                 #[cfg(test)]
                 kill_after_store: Mutex::new(None),
@@ -85,6 +87,21 @@ impl TokenSource {
         };
         source.inner.publish_state();
         source
+    }
+
+    /// Shares this provider's tokens with the other replicas through `backend` (before
+    /// [`TokenSource::start`]): one identity-provider call per rotation across all of them.
+    /// A replica whose refresh finds another one refreshing waits up to `wait` for its token.
+    pub fn share_through(&self, backend: &SharedBackend, config: &ProviderConfig, wait: Duration) {
+        // With a store key the record is always sealed; plain text only when the config says so
+        // (validation refuses a shared provider with neither).
+        let key = config.store.as_ref().map(|s| s.key.expose());
+        if key.is_none() && !backend.config().plaintext_tokens {
+            tracing::error!(provider = %self.inner.name, "no store key to seal the shared token with; this provider is not shared");
+            return;
+        }
+        let shared = SharedTokens::new(backend.clone(), &self.inner.name, key, wait);
+        let _ = self.inner.shared.set(Arc::new(shared));
     }
 
     /// Whether both handles share one source (a reload kept it).
@@ -273,6 +290,7 @@ impl TokenSource {
             refresh_failed: book.failed,
             consecutive_failures: book.consecutive_failures,
             fingerprint: token.as_ref().map(|t| t.fingerprint.clone()),
+            shared: self.inner.shared.get().map(|s| s.backend().state()),
         }
     }
 }

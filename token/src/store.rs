@@ -359,8 +359,8 @@ impl Store {
         }
     }
 
-    /// Decrypts file contents.
-    fn open(&self, bytes: &[u8]) -> Result<Record, StoreError> {
+    /// Decrypts file contents (also the token blob replicas share through Redis).
+    pub(crate) fn open(&self, bytes: &[u8]) -> Result<Record, StoreError> {
         let mut r = Reader { bytes, at: 0 };
         let too_short = || self.corrupt("file is truncated");
         if r.take(4).ok_or_else(too_short)? != MAGIC {
@@ -418,8 +418,9 @@ impl Store {
         serde_json::from_slice(&plain).map_err(|_| self.corrupt("record is not readable"))
     }
 
-    /// Seals a record into file contents with a fresh nonce.
-    fn seal(&self, record: &Record) -> Result<Vec<u8>, StoreError> {
+    /// Seals a record into file contents with a fresh nonce (also the token blob replicas share
+    /// through Redis).
+    pub(crate) fn seal(&self, record: &Record) -> Result<Vec<u8>, StoreError> {
         let key = self.key_for_write()?;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng

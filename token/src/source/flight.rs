@@ -14,9 +14,11 @@ use tracing::Instrument;
 
 use super::error::RefreshError;
 use super::inner::{lock, Book, Inner};
-use super::persist::{persist, restore};
+use super::persist::{persist, record_of, restore};
 use super::state::Trigger;
 use crate::provider::{Fetched, Held, ProviderError};
+use crate::shared::{Commit, Outcome};
+use crate::store::Record;
 use crate::token::{jwt_exp_claim, JwtExp, Token};
 
 /// Obtains a new token, joining a refresh already in flight. With `stale = Some(g)` (a
@@ -141,6 +143,37 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
             return Ok(token);
         }
     }
+    // Shared with other replicas: one of them calls the identity provider, the others adopt
+    // its token.
+    let mut lease = None;
+    if let Some(shared) = inner.shared.get().cloned() {
+        let local = lock(&inner.book).generation;
+        match shared.coordinate(local).await {
+            Outcome::Adopt(record) => return adopt(&inner, trigger, record).await,
+            Outcome::Refuse(why) => {
+                return settle(
+                    &inner,
+                    trigger,
+                    Err(ProviderError::Shared(why)),
+                    None,
+                    Duration::ZERO,
+                )
+            }
+            Outcome::Call {
+                lease: held_lease,
+                record,
+                floor,
+            } => {
+                let mut book = lock(&inner.book);
+                // The generation only moves forward, past whatever Redis holds.
+                book.generation = book.generation.max(floor);
+                if let Some(rt) = record.and_then(|r| r.refresh_token) {
+                    book.refresh_token = Some(rt);
+                }
+                lease = held_lease;
+            }
+        }
+    }
     let started = Instant::now();
     let held = {
         let mut book = lock(&inner.book);
@@ -189,6 +222,20 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
     if let (Some(rt), Some(current)) = (&orphan_refresh_token, inner.current.load_full()) {
         persist(&inner, &current, Some(rt.clone())).await;
     }
+    if let Some(lease) = lease {
+        match &built {
+            // Shared before it is used: the others adopt it instead of spending the refresh
+            // token again.
+            Ok((token, refresh_token)) => {
+                match lease.commit(&record_of(token, refresh_token.clone())).await {
+                    Commit::Done => {}
+                    Commit::Conflict(found) => tracing::warn!(provider = %inner.name, found, "another replica committed a token while this refresh ran (its lease ran out); keeping this one locally"),
+                    Commit::Failed(e) => tracing::warn!(provider = %inner.name, error = %e, "cannot share the new token; keeping it locally"),
+                }
+            }
+            Err(_) => lease.release().await,
+        }
+    }
     if let Ok((token, refresh_token)) = &built {
         persist(&inner, token, refresh_token.clone()).await;
         #[cfg(test)]
@@ -201,6 +248,39 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
         }
     }
     settle(&inner, trigger, built, orphan_refresh_token, elapsed)
+}
+
+/// Takes the token another replica obtained and shared: no identity-provider call. Stored
+/// locally (if a store is set) before it is used, like a token of our own.
+async fn adopt(
+    inner: &Arc<Inner>,
+    trigger: Trigger,
+    record: Record,
+) -> Result<Arc<Token>, RefreshError> {
+    let now = SystemTime::now();
+    let mut token = Token::restored(
+        record.access_token.clone(),
+        record.generation,
+        record.age(now),
+        record.ttl_left(now),
+    );
+    token.usable_until = inner
+        .schedule
+        .usable_until(token.issued_at, token.expires_at);
+    if !token.is_header_safe() || Instant::now() >= token.usable_until {
+        let error = ProviderError::Shared("the token another replica shared is unusable".into());
+        return settle(inner, trigger, Err(error), None, Duration::ZERO);
+    }
+    let token = Arc::new(token);
+    persist(inner, &token, record.refresh_token.clone()).await;
+    tracing::info!(provider = %inner.name, generation = token.generation, fingerprint = %token.fingerprint, "token adopted from another replica");
+    settle(
+        inner,
+        trigger,
+        Ok((token, record.refresh_token.clone())),
+        None,
+        Duration::ZERO,
+    )
 }
 
 /// Lands a refresh attempt: publishes the token or records the failure and its backoff, counts

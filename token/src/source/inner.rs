@@ -15,6 +15,7 @@ use super::error::RefreshError;
 use super::state::State;
 use crate::provider::Provider;
 use crate::schedule::Schedule;
+use crate::shared::SharedTokens;
 use crate::store::Store;
 use crate::token::Token;
 
@@ -57,6 +58,9 @@ pub(super) struct Inner {
     pub(super) refresher: Mutex<Option<AbortHandle>>,
     /// Encrypted persistence, if configured.
     pub(super) store: Option<Arc<Store>>,
+    /// The replicas' shared state, for a provider shared through Redis (set once, before the
+    /// first refresh).
+    pub(super) shared: std::sync::OnceLock<Arc<SharedTokens>>,
     /// Failures in a row after which they are logged at error level.
     pub(super) escalate_after: u32,
     /// Test hook: a refresh stops for good right after the store write, as if the process were

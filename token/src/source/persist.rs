@@ -70,18 +70,24 @@ pub(super) async fn persist(inner: &Arc<Inner>, token: &Token, refresh_token: Op
     let Some(store) = inner.store.clone() else {
         return;
     };
-    let record = Record {
-        access_token: token.expose().to_string(),
-        refresh_token,
-        generation: token.generation,
-        issued_at_ms: Record::unix_ms(SystemTime::now()),
-        expires_at_ms: Record::unix_ms(token.expires_at_wall),
-    };
+    let record = record_of(token, refresh_token);
     match tokio::task::spawn_blocking(move || store.save(&record)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::error!(provider = %inner.name, error = %e, "cannot write the token store; the new token is kept in memory only")
         }
         Err(_) => tracing::error!(provider = %inner.name, "token store write was cancelled"),
+    }
+}
+
+/// What is persisted (and shared with other replicas) for a token.
+pub(super) fn record_of(token: &Token, refresh_token: Option<String>) -> Record {
+    let age = Instant::now().saturating_duration_since(token.issued_at);
+    Record {
+        access_token: token.expose().to_string(),
+        refresh_token,
+        generation: token.generation,
+        issued_at_ms: Record::unix_ms(SystemTime::now().checked_sub(age).unwrap_or(SystemTime::now())),
+        expires_at_ms: Record::unix_ms(token.expires_at_wall),
     }
 }

@@ -97,4 +97,7 @@ pub struct Status {
     pub consecutive_failures: u32,
     /// First 8 hex of the token's SHA-256.
     pub fingerprint: Option<String>,
+    /// For a provider shared with other replicas: `connected` or `down` (the Redis they share).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<&'static str>,
 }

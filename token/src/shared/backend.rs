@@ -1,0 +1,335 @@
+//! The connection to the Redis the replicas share: a `redis` connection manager (it reconnects
+//! by itself once it has connected), a task that keeps trying until the first connection works
+//! and pings so `shared: connected|down` follows reality, and a pub/sub task that wakes the
+//! replicas waiting for a token another replica publishes (re-subscribing after Redis returns).
+//! Every call has a timeout; the password appears nowhere but in the client.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sidecar_config::{OnRedisDown, Shared};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+/// How often the health task pings, and the longest pause between connection attempts.
+const PING_EVERY: Duration = Duration::from_millis(500);
+
+/// Why a shared call did not answer. Never carries the URL's password.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum SharedError {
+    /// No connection, a connection error or a timeout: Redis counts as down.
+    #[error("redis is unreachable: {0}")]
+    Down(String),
+    /// Redis answered with an error (a script error, a wrong type): it is up.
+    #[error("redis refused the call: {0}")]
+    Refused(String),
+}
+
+/// The shared Redis of one config. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedBackend {
+    inner: Arc<BackendInner>,
+}
+
+struct BackendInner {
+    client: redis::Client,
+    config: Shared,
+    /// The password of the URL, to scrub it out of any error text.
+    password: Option<String>,
+    conn: Mutex<Option<ConnectionManager>>,
+    up: AtomicBool,
+    /// Bumped on every publication seen (and every (re)subscription): waiters look again.
+    published: watch::Sender<u64>,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+impl Drop for BackendInner {
+    fn drop(&mut self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBackend")
+            .field("url", &self.inner.config.shown_url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SharedBackend {
+    /// Starts connecting (on `handle`) to the configured Redis. Never fails because Redis is
+    /// unreachable or refuses the password: the replica starts in the `on_redis_down` mode
+    /// and connects when it can. Fails only for a URL the client cannot use.
+    pub fn start(config: &Shared, handle: &tokio::runtime::Handle) -> Result<SharedBackend, String> {
+        describe();
+        let client = redis::Client::open(config.url.expose()).map_err(|_| {
+            format!("shared.redis.url {}: not a usable Redis URL", config.shown_url)
+        })?;
+        let password = url::Url::parse(config.url.expose())
+            .ok()
+            .and_then(|u| u.password().map(str::to_string))
+            .filter(|p| !p.is_empty());
+        let (published, _) = watch::channel(0);
+        let backend = SharedBackend {
+            inner: Arc::new(BackendInner {
+                client,
+                config: config.clone(),
+                password,
+                conn: Mutex::new(None),
+                up: AtomicBool::new(false),
+                published,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        backend.set_up(false);
+        let weak = Arc::downgrade(&backend.inner);
+        let health = handle.spawn(health(weak.clone()));
+        let subscriber = handle.spawn(subscribe(weak));
+        lock(&backend.inner.tasks).extend([health.abort_handle(), subscriber.abort_handle()]);
+        tracing::info!(url = %config.shown_url, prefix = %config.key_prefix, "sharing tokens and rate limits through redis");
+        Ok(backend)
+    }
+
+    /// Whether the last call reached Redis.
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+
+    /// `connected` or `down`, for `/v1/token/status`.
+    pub fn state(&self) -> &'static str {
+        if self.is_up() {
+            "connected"
+        } else {
+            "down"
+        }
+    }
+
+    /// Whether both handles are one backend (a reload kept it).
+    pub fn same_as(&self, other: &SharedBackend) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The settings it was started with.
+    pub fn config(&self) -> &Shared {
+        &self.inner.config
+    }
+
+    pub(crate) fn mode(&self) -> OnRedisDown {
+        self.inner.config.on_redis_down
+    }
+
+    /// The key of `parts` under the configured prefix.
+    pub(crate) fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.inner.config.key_prefix.clone();
+        for p in parts {
+            k.push(':');
+            k.push_str(p);
+        }
+        k
+    }
+
+    /// The channel every publication goes to.
+    pub(crate) fn channel(&self) -> String {
+        self.key(&["published"])
+    }
+
+    /// A receiver that changes whenever something was published (or the subscription was
+    /// re-established, which may have missed a publication).
+    pub(crate) fn publications(&self) -> watch::Receiver<u64> {
+        self.inner.published.subscribe()
+    }
+
+    /// The lease of the refresh lock.
+    pub(crate) fn lease(&self) -> Duration {
+        self.inner.config.lease
+    }
+
+    fn set_up(&self, up: bool) {
+        set_up(&self.inner, up);
+    }
+
+    /// One call to Redis, bounded by `shared.redis.timeout`, counted in
+    /// `sidecar_shared_ops_total{op,result}`, and marking Redis up or down.
+    pub(crate) async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, SharedError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = lock(&self.inner.conn).clone();
+        let Some(conn) = conn else {
+            count(op, "down");
+            self.set_up(false);
+            return Err(SharedError::Down("not connected".into()));
+        };
+        match tokio::time::timeout(self.inner.config.timeout, f(conn)).await {
+            Ok(Ok(v)) => {
+                count(op, "ok");
+                self.set_up(true);
+                Ok(v)
+            }
+            Ok(Err(e)) if is_down(&e) => {
+                count(op, "down");
+                self.set_up(false);
+                Err(SharedError::Down(scrub(&self.inner, &e)))
+            }
+            Ok(Err(e)) => {
+                count(op, "error");
+                self.set_up(true);
+                Err(SharedError::Refused(scrub(&self.inner, &e)))
+            }
+            Err(_) => {
+                count(op, "timeout");
+                self.set_up(false);
+                Err(SharedError::Down(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.inner.config.timeout)
+                )))
+            }
+        }
+    }
+}
+
+fn is_down(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::BusyLoadingError
+        )
+}
+
+/// Error text without the password, whatever the client put in it.
+fn scrub(inner: &BackendInner, e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    match &inner.password {
+        Some(p) => text.replace(p.as_str(), "<redacted>"),
+        None => text,
+    }
+}
+
+fn set_up(inner: &BackendInner, up: bool) {
+    let was = inner.up.swap(up, Ordering::Relaxed);
+    metrics::gauge!("sidecar_shared_backend_up").set(if up { 1.0 } else { 0.0 });
+    if was != up {
+        if up {
+            tracing::info!(url = %inner.config.shown_url, "shared redis connected");
+        } else {
+            let mode = match inner.config.on_redis_down {
+                OnRedisDown::Local => "local",
+                OnRedisDown::FailClosed => "fail_closed",
+            };
+            tracing::warn!(url = %inner.config.shown_url, mode, "shared redis is down; on_redis_down applies");
+        }
+    }
+}
+
+fn count(op: &'static str, result: &'static str) {
+    metrics::counter!("sidecar_shared_ops_total", "op" => op, "result" => result).increment(1);
+}
+
+fn describe() {
+    metrics::describe_gauge!(
+        "sidecar_shared_backend_up",
+        "1 while the Redis that replicas share answers, 0 while on_redis_down applies"
+    );
+    metrics::describe_counter!(
+        "sidecar_shared_ops_total",
+        "Calls to the shared Redis by operation and result (ok, error, down, timeout)"
+    );
+}
+
+/// Connects (until the first connection works; the manager reconnects by itself after that)
+/// and pings, so that the up/down state is right even while no refresh needs Redis.
+async fn health(weak: Weak<BackendInner>) {
+    let mut last_error = String::new();
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let has_conn = lock(&inner.conn).is_some();
+        if !has_conn {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(inner.config.timeout)
+                .set_response_timeout(inner.config.timeout)
+                .set_number_of_retries(1)
+                .set_max_delay(PING_EVERY.as_millis() as u64);
+            let attempt = tokio::time::timeout(
+                inner.config.timeout.saturating_mul(4),
+                ConnectionManager::new_with_config(inner.client.clone(), config),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(conn)) => {
+                    *lock(&inner.conn) = Some(conn);
+                    set_up(&inner, true);
+                }
+                Ok(Err(e)) => {
+                    let why = scrub(&inner, &e);
+                    if why != last_error {
+                        tracing::warn!(url = %inner.config.shown_url, error = %why, "cannot connect to the shared redis; retrying");
+                        last_error = why;
+                    }
+                    set_up(&inner, false);
+                }
+                Err(_) => set_up(&inner, false),
+            }
+        } else {
+            let backend = SharedBackend {
+                inner: inner.clone(),
+            };
+            let _ = backend
+                .call("ping", |mut c| async move {
+                    redis::cmd("PING").query_async::<String>(&mut c).await
+                })
+                .await;
+        }
+        drop(inner);
+        tokio::time::sleep(PING_EVERY).await;
+    }
+}
+
+/// Subscribes to the publication channel, and again whenever the subscription breaks.
+async fn subscribe(weak: Weak<BackendInner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let channel = SharedBackend {
+            inner: inner.clone(),
+        }
+        .channel();
+        let client = inner.client.clone();
+        let timeout = inner.config.timeout;
+        let published = inner.published.clone();
+        drop(inner);
+        let connected = tokio::time::timeout(timeout.saturating_mul(4), async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            redis::RedisResult::Ok(pubsub)
+        })
+        .await;
+        if let Ok(Ok(pubsub)) = connected {
+            count("subscribe", "ok");
+            // Whatever was published while unsubscribed: waiters read Redis again.
+            published.send_modify(|n| *n = n.wrapping_add(1));
+            let mut messages = pubsub.into_on_message();
+            // The payload is not trusted or parsed: any message means "read Redis again".
+            while messages.next().await.is_some() {
+                published.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        } else {
+            count("subscribe", "down");
+        }
+        drop(published);
+        tokio::time::sleep(PING_EVERY).await;
+    }
+}
