@@ -151,7 +151,8 @@ impl Live {
                 prev.shared.clone()
             }
             (Some(s), _) => Some(
-                SharedBackend::start(s, handle).map_err(|message| BuildError::Shared { message })?,
+                SharedBackend::start(s, handle)
+                    .map_err(|message| BuildError::Shared { message })?,
             ),
         };
         let mut providers = HashMap::new();

@@ -153,6 +153,10 @@ struct Shared {
     requests: Mutex<Vec<IdpRequest>>,
     /// Refresh tokens that are still accepted.
     refresh_tokens: Mutex<std::collections::HashSet<String>>,
+    /// Refresh tokens the grant accepted (each consumed by it when rotating), in order.
+    redeemed: Mutex<Vec<String>>,
+    /// Refresh-token grants refused with `invalid_grant` (unknown, revoked or reused token).
+    refused: AtomicUsize,
     streams: Arc<Streams>,
 }
 
@@ -198,6 +202,8 @@ impl MockIdp {
             }),
             requests: Mutex::new(Vec::new()),
             refresh_tokens: Mutex::new(std::collections::HashSet::new()),
+            redeemed: Mutex::new(Vec::new()),
+            refused: AtomicUsize::new(0),
             streams: Arc::default(),
         });
         let router = Router::new()
@@ -292,6 +298,17 @@ impl MockIdp {
     /// Whether the refresh-token grant would accept `refresh_token` now.
     pub fn refresh_token_valid(&self, refresh_token: &str) -> bool {
         lock(&self.shared.refresh_tokens).contains(refresh_token)
+    }
+
+    /// Refresh tokens the refresh-token grant accepted, in order: with rotation each one may
+    /// appear once at most (a reuse is refused, see [`MockIdp::refused_refresh_tokens`]).
+    pub fn redeemed_refresh_tokens(&self) -> Vec<String> {
+        lock(&self.shared.redeemed).clone()
+    }
+
+    /// Refresh-token grants answered `invalid_grant` (a reused, revoked or unknown token).
+    pub fn refused_refresh_tokens(&self) -> usize {
+        self.shared.refused.load(Ordering::SeqCst)
     }
 
     /// Makes every refresh token issued so far answer `invalid_grant`.
@@ -499,12 +516,14 @@ async fn token_endpoint(
             let rotate = lock(&shared.settings).rotate;
             let mut live = lock(&shared.refresh_tokens);
             if !live.contains(&presented) {
+                shared.refused.fetch_add(1, Ordering::SeqCst);
                 return oauth_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_grant",
                     Some("refresh token is invalid, expired or already used"),
                 );
             }
+            lock(&shared.redeemed).push(presented.clone());
             if rotate {
                 live.remove(&presented);
                 drop(live);

@@ -12,6 +12,7 @@ use sidecar_mocks::{MockUpstream, UpstreamConfig};
 pub mod logs;
 pub mod metrics;
 pub mod providers;
+pub mod redis;
 pub mod tools;
 
 /// The harness writes the sidecar's log next to its config, and the watcher waits for 100 ms of

@@ -42,6 +42,9 @@ struct BackendInner {
     password: Option<String>,
     conn: Mutex<Option<ConnectionManager>>,
     up: AtomicBool,
+    /// Becomes true when the first connection attempt has ended (either way): a call made at
+    /// start waits for it rather than counting Redis as down before it was even tried.
+    tried: watch::Sender<bool>,
     /// Bumped on every publication seen (and every (re)subscription): waiters look again.
     published: watch::Sender<u64>,
     tasks: Mutex<Vec<AbortHandle>>,
@@ -71,16 +74,23 @@ impl SharedBackend {
     /// Starts connecting (on `handle`) to the configured Redis. Never fails because Redis is
     /// unreachable or refuses the password: the replica starts in the `on_redis_down` mode
     /// and connects when it can. Fails only for a URL the client cannot use.
-    pub fn start(config: &Shared, handle: &tokio::runtime::Handle) -> Result<SharedBackend, String> {
+    pub fn start(
+        config: &Shared,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<SharedBackend, String> {
         describe();
         let client = redis::Client::open(config.url.expose()).map_err(|_| {
-            format!("shared.redis.url {}: not a usable Redis URL", config.shown_url)
+            format!(
+                "shared.redis.url {}: not a usable Redis URL",
+                config.shown_url
+            )
         })?;
         let password = url::Url::parse(config.url.expose())
             .ok()
             .and_then(|u| u.password().map(str::to_string))
             .filter(|p| !p.is_empty());
         let (published, _) = watch::channel(0);
+        let (tried, _) = watch::channel(false);
         let backend = SharedBackend {
             inner: Arc::new(BackendInner {
                 client,
@@ -88,6 +98,7 @@ impl SharedBackend {
                 password,
                 conn: Mutex::new(None),
                 up: AtomicBool::new(false),
+                tried,
                 published,
                 tasks: Mutex::new(Vec::new()),
             }),
@@ -166,7 +177,13 @@ impl SharedBackend {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = lock(&self.inner.conn).clone();
+        let mut conn = lock(&self.inner.conn).clone();
+        if conn.is_none() && !*self.inner.tried.borrow() {
+            let mut tried = self.inner.tried.subscribe();
+            let first = self.inner.config.timeout.saturating_mul(5);
+            let _ = tokio::time::timeout(first, tried.wait_for(|t| *t)).await;
+            conn = lock(&self.inner.conn).clone();
+        }
         let Some(conn) = conn else {
             count(op, "down");
             self.set_up(false);
@@ -197,6 +214,15 @@ impl SharedBackend {
                 )))
             }
         }
+    }
+}
+
+/// Marks the first connection attempt as ended when dropped (after its outcome is recorded).
+struct Tried<'a>(&'a watch::Sender<bool>);
+
+impl Drop for Tried<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
     }
 }
 
@@ -262,13 +288,16 @@ async fn health(weak: Weak<BackendInner>) {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(inner.config.timeout)
                 .set_response_timeout(inner.config.timeout)
-                .set_number_of_retries(1)
-                .set_max_delay(PING_EVERY.as_millis() as u64);
+                // No retries inside the client (its backoff starts at a second): this loop and
+                // the next call retry, each bounded by the timeout.
+                .set_number_of_retries(0);
             let attempt = tokio::time::timeout(
                 inner.config.timeout.saturating_mul(4),
                 ConnectionManager::new_with_config(inner.client.clone(), config),
             )
             .await;
+            // Set after the outcome below, in the same step: callers waiting on it see it.
+            let _tried = Tried(&inner.tried);
             match attempt {
                 Ok(Ok(conn)) => {
                     *lock(&inner.conn) = Some(conn);
@@ -282,7 +311,14 @@ async fn health(weak: Weak<BackendInner>) {
                     }
                     set_up(&inner, false);
                 }
-                Err(_) => set_up(&inner, false),
+                Err(_) => {
+                    let why = "no connection within the timeout".to_string();
+                    if why != last_error {
+                        tracing::warn!(url = %inner.config.shown_url, error = %why, "cannot connect to the shared redis; retrying");
+                        last_error = why;
+                    }
+                    set_up(&inner, false);
+                }
             }
         } else {
             let backend = SharedBackend {

@@ -164,7 +164,13 @@ mod tests {
         // after the publication every one of them adopts. One call in all.
         let n = 10;
         let winners = (0..n)
-            .map(|i| if i == 0 { Lock::Acquired } else { Lock::HeldElsewhere })
+            .map(|i| {
+                if i == 0 {
+                    Lock::Acquired
+                } else {
+                    Lock::HeldElsewhere
+                }
+            })
             .map(|lock| decide(5, valid(5, true), lock, false, Local))
             .filter(|a| matches!(a, Call { .. }))
             .count();

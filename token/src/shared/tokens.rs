@@ -179,7 +179,11 @@ impl SharedTokens {
             Some(store) => ("e", store.seal(record).ok()?),
             None => ("p", serde_json::to_vec(record).ok()?),
         };
-        Some(format!("{MAGIC}:{}:{kind}:{}", record.generation, b64.encode(bytes)))
+        Some(format!(
+            "{MAGIC}:{}:{kind}:{}",
+            record.generation,
+            b64.encode(bytes)
+        ))
     }
 
     /// Reads a stored value back. Never fails: what cannot be used is `Damaged`.
@@ -217,13 +221,7 @@ impl SharedTokens {
         match record {
             Some(r) if r.generation == generation && !r.access_token.is_empty() => {
                 let usable = r.ttl_left(SystemTime::now()) > Duration::ZERO;
-                (
-                    View::Valid {
-                        generation,
-                        usable,
-                    },
-                    Some(r),
-                )
+                (View::Valid { generation, usable }, Some(r))
             }
             _ => damaged(generation),
         }
@@ -284,11 +282,7 @@ impl SharedTokens {
         let _ = self
             .backend
             .call("release", |mut c| async move {
-                RELEASE
-                    .key(key)
-                    .arg(me)
-                    .invoke_async::<i64>(&mut c)
-                    .await
+                RELEASE.key(key).arg(me).invoke_async::<i64>(&mut c).await
             })
             .await;
     }
@@ -298,7 +292,8 @@ impl SharedTokens {
     pub(crate) async fn coordinate(self: &Arc<Self>, local: u64) -> Outcome {
         let deadline = Instant::now() + self.wait;
         let mode = self.backend.mode();
-        let poll = (self.backend.lease() / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let poll =
+            (self.backend.lease() / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut publications = self.backend.publications();
         loop {
             publications.borrow_and_update();

@@ -229,8 +229,12 @@ async fn run_refresh(inner: Arc<Inner>, trigger: Trigger) -> Result<Arc<Token>, 
             Ok((token, refresh_token)) => {
                 match lease.commit(&record_of(token, refresh_token.clone())).await {
                     Commit::Done => {}
-                    Commit::Conflict(found) => tracing::warn!(provider = %inner.name, found, "another replica committed a token while this refresh ran (its lease ran out); keeping this one locally"),
-                    Commit::Failed(e) => tracing::warn!(provider = %inner.name, error = %e, "cannot share the new token; keeping it locally"),
+                    Commit::Conflict(found) => {
+                        tracing::warn!(provider = %inner.name, found, "another replica committed a token while this refresh ran (its lease ran out); keeping this one locally")
+                    }
+                    Commit::Failed(e) => {
+                        tracing::warn!(provider = %inner.name, error = %e, "cannot share the new token; keeping it locally")
+                    }
                 }
             }
             Err(_) => lease.release().await,

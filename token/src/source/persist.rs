@@ -87,7 +87,11 @@ pub(super) fn record_of(token: &Token, refresh_token: Option<String>) -> Record 
         access_token: token.expose().to_string(),
         refresh_token,
         generation: token.generation,
-        issued_at_ms: Record::unix_ms(SystemTime::now().checked_sub(age).unwrap_or(SystemTime::now())),
+        issued_at_ms: Record::unix_ms(
+            SystemTime::now()
+                .checked_sub(age)
+                .unwrap_or(SystemTime::now()),
+        ),
         expires_at_ms: Record::unix_ms(token.expires_at_wall),
     }
 }

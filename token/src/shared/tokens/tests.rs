@@ -9,7 +9,10 @@ use super::*;
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 fn backend() -> SharedBackend {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let config = Shared {
         url: Secret::new("redis://127.0.0.1:1/0"),
         shown_url: "redis://127.0.0.1:1/0".into(),
@@ -43,13 +46,25 @@ fn sealed_records_round_trip_and_never_show_the_token() {
     assert!(value.starts_with("tsk1:7:e:"), "{value}");
     assert!(!value.contains("tok-7") && !value.contains("rt-7"));
     let b64 = value.rsplit(':').next().unwrap();
-    let raw = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
     assert!(!String::from_utf8_lossy(&raw).contains("tok-7"));
     let (view, back) = shared.parse(value.as_bytes());
-    assert_eq!(view, View::Valid { generation: 7, usable: true });
+    assert_eq!(
+        view,
+        View::Valid {
+            generation: 7,
+            usable: true
+        }
+    );
     let back = back.unwrap();
     assert_eq!(
-        (back.access_token.as_str(), back.refresh_token.as_deref(), back.generation),
+        (
+            back.access_token.as_str(),
+            back.refresh_token.as_deref(),
+            back.generation
+        ),
         ("tok-7", Some("rt-7"), 7)
     );
 }
@@ -59,12 +74,21 @@ fn plain_records_round_trip_only_when_configured_plain() {
     let plain = SharedTokens::new(backend(), "main", None, Duration::from_secs(1));
     let value = plain.encode(&record(3)).unwrap();
     assert!(value.starts_with("tsk1:3:p:"));
-    assert!(matches!(plain.parse(value.as_bytes()).0, View::Valid { generation: 3, .. }));
+    assert!(matches!(
+        plain.parse(value.as_bytes()).0,
+        View::Valid { generation: 3, .. }
+    ));
     // A replica with a key does not take a plain value as its own (and the other way round).
     let sealed = SharedTokens::new(backend(), "main", Some(KEY), Duration::from_secs(1));
-    assert_eq!(sealed.parse(value.as_bytes()).0, View::Damaged { generation: 3 });
+    assert_eq!(
+        sealed.parse(value.as_bytes()).0,
+        View::Damaged { generation: 3 }
+    );
     let sealed_value = sealed.encode(&record(4)).unwrap();
-    assert_eq!(plain.parse(sealed_value.as_bytes()).0, View::Damaged { generation: 4 });
+    assert_eq!(
+        plain.parse(sealed_value.as_bytes()).0,
+        View::Damaged { generation: 4 }
+    );
 }
 
 #[test]
@@ -72,7 +96,10 @@ fn foreign_damaged_and_other_provider_values_are_damaged() {
     let main = SharedTokens::new(backend(), "main", Some(KEY), Duration::from_secs(1));
     let other = SharedTokens::new(backend(), "other", Some(KEY), Duration::from_secs(1));
     let of_other = other.encode(&record(5)).unwrap();
-    assert_eq!(main.parse(of_other.as_bytes()).0, View::Damaged { generation: 5 });
+    assert_eq!(
+        main.parse(of_other.as_bytes()).0,
+        View::Damaged { generation: 5 }
+    );
     for (value, generation) in [
         (&b"hello"[..], 0),
         (b"tsk1:", 0),
@@ -82,11 +109,21 @@ fn foreign_damaged_and_other_provider_values_are_damaged() {
         (b"tsk1:-1:e:AAAA", 0),
         (b"\xff\xfe", 0),
     ] {
-        assert_eq!(main.parse(value).0, View::Damaged { generation }, "{value:?}");
+        assert_eq!(
+            main.parse(value).0,
+            View::Damaged { generation },
+            "{value:?}"
+        );
     }
     // A sealed value whose visible generation was changed: the sealed one is authoritative.
-    let forged = main.encode(&record(5)).unwrap().replacen("tsk1:5:", "tsk1:50:", 1);
-    assert_eq!(main.parse(forged.as_bytes()).0, View::Damaged { generation: 50 });
+    let forged = main
+        .encode(&record(5))
+        .unwrap()
+        .replacen("tsk1:5:", "tsk1:50:", 1);
+    assert_eq!(
+        main.parse(forged.as_bytes()).0,
+        View::Damaged { generation: 50 }
+    );
 }
 
 #[test]
@@ -95,7 +132,13 @@ fn an_expired_shared_record_is_not_usable() {
     let mut r = record(2);
     r.expires_at_ms = r.issued_at_ms.saturating_sub(1);
     let value = shared.encode(&r).unwrap();
-    assert_eq!(shared.parse(value.as_bytes()).0, View::Valid { generation: 2, usable: false });
+    assert_eq!(
+        shared.parse(value.as_bytes()).0,
+        View::Valid {
+            generation: 2,
+            usable: false
+        }
+    );
 }
 
 proptest! {
