@@ -16,7 +16,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 use sidecar_config::{Config, Upstream};
 use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
-use sidecar_token::{SharedBackend, TokenSource};
+use sidecar_token::{SharedBackend, SharedRateLimits, TokenSource};
 use tokio::sync::Notify;
 
 /// Everything a request needs, built once per config.
@@ -33,6 +33,8 @@ pub struct Live {
     pub limiter: RateLimiter,
     /// The Redis replicas share (`shared:`); `None`: nothing is shared, nothing connects.
     pub shared: Option<SharedBackend>,
+    /// Rate-limit rules held across replicas (empty without `shared:`).
+    pub shared_limits: SharedRateLimits,
 }
 
 /// An upstream ready for requests.
@@ -192,6 +194,10 @@ impl Live {
             routes: Routes::new(&config.upstreams),
             upstreams,
             providers,
+            shared_limits: shared
+                .as_ref()
+                .map(|b| SharedRateLimits::new(&config.rate_limits, b))
+                .unwrap_or_default(),
             shared,
             config,
         })

@@ -18,6 +18,7 @@ use sidecar_filters::{
     replayable, retry_after_of, Admission, Answer, AuthzDecision, BreakerVerdict, ConnectFailure,
     ErrorClass, Policy, RateRequest, RequestView, Route, Step,
 };
+use sidecar_token::SharedAdmission;
 
 use crate::app::App;
 use crate::ctx::{Ctx, ReplayBody, Routed};
@@ -173,9 +174,23 @@ impl ProxyHttp for Sidecar {
                 client_ip,
                 headers: Some(&req.headers),
             };
-            if let Admission::Reject { rule, retry_after } = live.limiter.admit(&request).await {
-                let answer = LocalAnswer::rate_limited(&rule, retry_after);
-                return self.answer(session, ctx, answer).await;
+            match live.limiter.admit(&request).await {
+                Admission::Reject { rule, retry_after } => {
+                    let answer = LocalAnswer::rate_limited(&rule, retry_after);
+                    return self.answer(session, ctx, answer).await;
+                }
+                // Rules held across replicas take their cell from the shared budget too; with
+                // Redis down only this replica's own limit applied.
+                Admission::Go { rules, .. } => {
+                    for rule in rules.iter().filter(|r| live.shared_limits.covers(r)) {
+                        if let SharedAdmission::Reject { retry_after } =
+                            live.shared_limits.admit(rule).await
+                        {
+                            let answer = LocalAnswer::rate_limited(rule, retry_after);
+                            return self.answer(session, ctx, answer).await;
+                        }
+                    }
+                }
             }
         }
         let req = session.req_header();

@@ -553,3 +553,73 @@ async fn redis_stopped_and_started_under_traffic_fail_closed() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn a_shared_rate_limit_holds_for_three_replicas_together() {
+    let mut fleet = Fleet::new(Duration::from_secs(3600)).await;
+    let rule = "rate_limits:\n  - { name: shared50, upstream: api, rate: 50/1s, burst: 5, mode: reject }\n";
+    for i in 0..3 {
+        let yaml = format!("{}{rule}", fleet.yaml(i, &Settings::default()));
+        let sc = Sidecar::start_with_env(&yaml, &[]).await;
+        wait_valid(&sc).await;
+        fleet.sidecars.push(sc);
+    }
+    // Each replica is offered 3x the rule (150/s), paced.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut load = Vec::new();
+    for sc in &fleet.sidecars {
+        let url = sc.url("/limited");
+        let mut stopped = stopped.clone();
+        load.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut tick = tokio::time::interval(Duration::from_micros(6_667));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sent = 0u64;
+            while !*stopped.borrow_and_update() {
+                tick.tick().await;
+                let c = client.clone();
+                let u = url.clone();
+                tokio::spawn(async move {
+                    let _ = c.get(u).send().await;
+                });
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    // Past the initial burst, count what the upstream saw over a 20 s window.
+    let warm = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let n = fleet.api.count();
+            async move { n >= 100 }
+        },
+        || format!("no traffic reached the upstream\n{}", fleet.logs()),
+    )
+    .await;
+    let _ = warm;
+    let start = (std::time::Instant::now(), fleet.api.count());
+    let window = Duration::from_secs(20);
+    while start.0.elapsed() < window {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let end = (std::time::Instant::now(), fleet.api.count());
+    let _ = stop.send(true);
+    let mut offered = 0;
+    for l in load {
+        offered += l.await.unwrap();
+    }
+    let seconds = end.0.duration_since(start.0).as_secs_f64();
+    let rate = (end.1 - start.1) as f64 / seconds;
+    let offered_rate = offered as f64 / warm.elapsed().as_secs_f64() / 3.0;
+    eprintln!("shared rule 50/s over {seconds:.1} s: upstream saw {rate:.2}/s; offered {offered_rate:.1}/s per replica");
+    assert!(
+        offered_rate > 100.0,
+        "the load was too light to test the limit: {offered_rate:.1}/s per replica"
+    );
+    assert!(
+        (rate - 50.0).abs() <= 1.0,
+        "combined rate {rate:.2}/s is not within 2 % of 50/s"
+    );
+}

@@ -16,7 +16,7 @@ pub use provider::{
     build_provider, check_provider, AssertionSigner, Fetched, Held, Provider, ProviderError,
 };
 pub use schedule::Schedule;
-pub use shared::SharedBackend;
+pub use shared::{SharedAdmission, SharedBackend, SharedRateLimits};
 pub use source::{RefreshError, State, Status, TokenSource, Trigger, Unavailable};
 pub use store::{Record, Store, StoreError};
 pub use token::{fingerprint, jwt_exp, Token};
