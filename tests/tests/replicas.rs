@@ -623,3 +623,35 @@ async fn a_shared_rate_limit_holds_for_three_replicas_together() {
         "combined rate {rate:.2}/s is not within 2 % of 50/s"
     );
 }
+
+#[tokio::test]
+async fn check_connects_to_nothing_and_never_prints_the_password() {
+    let dir = Scratch::new("replicas-check");
+    let file = dir.path("shared.yaml");
+    // Nothing listens on port 1: `check` must not care.
+    std::fs::write(
+        &file,
+        "shared:\n  redis: { url: \"redis://:${env:REDIS_PW}@127.0.0.1:1/0\", plaintext_tokens: true }\n\
+         providers:\n  main: { type: oauth2_client_credentials, token_url: \"http://127.0.0.1:1/t\", client_id: c, client_secret: s }\n\
+         upstreams:\n  - { name: api, url: \"http://127.0.0.1:1\", provider: main }\n",
+    )
+    .unwrap();
+    let path = file.display().to_string();
+    let (code, out, err) =
+        support::run_cli(&["check", "-c", &path], &[("REDIS_PW", "pw-in-check-5521")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains("pw-in-check-5521") && !err.contains("pw-in-check-5521"),
+        "{out}{err}"
+    );
+    // A shared provider without a store key and without plaintext_tokens is refused, located.
+    std::fs::write(
+        &file,
+        "shared:\n  redis: { url: \"redis://127.0.0.1:1/0\" }\n\
+         providers:\n  main: { type: oauth2_client_credentials, token_url: \"http://127.0.0.1:1/t\", client_id: c, client_secret: s }\n",
+    )
+    .unwrap();
+    let (code, _, err) = support::run_cli(&["check", "-c", &path], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("store.key") && err.contains(":4:"), "{err}");
+}
