@@ -386,7 +386,6 @@ async fn a_wrong_redis_password_at_start_is_not_fatal_and_never_logged() {
     assert_eq!(provider_status(&st, "main")["shared"], "down");
     let metrics = sc.admin_text("/metrics").await;
     assert!(metrics.contains("sidecar_shared_backend_up 0"), "{metrics}");
-    let logs = sc.logs();
     wait_until(
         Duration::from_secs(10),
         || {
@@ -397,6 +396,11 @@ async fn a_wrong_redis_password_at_start_is_not_fatal_and_never_logged() {
     )
     .await;
     let logs = sc.logs();
+    let reason = logs
+        .lines()
+        .find(|l| l.contains("cannot connect to the shared redis"))
+        .unwrap();
+    assert!(reason.contains("authentication failed"), "{reason}");
     for text in [&logs, &st.to_string(), &metrics] {
         assert!(!text.contains("wrong-pw-93817"), "password leaked: {text}");
     }

@@ -116,6 +116,17 @@ mod tests {
         Some(View::Valid { generation, usable })
     }
 
+    /// local, view, lock, lock call failed, mode, expected action, why.
+    type Row = (
+        u64,
+        Option<View>,
+        Lock,
+        bool,
+        OnRedisDown,
+        Action,
+        &'static str,
+    );
+
     #[test]
     fn the_table() {
         let call = |expect, shared_refresh_token| Call {
@@ -123,7 +134,7 @@ mod tests {
             shared_refresh_token,
         };
         #[rustfmt::skip]
-        let table: &[(u64, Option<View>, Lock, bool, OnRedisDown, Action, &str)] = &[
+        let table: &[Row] = &[
             // Redis down: the mode decides, whatever else.
             (3, None, Lock::NotTried, false, Local, Alone, "down, local: alone"),
             (3, None, Lock::NotTried, false, FailClosed, Refuse, "down, fail_closed: refuse"),
