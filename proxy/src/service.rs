@@ -241,6 +241,13 @@ impl ProxyHttp for Sidecar {
         if let Some(until) = self.app.holds.held_until(&up.config.name) {
             tokio::time::sleep_until(until).await;
         }
+        // ... or that asked another replica sharing the account (bounded like our own holds).
+        let shared = ctx.route.as_ref().and_then(|r| r.live().shared.clone());
+        if let Some(until) = shared.and_then(|s| s.held_until(&up.config.name)) {
+            let cap =
+                tokio::time::Instant::now() + self.app.live.load().config.retry.max_retry_after;
+            tokio::time::sleep_until(until.min(cap)).await;
+        }
         Ok(Box::new(up.peer.clone()))
     }
 
@@ -515,6 +522,10 @@ impl Sidecar {
             // Further requests to this upstream wait until then (bounded by max_retry_after),
             // whatever becomes of this one.
             self.app.holds.hold_for(&up.config.name, d);
+            // ... on every replica sharing the account.
+            if let Some(shared) = &live.shared {
+                shared.publish_hold(&up.config.name, d);
+            }
         }
         let answer = Answer {
             status,

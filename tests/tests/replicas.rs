@@ -9,7 +9,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use sidecar_mocks::{IdpConfig, MockIdp, MockUpstream, UpstreamConfig};
+use sidecar_mocks::{IdpConfig, MockIdp, MockUpstream, Scripted, UpstreamConfig};
 use support::providers::{keygen, provider_status};
 use support::redis::Redis;
 use support::{wait_until, Scratch, Sidecar};
@@ -658,4 +658,41 @@ async fn check_connects_to_nothing_and_never_prints_the_password() {
     let (code, _, err) = support::run_cli(&["check", "-c", &path], &[]);
     assert_eq!(code, 1);
     assert!(err.contains("store.key") && err.contains(":4:"), "{err}");
+}
+
+#[tokio::test]
+async fn an_upstream_retry_after_hold_is_shared_by_the_replicas() {
+    let mut fleet = Fleet::new(Duration::from_secs(3600)).await;
+    fleet.start(2, &Settings::default()).await;
+    let mut busy = Scripted::status(429);
+    busy.headers.push(("Retry-After".into(), "3".into()));
+    fleet.api.push_script(busy);
+    // The first replica meets the 429 (and itself waits it out before retrying).
+    let url = fleet.sidecars[0].url("/busy");
+    let first = tokio::spawn(async move { reqwest::get(url).await.unwrap().status().as_u16() });
+    // The other replica hears of the hold...
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let url = fleet.sidecars[1].admin_url("/metrics");
+            async move {
+                let body = reqwest::get(url).await.unwrap().text().await.unwrap();
+                body.lines().any(|l| {
+                    l.starts_with("sidecar_shared_ops_total") && l.contains("op=\"hold_received\"")
+                })
+            }
+        },
+        || format!("the hold was not shared\n{}", fleet.logs()),
+    )
+    .await;
+    // ... and keeps its own request back until the hold ends (a lower bound: never flaky).
+    let sent = std::time::Instant::now();
+    let (status, body) = get(&fleet.sidecars[1], "/after-hold").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1500),
+        "not held: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(first.await.unwrap(), 200);
 }

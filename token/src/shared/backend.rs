@@ -4,6 +4,7 @@
 //! replicas waiting for a token another replica publishes (re-subscribing after Redis returns).
 //! Every call has a timeout; the password appears nowhere but in the client.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -14,6 +15,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sidecar_config::{OnRedisDown, Shared};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 /// How often the health task pings, and the longest pause between connection attempts.
 const PING_EVERY: Duration = Duration::from_millis(500);
@@ -48,7 +50,16 @@ struct BackendInner {
     /// Bumped on every publication seen (and every (re)subscription): waiters look again.
     published: watch::Sender<u64>,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Upstream holds (429/503 `Retry-After`) other replicas published, by upstream.
+    remote_holds: Mutex<HashMap<String, Instant>>,
+    any_hold: AtomicBool,
 }
+
+/// The longest hold a publication can impose (the proxy caps it further by
+/// `retry.max_retry_after`).
+const MAX_HOLD: Duration = Duration::from_secs(3600);
+/// A hold publication is `<milliseconds> <upstream>`; anything longer is not one.
+const MAX_HOLD_MESSAGE: usize = 512;
 
 impl Drop for BackendInner {
     fn drop(&mut self) {
@@ -101,6 +112,8 @@ impl SharedBackend {
                 tried,
                 published,
                 tasks: Mutex::new(Vec::new()),
+                remote_holds: Mutex::new(HashMap::new()),
+                any_hold: AtomicBool::new(false),
             }),
         };
         backend.set_up(false);
@@ -159,6 +172,37 @@ impl SharedBackend {
     /// re-established, which may have missed a publication).
     pub(crate) fn publications(&self) -> watch::Receiver<u64> {
         self.inner.published.subscribe()
+    }
+
+    /// Tells the other replicas that `upstream` asked (429/503 `Retry-After`) not to be sent
+    /// anything for `delay`. Fire and forget: the request path does not wait for Redis.
+    pub fn publish_hold(&self, upstream: &str, delay: Duration) {
+        let backend = self.clone();
+        let message = format!("{} {upstream}", delay.min(MAX_HOLD).as_millis());
+        let channel = self.key(&["holds"]);
+        tokio::spawn(async move {
+            let _ = backend
+                .call("hold", |mut c| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg(message)
+                        .query_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
+        });
+    }
+
+    /// Until when another replica's published hold keeps requests to `upstream` back.
+    pub fn held_until(&self, upstream: &str) -> Option<Instant> {
+        if !self.inner.any_hold.load(Ordering::Acquire) {
+            return None;
+        }
+        let now = Instant::now();
+        lock(&self.inner.remote_holds)
+            .get(upstream)
+            .copied()
+            .filter(|u| *u > now)
     }
 
     /// The lease of the refresh lock.
@@ -339,10 +383,12 @@ async fn health(weak: Weak<BackendInner>) {
 async fn subscribe(weak: Weak<BackendInner>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        let channel = SharedBackend {
+        let me = SharedBackend {
             inner: inner.clone(),
-        }
-        .channel();
+        };
+        let channel = me.channel();
+        let holds = me.key(&["holds"]);
+        drop(me);
         let client = inner.client.clone();
         let timeout = inner.config.timeout;
         let published = inner.published.clone();
@@ -350,6 +396,7 @@ async fn subscribe(weak: Weak<BackendInner>) {
         let connected = tokio::time::timeout(timeout.saturating_mul(4), async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
+            pubsub.subscribe(&holds).await?;
             redis::RedisResult::Ok(pubsub)
         })
         .await;
@@ -358,8 +405,21 @@ async fn subscribe(weak: Weak<BackendInner>) {
             // Whatever was published while unsubscribed: waiters read Redis again.
             published.send_modify(|n| *n = n.wrapping_add(1));
             let mut messages = pubsub.into_on_message();
-            // The payload is not trusted or parsed: any message means "read Redis again".
-            while messages.next().await.is_some() {
+            while let Some(msg) = messages.next().await {
+                if msg.get_channel_name() == holds {
+                    if let (Some(inner), Some((upstream, delay))) =
+                        (weak.upgrade(), parse_hold(msg.get_payload_bytes()))
+                    {
+                        let until = Instant::now() + delay;
+                        let mut map = lock(&inner.remote_holds);
+                        let held = map.entry(upstream).or_insert(until);
+                        *held = (*held).max(until);
+                        inner.any_hold.store(true, Ordering::Release);
+                        count("hold_received", "ok");
+                    }
+                    continue;
+                }
+                // The payload is not trusted or parsed: any message means "read Redis again".
                 published.send_modify(|n| *n = n.wrapping_add(1));
             }
         } else {
@@ -367,5 +427,55 @@ async fn subscribe(weak: Weak<BackendInner>) {
         }
         drop(published);
         tokio::time::sleep(PING_EVERY).await;
+    }
+}
+
+/// `<milliseconds> <upstream>`, bounded; anything else is ignored.
+fn parse_hold(payload: &[u8]) -> Option<(String, Duration)> {
+    if payload.len() > MAX_HOLD_MESSAGE {
+        return None;
+    }
+    let text = std::str::from_utf8(payload).ok()?;
+    let (ms, upstream) = text.split_once(' ')?;
+    if ms.len() > 10 || upstream.is_empty() {
+        return None;
+    }
+    let ms: u64 = ms.parse().ok()?;
+    Some((
+        upstream.to_string(),
+        Duration::from_millis(ms).min(MAX_HOLD),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn hold_messages() {
+        assert_eq!(
+            parse_hold(b"1500 api"),
+            Some(("api".to_string(), Duration::from_millis(1500)))
+        );
+        assert_eq!(parse_hold(b"99999999999 api"), None);
+        assert_eq!(parse_hold(b"9999999999 api").unwrap().1, MAX_HOLD);
+        assert_eq!(parse_hold(b"x api"), None);
+        assert_eq!(parse_hold(b"15 "), None);
+        assert_eq!(parse_hold(&[b'1'; 600]), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// Whatever is published on the holds channel, reading it never panics and never
+        /// holds an upstream longer than the bound.
+        #[test]
+        fn any_hold_message_is_bounded(payload in proptest::collection::vec(any::<u8>(), 0..700)) {
+            if let Some((_, d)) = parse_hold(&payload) {
+                prop_assert!(d <= MAX_HOLD);
+            }
+        }
     }
 }
