@@ -22,7 +22,9 @@ use http::{HeaderName, Method};
 pub use read::{read_bounded, read_within, ReadError, MAX_FILE, READ_TIMEOUT};
 pub use refs::{MAX_REFERENCED, REFERENCES_TIME};
 pub use schema::RateLimitMode;
-pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};
+pub use schema::{
+    ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog, UpstreamProtocol,
+};
 pub use values::{
     parse_duration, parse_percent, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION,
     MAX_SIZE,
@@ -68,8 +70,8 @@ pub struct Config {
     pub raw: RawConfig,
     /// Where it was read from, if from a file.
     pub source: Option<PathBuf>,
-    /// Data-plane address.
-    pub listen: SocketAddr,
+    /// Data-plane address: TCP or a Unix socket.
+    pub listen: Listen,
     /// Admin API address.
     pub admin_listen: SocketAddr,
     /// SIGTERM grace period.
@@ -84,6 +86,8 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// Client connection limits.
     pub downstream: Downstream,
+    /// How upstream host names are resolved.
+    pub dns: Dns,
     /// Retry of transient upstream failures (SPEC §8).
     pub retry: Retry,
     /// Logging.
@@ -102,6 +106,37 @@ pub struct Retry {
     pub respect_retry_after: bool,
     /// Longest `Retry-After` the sidecar waits for (and holds an upstream for).
     pub max_retry_after: Duration,
+}
+
+/// Where the data plane listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket at this absolute path (`listen: "unix:/run/token-sidecar/sock"`): for
+    /// applications on the same host that share a socket rather than a port.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How upstream host names are resolved, validated: `min_ttl` is at least 1 s and at most
+/// `max_ttl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// DNS servers to ask; empty: the system's.
+    pub nameservers: Vec<SocketAddr>,
+    /// Shortest interval between two lookups of a name (and the retry after a failed one).
+    pub min_ttl: Duration,
+    /// Longest interval between two lookups of a name.
+    pub max_ttl: Duration,
 }
 
 /// Logging settings.
@@ -339,6 +374,8 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     /// SNI / certificate name override.
     pub server_name: Option<String>,
+    /// HTTP version spoken to it.
+    pub protocol: UpstreamProtocol,
     /// Expired-token detection.
     pub expiry: Expiry,
     /// Consecutive network/5xx failures that open the circuit breaker (0: off).

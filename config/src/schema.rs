@@ -48,6 +48,9 @@ pub struct RawConfig {
     /// Client connections: head and idle timeouts, connection cap (SPEC §11).
     #[serde(default)]
     pub downstream: RawDownstream,
+    /// How upstream host names are resolved.
+    #[serde(default)]
+    pub dns: RawDns,
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
@@ -357,6 +360,9 @@ pub struct RawUpstream {
     /// Upstream TLS settings.
     #[serde(default)]
     pub tls: RawTls,
+    /// HTTP version spoken to the upstream.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
     /// How an expired-token answer looks.
     #[serde(default)]
     pub expiry: RawExpiry,
@@ -740,6 +746,57 @@ impl Default for RawDownstream {
             header_timeout: default_header_timeout(),
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// The HTTP version the sidecar speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over plain TCP; over TLS, HTTP/2 or HTTP/1.1 as ALPN agrees.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only, also over TLS.
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP (gRPC servers without TLS); `http://` only.
+    H2c,
+}
+
+/// How upstream host names are resolved. Names are re-resolved in the background per the
+/// record's TTL, clamped to [`min_ttl`, `max_ttl`], so rotating load-balancer addresses are
+/// followed without a reload.
+///
+/// [`min_ttl`]: RawDns::min_ttl
+/// [`max_ttl`]: RawDns::max_ttl
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// `ip:port` of the DNS servers to ask; empty: the system's (`/etc/resolv.conf`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// Re-resolve no sooner than this, even if the record says less (also the retry interval
+    /// after a failed lookup).
+    #[serde(default = "default_dns_min_ttl")]
+    pub min_ttl: Dur,
+    /// Re-resolve no later than this, even if the record says more.
+    #[serde(default = "default_dns_max_ttl")]
+    pub max_ttl: Dur,
+}
+
+fn default_dns_min_ttl() -> Dur {
+    secs(5)
+}
+fn default_dns_max_ttl() -> Dur {
+    secs(300)
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        RawDns {
+            nameservers: Vec::new(),
+            min_ttl: default_dns_min_ttl(),
+            max_ttl: default_dns_max_ttl(),
         }
     }
 }

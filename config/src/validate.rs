@@ -1,6 +1,7 @@
 //! Raw schema → validated [`Config`]: cross-field checks, URL parsing, header names. One file
 //! per section; this one assembles the [`Config`] and points errors at their place in the file.
 
+mod dns;
 mod downstream;
 mod locate;
 mod providers;
@@ -12,7 +13,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use http::{HeaderName, Method};
 
-use self::downstream::{downstream, parse_addr};
+use self::dns::dns;
+use self::downstream::{downstream, parse_addr, parse_listen};
 use self::locate::Locator;
 use self::providers::provider;
 use self::rate_limits::rate_limit;
@@ -22,7 +24,7 @@ use crate::{Config, ConfigError, Log, Provider, Replay, Retry};
 
 pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config, ConfigError> {
     let at = Locator { text, file };
-    let listen = parse_addr(&raw.listen).map_err(|m| at.error(&["listen:"], m))?;
+    let listen = parse_listen(&raw.listen).map_err(|m| at.error(&["listen:"], m))?;
     let admin_listen =
         parse_addr(&raw.admin_listen).map_err(|m| at.error(&["admin_listen:"], m))?;
 
@@ -124,6 +126,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
 
     let downstream =
         downstream(&raw.downstream).map_err(|(key, m)| at.error(&["downstream:", key], m))?;
+    let dns = dns(&raw.dns).map_err(|(key, m)| at.error(&["dns:", key], m))?;
 
     Ok(Config {
         listen,
@@ -134,6 +137,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
         replay,
         rate_limits,
         downstream,
+        dns,
         retry: Retry {
             statuses: raw.retry.statuses.clone(),
             backoff: raw.retry.backoff.iter().map(|d| d.0).collect(),
@@ -150,5 +154,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
     })
 }
 
+#[cfg(test)]
+mod network_tests;
 #[cfg(test)]
 mod tests;

@@ -69,6 +69,17 @@ pub struct Answer<'a> {
     pub www_authenticate: Option<&'a [u8]>,
     /// `Retry-After` of a 429 or 503, parsed ([`retry_after_of`]).
     pub retry_after: Option<Duration>,
+    /// `grpc-status` in the header: a gRPC trailers-only answer carries its status there.
+    pub grpc_status: Option<&'a [u8]>,
+}
+
+/// gRPC's UNAUTHENTICATED: a gRPC server refuses a token with HTTP 200 and this status.
+const GRPC_UNAUTHENTICATED: &[u8] = b"16";
+
+/// A gRPC answer that refused the token: `grpc-status: 16` (UNAUTHENTICATED) in the header,
+/// which gRPC servers send as a trailers-only answer. Counts as an expired-token answer.
+pub fn grpc_unauthenticated(grpc_status: Option<&[u8]>) -> bool {
+    grpc_status.is_some_and(|v| v.trim_ascii() == GRPC_UNAUTHENTICATED)
 }
 
 /// The request's state when the answer came.
@@ -165,7 +176,8 @@ pub fn retry_after_of(status: u16, value: Option<&[u8]>, now: SystemTime) -> Opt
 /// a transient status (`retry.statuses`, or a 429 that says `Retry-After`) of a replayable
 /// request whose body Pingora holds is retried while `retry.backoff` lasts, after the backoff
 /// or the upstream's `Retry-After` (when `respect_retry_after`, at most `max_retry_after`);
-/// then the expired-token rules, only for a request that carried a token. `jitter` is a draw
+/// then the expired-token rules, only for a request that carried a token (a gRPC
+/// `grpc-status: 16` in the header counts as expired, whatever the HTTP status). `jitter` is a draw
 /// from `[0, 1)`.
 pub fn after_response(
     answer: &Answer<'_>,
@@ -174,7 +186,8 @@ pub fn after_response(
     jitter: f64,
 ) -> Step {
     let status = answer.status;
-    if status < 400 {
+    let grpc_refused = grpc_unauthenticated(answer.grpc_status);
+    if status < 400 && !grpc_refused {
         // Expiry and retry statuses are error statuses (config validation): nothing to decide.
         return Step::Pass;
     }
@@ -192,6 +205,9 @@ pub fn after_response(
     }
     if state.token.is_none() {
         return Step::Pass;
+    }
+    if grpc_refused {
+        return after_expired_token(state, policy.max_attempts);
     }
     match classify(status, answer.www_authenticate, policy.expiry) {
         ExpiryVerdict::NotExpired => Step::Pass,

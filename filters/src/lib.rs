@@ -14,8 +14,8 @@ mod replay;
 mod route;
 
 pub use answer::{
-    after_connect_failure, after_expired_token, after_response, jittered, retry_after_of, Answer,
-    Attempt, ConnectFailure, ErrorClass, Generations, Policy, Step,
+    after_connect_failure, after_expired_token, after_response, grpc_unauthenticated, jittered,
+    retry_after_of, Answer, Attempt, ConnectFailure, ErrorClass, Generations, Policy, Step,
 };
 pub use authz::{client_authorization, AuthzDecision};
 pub use breaker::{Breaker, BreakerVerdict};

@@ -2,22 +2,28 @@
 //! atomically on reload; counters of in-flight and waiting requests.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
-use sidecar_config::{Config, Upstream};
+use sidecar_config::{Config, Upstream, UpstreamProtocol};
 use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::TokenSource;
 use tokio::sync::Notify;
+
+use crate::dns::{Addresses, ReplayResolver, Resolvers, Target};
+
+/// How long the start waits for the first lookups of upstream host names (a name still
+/// unresolved then is not fatal: its requests get 502 until it resolves).
+const FIRST_LOOKUPS: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Everything a request needs, built once per config.
 pub struct Live {
@@ -37,8 +43,12 @@ pub struct Live {
 pub struct UpstreamRt {
     /// Its config.
     pub config: Upstream,
-    /// Cloned for every request: address, TLS, timeouts resolved once.
+    /// Cloned for every request, with one of `addresses` put in: TLS, timeouts, protocol.
     pub peer: HttpPeer,
+    /// Where the upstream is now: followed in the background when its URL has a host name.
+    pub addresses: Arc<Addresses>,
+    /// What `addresses` are looked up from; a reload that keeps it keeps the addresses.
+    target: Target,
     /// `Host` header to send.
     pub host_header: HeaderValue,
     /// Its provider, if tokens are injected.
@@ -116,7 +126,7 @@ impl UpstreamMetrics {
 /// Why a config could not be put to work.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// An upstream host that does not resolve, or a CA file that cannot be read.
+    /// A CA file that cannot be read, or a host that cannot be sent.
     #[error("upstream {upstream}: {message}")]
     Upstream {
         /// Name.
@@ -148,11 +158,34 @@ impl Live {
             });
             providers.insert(name.clone(), source);
         }
+        let resolvers = Resolvers::new(&config.dns, handle.clone());
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| UpstreamRt::build(u, &providers))
+            .map(|u| {
+                let target = Target {
+                    upstream: u.name.clone(),
+                    host: u.host.clone(),
+                    port: u.port,
+                    dns: config.dns.clone(),
+                };
+                let before = previous
+                    .and_then(|p| p.upstreams.iter().find(|x| x.config.name == u.name))
+                    .filter(|p| p.target.host == target.host && p.target.port == target.port);
+                let addresses = match before {
+                    // Unchanged: the same addresses, still followed by the same lookups.
+                    Some(p) if p.target == target => p.addresses.clone(),
+                    // Other `dns:` settings: new lookups, starting from the addresses known.
+                    Some(p) => resolvers.follow(&target, Some(p.addresses.now().to_vec())),
+                    None => resolvers.follow(&target, None),
+                };
+                UpstreamRt::build(u, target, addresses, &providers)
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        if previous.is_none() {
+            let all: Vec<_> = upstreams.iter().map(|u| u.addresses.clone()).collect();
+            crate::dns::wait_first(&all, FIRST_LOOKUPS);
+        }
         // Only now: a config that fails to build must not leave refreshers running.
         for s in fresh {
             s.start();
@@ -182,6 +215,20 @@ impl Live {
 }
 
 impl UpstreamRt {
+    /// The peer for the `attempt`-th connect of a request that started at `start` among
+    /// `addrs`; `None` while the upstream's name has not resolved.
+    pub(crate) fn peer_at(
+        &self,
+        addrs: &[SocketAddr],
+        start: usize,
+        attempt: usize,
+    ) -> Option<HttpPeer> {
+        let i = crate::dns::address_index(start, attempt, addrs.len())?;
+        let mut peer = self.peer.clone();
+        peer._address = pingora::protocols::l4::socket::SocketAddr::Inet(addrs[i]);
+        Some(peer)
+    }
+
     /// Counts an expired-token answer that was passed on without a replay
     /// (`sidecar_replay_skipped_total`).
     pub(crate) fn count_skipped(&self, reason: SkipReason) {
@@ -193,31 +240,33 @@ impl UpstreamRt {
         metrics::counter!("sidecar_replays_total", "upstream" => self.config.name.clone(), "reason" => reason, "result" => result).increment(1);
     }
 
-    /// Resolves the upstream once and reads its CA file once; the Pingora peer and the replay
-    /// client both use the result, so both reach the same address with the same trust.
+    /// Reads its CA file once; the Pingora peer and the replay client both use it and both
+    /// take their addresses from `addresses`, so both reach the same addresses with the same
+    /// trust.
     fn build(
         u: &Upstream,
+        target: Target,
+        addresses: Arc<Addresses>,
         providers: &HashMap<String, TokenSource>,
     ) -> Result<UpstreamRt, BuildError> {
         let err = |message: String| BuildError::Upstream {
             upstream: u.name.clone(),
             message,
         };
-        let addr = (u.host.as_str(), u.port)
-            .to_socket_addrs()
-            .map_err(|e| err(format!("cannot resolve {}: {e}", u.host)))?
-            .next()
-            .ok_or_else(|| err(format!("{} resolves to no address", u.host)))?;
+        // Each request puts one of the current addresses in (`peer_at`).
+        let placeholder = SocketAddr::from((Ipv4Addr::UNSPECIFIED, u.port));
         let ca = match &u.ca_file {
             Some(path) => Some(load_ca(path).map_err(&err)?),
             None => None,
         };
         Ok(UpstreamRt {
-            peer: peer_for(u, addr, ca.as_deref()),
+            peer: peer_for(u, placeholder, ca.as_deref()),
+            replay_client: replay_client(u, &addresses, ca.as_deref()).map_err(err)?,
+            addresses,
+            target,
             host_header: HeaderValue::from_str(&u.authority)
                 .map_err(|e| err(format!("bad host: {e}")))?,
             tokens: u.provider.as_ref().and_then(|p| providers.get(p).cloned()),
-            replay_client: replay_client(u, addr, ca.as_deref()).map_err(err)?,
             replay_base: replay_base(u),
             breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
             metrics: UpstreamMetrics::new(&u.name),
@@ -235,8 +284,15 @@ fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>
     o.read_timeout = Some(u.read_timeout);
     o.write_timeout = Some(u.read_timeout);
     o.idle_timeout = Some(u.idle_timeout);
+    if u.protocol == UpstreamProtocol::H2c {
+        // Plain TCP with HTTP/2 as the lowest version: Pingora speaks h2c (prior knowledge).
+        o.alpn = pingora::protocols::ALPN::H2;
+    }
     if u.tls {
-        o.alpn = pingora::protocols::ALPN::H2H1;
+        o.alpn = match u.protocol {
+            UpstreamProtocol::Http1 => pingora::protocols::ALPN::H1,
+            UpstreamProtocol::Auto | UpstreamProtocol::H2c => pingora::protocols::ALPN::H2H1,
+        };
         if let Some(certs) = ca {
             let wrapped: Vec<WrappedX509> = certs
                 .iter()
@@ -263,11 +319,12 @@ fn replay_base(u: &Upstream) -> String {
     }
 }
 
-/// The replay client connects to the same address as the Pingora peer, with the same timeouts
-/// and trust; it never follows redirects and never decompresses, so answers pass unchanged.
+/// The replay client connects to the same addresses as the Pingora peer, with the same
+/// timeouts, trust and HTTP version; it never follows redirects and never decompresses, so
+/// answers pass unchanged.
 fn replay_client(
     u: &Upstream,
-    addr: SocketAddr,
+    addresses: &Arc<Addresses>,
     ca: Option<&[CertificateDer<'static>]>,
 ) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
@@ -276,7 +333,12 @@ fn replay_client(
         .connect_timeout(u.connect_timeout)
         .read_timeout(u.read_timeout)
         .pool_idle_timeout(u.idle_timeout)
-        .resolve(replay_host(u), addr);
+        .dns_resolver(Arc::new(ReplayResolver(addresses.clone())));
+    b = match u.protocol {
+        UpstreamProtocol::H2c => b.http2_prior_knowledge(),
+        UpstreamProtocol::Http1 => b.http1_only(),
+        UpstreamProtocol::Auto => b,
+    };
     if let Some(certs) = ca {
         b = b.tls_built_in_root_certs(false);
         for c in certs {
@@ -321,6 +383,8 @@ pub struct App {
     pub holds: UpstreamHolds,
     /// Request metrics of requests that matched no upstream (label `upstream=""`).
     pub unrouted: UpstreamMetrics,
+    /// SIGQUIT handed the listeners to a new process: a Unix socket file is left in place.
+    pub upgrading: AtomicBool,
 }
 
 impl App {
@@ -339,6 +403,7 @@ impl App {
             waiting: AtomicUsize::new(0),
             holds,
             unrouted: UpstreamMetrics::new(""),
+            upgrading: AtomicBool::new(false),
         }))
     }
 

@@ -1,5 +1,6 @@
 //! Per-request state: what the hooks learn about one request and pass on to the next hook.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,12 @@ pub struct Ctx {
     /// The sidecar's own answer, decided in a hook that can only fail, for `fail_to_proxy` to
     /// write (a rejected token with no replacement; a token that cannot be sent).
     pub(crate) pending_answer: Option<LocalAnswer>,
+    /// The upstream's addresses when the request first connected, and where in them it
+    /// started (round robin); kept for its retries so that a connect failure moves on to the
+    /// next address of the same set.
+    pub(crate) addrs: Option<(Arc<Vec<SocketAddr>>, usize)>,
+    /// Connect failures so far (which address the next connect goes to).
+    pub(crate) connect_failures: usize,
 }
 
 impl Ctx {
@@ -138,6 +145,8 @@ impl Ctx {
             expected_header: false,
             class: None,
             pending_answer: None,
+            addrs: None,
+            connect_failures: 0,
         }
     }
 

@@ -10,7 +10,8 @@ use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use sidecar_filters::{
-    after_expired_token, body_matches, classify, ExpiryVerdict, Step, BODY_PEEK,
+    after_expired_token, body_matches, classify, grpc_unauthenticated, ExpiryVerdict, Step,
+    BODY_PEEK,
 };
 
 use crate::app::App;
@@ -54,7 +55,12 @@ pub(crate) async fn own_replay(app: &Arc<App>, session: &mut Session, ctx: &mut 
             .headers()
             .get(http::header::WWW_AUTHENTICATE)
             .map(|v| v.as_bytes().to_vec());
-        let verdict = classify(status, www.as_deref(), &up.config.expiry);
+        let grpc = resp.headers().get("grpc-status").map(|v| v.as_bytes());
+        let verdict = if grpc_unauthenticated(grpc) {
+            ExpiryVerdict::Expired
+        } else {
+            classify(status, www.as_deref(), &up.config.expiry)
+        };
         let mut peek = BytesMut::new();
         let mut ended = false;
         if verdict == ExpiryVerdict::CheckBody {

@@ -10,7 +10,8 @@ use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
-use sidecar_config::Config;
+use sidecar_config::{Config, Listen};
+use std::os::unix::fs::PermissionsExt;
 
 use crate::admin::Admin;
 use crate::app::App;
@@ -87,7 +88,7 @@ pub fn serve_with(
             }
         });
     }
-    let listen = config.listen.to_string();
+    let listen = config.listen.clone();
     let admin_listen = config.admin_listen.to_string();
     let source = config.source.clone();
     let app = match App::new(config, token_rt.handle().clone()) {
@@ -122,6 +123,8 @@ pub fn serve_with(
     // (Pingora's own refusal is a bare 405).
     let mut options = HttpServerOptions::default();
     options.allow_connect_method_proxying = true;
+    // HTTP/2 with prior knowledge (h2c) next to HTTP/1.1 on `listen`: gRPC clients speak it.
+    options.h2c = true;
     // HTTP/2 connections (h2c) idle out on Pingora's own timer, read once here; the HTTP/1
     // limits follow reloads (see `connection`).
     options.h2_idle_timeout = Some(app.live.load().config.downstream.idle_timeout);
@@ -132,7 +135,19 @@ pub fn serve_with(
         "token-sidecar proxy".to_string(),
         Limited::new(proxy, app.clone()),
     );
-    proxy.add_tcp(&listen);
+    match &listen {
+        Listen::Tcp(addr) => proxy.add_tcp(&addr.to_string()),
+        Listen::Unix(path) => {
+            if let Err(e) = crate::unix::prepare(path, upgrade.upgrade) {
+                eprintln!("{e}");
+                return 1;
+            }
+            proxy.add_uds(
+                &path.to_string_lossy(),
+                Some(std::fs::Permissions::from_mode(crate::unix::SOCKET_MODE)),
+            );
+        }
+    }
     let mut admin = Service::new(
         "token-sidecar admin".to_string(),
         HttpServer::new_app(Admin::new(app.clone(), metrics)),
@@ -158,6 +173,11 @@ pub fn serve_with(
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals::new(app.clone(), reload)),
     });
+    if let Listen::Unix(path) = &listen {
+        if !app.upgrading.load(std::sync::atomic::Ordering::Acquire) {
+            crate::unix::remove(path);
+        }
+    }
     for source in app.live.load().providers.values() {
         source.stop();
     }

@@ -50,6 +50,8 @@ const CHECK_BODY: ErrorType = ErrorType::Custom("sidecar_check_body");
 /// within `wait_for_token` (503, not the 401, which would tell the client its own credentials
 /// are wrong), or the token cannot be sent.
 const LOCAL_ANSWER: ErrorType = ErrorType::Custom("sidecar_local_answer");
+/// The upstream's host name has not resolved yet (or never did): 502 `upstream_unreachable`.
+const UNRESOLVED: ErrorType = ErrorType::Custom("sidecar_unresolved");
 
 fn retry_error(why: &'static str) -> Box<Error> {
     let mut e = Error::explain(RETRY, why);
@@ -219,14 +221,31 @@ impl ProxyHttp for Sidecar {
         if let Some(delay) = ctx.next_attempt_after.take() {
             tokio::time::sleep(delay).await;
         }
-        let Some(up) = ctx.up() else {
+        let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
+        let up = route.up();
         // An upstream that answered 429/503 with Retry-After is left alone until then.
         if let Some(until) = self.app.holds.held_until(&up.config.name) {
             tokio::time::sleep_until(until).await;
         }
-        Ok(Box::new(up.peer.clone()))
+        // One set of addresses for all attempts of this request.
+        let (addrs, start) = ctx.addrs.get_or_insert_with(|| up.addresses.pick());
+        match up.peer_at(addrs, *start, ctx.connect_failures) {
+            Some(peer) => Ok(Box::new(peer)),
+            None => {
+                ctx.class = Some(ErrorClass::Network);
+                let mut e = Error::explain(
+                    UNRESOLVED,
+                    format!(
+                        "upstream {}: host {} has not resolved to any address",
+                        up.config.name, up.config.host
+                    ),
+                );
+                e.set_retry(false);
+                Err(e)
+            }
+        }
     }
 
     async fn upstream_request_filter(
@@ -303,9 +322,9 @@ impl ProxyHttp for Sidecar {
     }
 
     /// The sidecar's own replay ends in an answer of its own (often a 200): Pingora's ERROR
-    /// line about the error that handed the request over would be false.
+    /// line about the error that handed the request over would be false. An unresolved upstream name is logged once by the lookups (not per request).
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
-        *error.etype() == OWN_REPLAY || *error.etype() == CHECK_BODY
+        *error.etype() == OWN_REPLAY || *error.etype() == CHECK_BODY || *error.etype() == UNRESOLVED
     }
 
     fn error_while_proxy(
@@ -351,6 +370,16 @@ impl ProxyHttp for Sidecar {
             e.set_retry(false);
             return e;
         };
+        ctx.connect_failures += 1;
+        let addresses = ctx.addrs.as_ref().map_or(0, |(a, _)| a.len());
+        if crate::dns::try_next_address(ctx.connect_failures, addresses) {
+            // Another address of the upstream is still untried: at once, no backoff. Nothing
+            // was sent, so any request may go there.
+            ctx.class = Some(ErrorClass::Network);
+            ctx.next_attempt_after = None;
+            e.set_retry(true);
+            return e;
+        }
         let retry = &route.live().config.retry;
         let (class, delay) = after_connect_failure(failure, ctx.transient, retry, rand::random());
         ctx.class = Some(class);
@@ -383,6 +412,7 @@ impl ProxyHttp for Sidecar {
             .map_or("", |r| r.up().config.name.as_str());
         let answer = match e.etype() {
             t if *t == LOCAL_ANSWER => ctx.pending_answer.take(),
+            t if *t == UNRESOLVED => Some(LocalAnswer::unreachable(upstream)),
             ErrorType::HTTPStatus(code) => Some(LocalAnswer {
                 status: *code,
                 code: "error",
@@ -483,7 +513,7 @@ impl Sidecar {
                 .upstream_duration
                 .record(sent.elapsed().as_secs_f64());
         }
-        if status < 400 {
+        if status < 400 && !upstream_response.headers.contains_key("grpc-status") {
             return Ok(());
         }
         let Some(route) = &ctx.route else {
@@ -507,6 +537,7 @@ impl Sidecar {
                 .get(http::header::WWW_AUTHENTICATE)
                 .map(|v| v.as_bytes()),
             retry_after,
+            grpc_status: headers.get("grpc-status").map(|v| v.as_bytes()),
         };
         let state = ctx.attempt(body_whole(session));
         let policy = Policy {

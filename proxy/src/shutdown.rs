@@ -66,7 +66,11 @@ impl ShutdownSignalWatch for Signals {
                     return ShutdownSignal::GracefulTerminate;
                 }
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
-                _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+                _ = quit.recv() => {
+                    // The new process serves the listeners now: a Unix socket file stays.
+                    self.app.upgrading.store(true, Ordering::Release);
+                    return ShutdownSignal::GracefulUpgrade;
+                }
                 _ = hup.recv() => (self.reload)(),
             }
         }

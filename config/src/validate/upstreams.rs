@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use http::HeaderName;
 
 use super::urls::{shown_url, NO_URL_CREDENTIALS};
-use crate::schema::RawUpstream;
+use crate::schema::{RawUpstream, UpstreamProtocol};
 use crate::{Expiry, Inject, Upstream};
 
 /// Statuses an expired-token answer or a transient failure can have: only errors, so that the
@@ -65,6 +65,11 @@ pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
             "upstream {name:?}: inject needs a header, a query parameter, or both"
         ));
     }
+    if tls && u.protocol == UpstreamProtocol::H2c {
+        return Err(format!(
+            "upstream {name:?}: protocol h2c is HTTP/2 over plain TCP and needs an http:// url; over https, protocol auto negotiates HTTP/2 by ALPN"
+        ));
+    }
     for s in u.expiry.statuses.iter().chain(&u.expiry.body_statuses) {
         if !ERROR_STATUSES.contains(s) {
             return Err(format!(
@@ -95,6 +100,7 @@ pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
         idle_timeout: u.timeouts.idle.0,
         ca_file: u.tls.ca_file.as_ref().map(PathBuf::from),
         server_name: u.tls.server_name.clone(),
+        protocol: u.protocol,
         breaker_failures: u.circuit_breaker.failures,
         breaker_cooldown: u.circuit_breaker.cooldown.0,
         expiry: Expiry {
