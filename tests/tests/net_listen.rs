@@ -123,7 +123,11 @@ async fn a_unix_socket_listener_serves_with_mode_0660_and_is_removed_at_exit() {
     )
     .await;
     let answer = answer.into_inner().unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}\n{}", sc.logs());
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\n{}",
+        sc.logs()
+    );
     let seen = api.requests();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/over/unix");
