@@ -537,4 +537,49 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    fn addresses_of(app: &App) -> Arc<Addresses> {
+        app.live.load().upstreams[0].addresses.clone()
+    }
+
+    /// A reload that leaves an upstream's URL and `dns:` alone keeps its addresses (the same
+    /// lookups go on); other `dns:` settings start new lookups from the addresses known, so no
+    /// request finds none; another port starts afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_keeps_the_addresses_of_an_unchanged_upstream() {
+        let dir = std::env::temp_dir().join(format!("sidecar-app-dns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sidecar.yaml");
+        let write = |extra: &str, port: u16| {
+            let text = format!(
+                "upstreams: [{{ name: api, url: \"http://localhost:{port}\" }}]\n{extra}"
+            );
+            std::fs::write(&path, text).unwrap();
+        };
+        write("", 1);
+        let app = App::new(
+            Config::load(&path).unwrap(),
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap();
+        // `localhost` comes from the hosts file: the first lookup answered before the start.
+        let first = addresses_of(&app);
+        assert!(!first.now().is_empty());
+        assert!(first.now().iter().all(|a| a.ip().is_loopback() && a.port() == 1));
+
+        write("retry: { max_retry_after: 3s }\n", 1);
+        assert!(app.reload(&path));
+        assert!(Arc::ptr_eq(&first, &addresses_of(&app)));
+
+        write("dns: { min_ttl: 2s }\n", 1);
+        assert!(app.reload(&path));
+        let other_dns = addresses_of(&app);
+        assert!(!Arc::ptr_eq(&first, &other_dns));
+        assert_eq!(other_dns.now(), first.now());
+
+        write("dns: { min_ttl: 2s }\n", 2);
+        assert!(app.reload(&path));
+        assert!(!Arc::ptr_eq(&other_dns, &addresses_of(&app)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
