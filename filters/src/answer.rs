@@ -207,7 +207,12 @@ pub fn after_response(
         return Step::Pass;
     }
     if grpc_refused {
-        return after_expired_token(state, policy.max_attempts);
+        // gRPC answers end in trailers, which the sidecar's own replay path does not carry:
+        // only Pingora's retry loop (the call's body in its buffer) replays a gRPC call.
+        return match after_expired_token(state, policy.max_attempts) {
+            Step::OwnReplay { .. } => Step::Skip(SkipReason::BodyTooLarge),
+            step => step,
+        };
     }
     match classify(status, answer.www_authenticate, policy.expiry) {
         ExpiryVerdict::NotExpired => Step::Pass,

@@ -551,9 +551,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("sidecar.yaml");
         let write = |extra: &str, port: u16| {
-            let text = format!(
-                "upstreams: [{{ name: api, url: \"http://localhost:{port}\" }}]\n{extra}"
-            );
+            let text =
+                format!("upstreams: [{{ name: api, url: \"http://localhost:{port}\" }}]\n{extra}");
             std::fs::write(&path, text).unwrap();
         };
         write("", 1);
@@ -565,7 +564,10 @@ mod tests {
         // `localhost` comes from the hosts file: the first lookup answered before the start.
         let first = addresses_of(&app);
         assert!(!first.now().is_empty());
-        assert!(first.now().iter().all(|a| a.ip().is_loopback() && a.port() == 1));
+        assert!(first
+            .now()
+            .iter()
+            .all(|a| a.ip().is_loopback() && a.port() == 1));
 
         write("retry: { max_retry_after: 3s }\n", 1);
         assert!(app.reload(&path));

@@ -173,3 +173,25 @@ async fn a_regular_file_at_the_socket_path_is_left_alone() {
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
 }
+
+/// With h2c on, the listener looks for the HTTP/2 preface (24 bytes) first. A short HTTP/1.0
+/// request (18 bytes, then the client waits) is told apart at its first byte and answered at
+/// once, not after the head timeout.
+#[tokio::test]
+async fn a_short_http10_request_is_answered_with_h2c_on() {
+    let (api, sc) = support::open_stack("downstream: { header_timeout: 30s }\n").await;
+    let mut s = tokio::net::TcpStream::connect(sc.listen).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    // Well under the 30 s head timeout: the answer does not wait for it.
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("no answer: the request waited for bytes that never come")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    assert_eq!(api.count(), 1);
+}

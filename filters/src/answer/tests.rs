@@ -93,6 +93,7 @@ fn after_response_table() {
         ("gRPC 16: not replayable", Answer { grpc_status: Some(b"16"), ..answer(200) }, Attempt { replay: Err(SkipReason::NonIdempotent), ..first() }, 0.5, Step::Skip(SkipReason::NonIdempotent)),
         ("gRPC 16: attempts used up", Answer { grpc_status: Some(b"16"), ..answer(200) }, Attempt { attempts: 3, ..first() }, 0.5, Step::Skip(SkipReason::AttemptsExhausted)),
         ("gRPC 16 without a token is the client's", Answer { grpc_status: Some(b"16"), ..answer(200) }, no_token, 0.5, Step::Pass),
+        ("gRPC 16: body beyond Pingora's buffer, no own replay (no trailers there)", Answer { grpc_status: Some(b"16"), ..answer(200) }, Attempt { body_whole: false, ..first() }, 0.5, Step::Skip(SkipReason::BodyTooLarge)),
         ("gRPC OK passes", Answer { grpc_status: Some(b"0"), ..answer(200) }, first(), 0.5, Step::Pass),
         ("gRPC PERMISSION_DENIED passes", Answer { grpc_status: Some(b"7"), ..answer(200) }, first(), 0.5, Step::Pass),
         ("gRPC 160 is not 16", Answer { grpc_status: Some(b"160"), ..answer(200) }, first(), 0.5, Step::Pass),
