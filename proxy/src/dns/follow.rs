@@ -96,7 +96,7 @@ pub(crate) fn address_index(start: usize, attempt: usize, len: usize) -> Option<
 /// address is still untried in this round (then it is tried at once, without backoff; once
 /// every address failed, the usual retry policy decides).
 pub(crate) fn try_next_address(failed: usize, len: usize) -> bool {
-    len > 1 && failed % len != 0
+    len > 1 && !failed.is_multiple_of(len)
 }
 
 #[cfg(test)]
