@@ -53,9 +53,9 @@ pub struct UpstreamRt {
     pub host_header: HeaderValue,
     /// Its provider, if tokens are injected.
     pub tokens: Option<TokenSource>,
-    /// Client for the sidecar's own replays (bodies beyond Pingora's retry buffer, answers whose
-    /// body decides expiry).
-    pub replay_client: reqwest::Client,
+    /// Clients for the sidecar's own replays (bodies beyond Pingora's retry buffer, answers
+    /// whose body decides expiry); see [`UpstreamRt::replay_client`].
+    replay_clients: ReplayClients,
     /// `scheme://host:port` the replay client sends to.
     pub replay_base: String,
     /// Fails fast while the upstream keeps failing.
@@ -215,6 +215,14 @@ impl Live {
 }
 
 impl UpstreamRt {
+    /// The client for the sidecar's own replays: it connects to the same addresses as the
+    /// Pingora path. A new client once the addresses changed, so that its pooled connections
+    /// to an address that left the record are not reused (its pool is keyed by host name, not
+    /// by address as Pingora's is).
+    pub(crate) fn replay_client(&self) -> reqwest::Client {
+        self.replay_clients.get(self.addresses.now())
+    }
+
     /// The peer for the `attempt`-th connect of a request that started at `start` among
     /// `addrs`; `None` while the upstream's name has not resolved.
     pub(crate) fn peer_at(
@@ -261,7 +269,7 @@ impl UpstreamRt {
         };
         Ok(UpstreamRt {
             peer: peer_for(u, placeholder, ca.as_deref()),
-            replay_client: replay_client(u, &addresses, ca.as_deref()).map_err(err)?,
+            replay_clients: ReplayClients::new(u, &addresses, ca).map_err(err)?,
             addresses,
             target,
             host_header: HeaderValue::from_str(&u.authority)
@@ -302,6 +310,43 @@ fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>
         }
     }
     peer
+}
+
+/// Replay clients, one per address set: the current one, made again when the set changes.
+struct ReplayClients {
+    current: ArcSwap<(Arc<Vec<SocketAddr>>, reqwest::Client)>,
+    make: Box<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>,
+}
+
+impl ReplayClients {
+    fn new(
+        u: &Upstream,
+        addresses: &Arc<Addresses>,
+        ca: Option<Vec<CertificateDer<'static>>>,
+    ) -> Result<ReplayClients, String> {
+        let (u, addresses) = (u.clone(), addresses.clone());
+        let make = move || replay_client(&u, &addresses, ca.as_deref());
+        let first = make()?;
+        Ok(ReplayClients {
+            current: ArcSwap::from_pointee((Arc::new(Vec::new()), first)),
+            make: Box::new(make),
+        })
+    }
+
+    fn get(&self, now: Arc<Vec<SocketAddr>>) -> reqwest::Client {
+        let current = self.current.load();
+        if Arc::ptr_eq(&current.0, &now) {
+            return current.1.clone();
+        }
+        match (self.make)() {
+            Ok(client) => {
+                self.current.store(Arc::new((now, client.clone())));
+                client
+            }
+            // Built once already with the same settings: not expected; keep the one there is.
+            Err(_) => current.1.clone(),
+        }
+    }
 }
 
 /// The host name the replay client puts in its URLs (and its SNI).
@@ -583,5 +628,30 @@ mod tests {
         assert!(app.reload(&path));
         assert!(!Arc::ptr_eq(&other_dns, &addresses_of(&app)));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The replay client is made again when the addresses change (its pool is keyed by host
+    /// name: an old client would reuse connections to an address that left the record), and
+    /// only then.
+    #[test]
+    fn a_new_address_set_gets_a_new_replay_client() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let make = move || {
+            counter.fetch_add(1, Ordering::AcqRel);
+            reqwest::Client::builder()
+                .build()
+                .map_err(|e| e.to_string())
+        };
+        let clients = ReplayClients {
+            current: ArcSwap::from_pointee((Arc::new(Vec::new()), make().unwrap())),
+            make: Box::new(make),
+        };
+        let first = Arc::new(vec![SocketAddr::from(([127, 0, 0, 2], 80))]);
+        clients.get(first.clone());
+        clients.get(first.clone());
+        assert_eq!(made.load(Ordering::Acquire), 2);
+        clients.get(Arc::new(vec![SocketAddr::from(([127, 0, 0, 3], 80))]));
+        assert_eq!(made.load(Ordering::Acquire), 3);
     }
 }

@@ -107,7 +107,7 @@ async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Resp
     // Includes a connect, if the replay client has no idle connection to the upstream.
     let sent = std::time::Instant::now();
     let answer = up
-        .replay_client
+        .replay_client()
         .request(req.method.clone(), url)
         .headers(headers)
         .body(body)
