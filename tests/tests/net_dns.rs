@@ -22,6 +22,8 @@ use support::metrics::scrape;
 use support::{free_port, tools, wait_until, Scratch, Sidecar};
 
 const NAME: &str = "api.sidecar.test";
+/// Always in the hosts file: dnsmasq answers it once it serves (and handles SIGHUP).
+const SENTINEL: &str = "ready.sidecar.test";
 /// Any single wait of these tests: generous against `min_ttl: 1s`.
 const BOUND: Duration = Duration::from_secs(20);
 const WARN_LINE: &str = "DNS lookup of an upstream failed";
@@ -35,7 +37,7 @@ struct Dnsmasq {
 }
 
 impl Dnsmasq {
-    fn start(records: &[&str]) -> Dnsmasq {
+    async fn start(records: &[&str]) -> Dnsmasq {
         let bin = tools::require("dnsmasq", "dnsmasq-base");
         let dir = Scratch::new("dnsmasq");
         let hosts = dir.path("hosts");
@@ -61,12 +63,19 @@ impl Dnsmasq {
             .stderr(Stdio::null())
             .spawn()
             .expect("start dnsmasq");
-        Dnsmasq {
+        let dns = Dnsmasq {
             child,
             port,
             hosts,
             _dir: dir,
-        }
+        };
+        wait_until(
+            BOUND,
+            || async { !query(dns.addr(), SENTINEL).await.is_empty() },
+            || "dnsmasq never answered".into(),
+        )
+        .await;
+        dns
     }
 
     fn addr(&self) -> SocketAddr {
@@ -91,7 +100,7 @@ impl Dnsmasq {
         wait_until(
             BOUND,
             || async {
-                let got = query(self.addr()).await;
+                let got = query(self.addr(), NAME).await;
                 *seen.lock().unwrap() = got.clone();
                 got == want
             },
@@ -113,12 +122,13 @@ impl Drop for Dnsmasq {
 }
 
 fn write_hosts(path: &PathBuf, records: &[&str]) {
-    let text: String = records.iter().map(|ip| format!("{ip} {NAME}\n")).collect();
+    let mut text = format!("127.0.0.9 {SENTINEL}\n");
+    text.extend(records.iter().map(|ip| format!("{ip} {NAME}\n")));
     std::fs::write(path, text).unwrap();
 }
 
-/// The A records of [`NAME`] at `server`, sorted; empty when it does not resolve.
-async fn query(server: SocketAddr) -> Vec<IpAddr> {
+/// The A records of `name` at `server`, sorted; empty when it does not resolve.
+async fn query(server: SocketAddr, name: &str) -> Vec<IpAddr> {
     let mut group = NameServerConfigGroup::new();
     group.push(NameServerConfig::new(server, Protocol::Udp));
     let mut builder = TokioResolver::builder_with_config(
@@ -128,7 +138,7 @@ async fn query(server: SocketAddr) -> Vec<IpAddr> {
     builder.options_mut().cache_size = 0;
     builder.options_mut().timeout = Duration::from_secs(1);
     let resolver = builder.build();
-    let mut ips: Vec<IpAddr> = match resolver.ipv4_lookup(NAME).await {
+    let mut ips: Vec<IpAddr> = match resolver.ipv4_lookup(name).await {
         Ok(answer) => answer.iter().map(|a| IpAddr::V4(a.0)).collect(),
         Err(_) => Vec::new(),
     };
@@ -182,7 +192,7 @@ async fn dns_failures(sc: &Sidecar) -> f64 {
 #[tokio::test]
 async fn traffic_follows_the_record_and_no_request_fails_across_the_switch() {
     let (a, b, port) = two_upstreams().await;
-    let dns = Dnsmasq::start(&["127.0.0.2"]);
+    let dns = Dnsmasq::start(&["127.0.0.2"]).await;
     dns.wait_answers(&["127.0.0.2"]).await;
     let sc = sidecar(&dns, port).await;
     let client = reqwest::Client::new();
@@ -262,7 +272,7 @@ async fn traffic_follows_the_record_and_no_request_fails_across_the_switch() {
 #[tokio::test]
 async fn a_name_that_does_not_resolve_at_start_is_502_until_it_does() {
     let (a, _b, port) = two_upstreams().await;
-    let dns = Dnsmasq::start(&[]);
+    let dns = Dnsmasq::start(&[]).await;
     dns.wait_answers(&[]).await;
     let sc = sidecar(&dns, port).await;
     let client = reqwest::Client::new();
@@ -295,7 +305,7 @@ async fn a_name_that_does_not_resolve_at_start_is_502_until_it_does() {
 #[tokio::test]
 async fn every_address_is_used_and_a_dead_one_is_skipped() {
     let (a, b, port) = two_upstreams().await;
-    let dns = Dnsmasq::start(&["127.0.0.2", "127.0.0.3"]);
+    let dns = Dnsmasq::start(&["127.0.0.2", "127.0.0.3"]).await;
     dns.wait_answers(&["127.0.0.2", "127.0.0.3"]).await;
     let sc = sidecar(&dns, port).await;
     let client = reqwest::Client::new();
@@ -342,7 +352,7 @@ async fn every_address_is_used_and_a_dead_one_is_skipped() {
 #[tokio::test]
 async fn when_dns_stops_the_last_addresses_keep_working() {
     let (a, _b, port) = two_upstreams().await;
-    let mut dns = Dnsmasq::start(&["127.0.0.2"]);
+    let mut dns = Dnsmasq::start(&["127.0.0.2"]).await;
     dns.wait_answers(&["127.0.0.2"]).await;
     let sc = sidecar(&dns, port).await;
     let client = reqwest::Client::new();
