@@ -258,6 +258,11 @@ async fn traffic_follows_the_record_and_no_request_fails_across_the_switch() {
         sent.load(Ordering::Acquire),
         sc.logs()
     );
+    eprintln!(
+        "{} requests in the stream across the switch and the old upstream's shutdown, {} failed",
+        sent.load(Ordering::Acquire),
+        failures.len()
+    );
     assert_eq!(
         a.count(),
         at_switch,
