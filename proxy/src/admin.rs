@@ -192,7 +192,7 @@ impl ServeHttp for Admin {
                 let body = self
                     .metrics
                     .as_ref()
-                    .map(|m| m.render())
+                    .map(|m| crate::metrics::render(&self.app, m))
                     .unwrap_or_default()
                     .into_bytes();
                 Response::builder()

@@ -112,6 +112,13 @@ pub struct Ctx {
     /// The sidecar's own answer, decided in a hook that can only fail, for `fail_to_proxy` to
     /// write (a rejected token with no replacement; a token that cannot be sent).
     pub(crate) pending_answer: Option<LocalAnswer>,
+    /// The client's `X-Request-Id` or `traceparent`, or the `X-Request-Id` the sidecar made up
+    /// and sent upstream; for the access log.
+    pub(crate) request_id: Option<String>,
+    /// The status of each upstream answer, in order (replays and retries included).
+    pub(crate) upstream_statuses: Vec<u16>,
+    /// Time spent waiting for upstream answers' headers, all attempts together.
+    pub(crate) upstream_time: Duration,
 }
 
 impl Ctx {
@@ -138,7 +145,20 @@ impl Ctx {
             expected_header: false,
             class: None,
             pending_answer: None,
+            request_id: None,
+            upstream_statuses: Vec::new(),
+            upstream_time: Duration::ZERO,
         }
+    }
+
+    /// Notes an upstream answer's status and how long its header took, for the access log.
+    pub(crate) fn answered(&mut self, status: u16, took: Duration) {
+        // Bounded by replay.max_attempts and retry.max_attempts; a cap keeps the line short
+        // whatever they are set to.
+        if self.upstream_statuses.len() < 32 {
+            self.upstream_statuses.push(status);
+        }
+        self.upstream_time = self.upstream_time.saturating_add(took);
     }
 
     /// The upstream of the route, if one matched.
