@@ -1,4 +1,4 @@
-//! The admin API (SPEC §9) on `admin_listen`: health, readiness, token status and control,
+//! The admin API on `admin_listen`: health, readiness, token status and control,
 //! Prometheus metrics. Answers never contain a token.
 
 use std::collections::HashMap;

@@ -94,7 +94,7 @@ pub struct Ctx {
     pub(crate) rejected: Option<Box<ResponseHeader>>,
     /// Error code of a local answer, for the access log.
     pub(crate) local: Option<&'static str>,
-    /// Retries of transient failures done (SPEC §8).
+    /// Retries of transient failures done.
     pub(crate) transient: u32,
     /// Wait before the next attempt (backoff or Retry-After). Decided where the failure is seen
     /// (`fail_to_connect` cannot wait, and a response hook would hold the upstream connection

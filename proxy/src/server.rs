@@ -112,7 +112,7 @@ pub fn serve_with(
     options.h2_idle_timeout = Some(app.live.load().config.downstream.idle_timeout);
     let mut proxy = http_proxy(&server.configuration, Sidecar::new(app.clone()));
     proxy.server_options = Some(options);
-    // Client connection limits (SPEC §11) wrap the proxy: see `connection`.
+    // Client connection limits wrap the proxy: see `connection`.
     let mut proxy = Service::new(
         "token-sidecar proxy".to_string(),
         Limited::new(proxy, app.clone()),

@@ -115,7 +115,7 @@ impl ProxyHttp for Sidecar {
             },
             host,
         };
-        // The route, the rate limits and the upstream all see the normalised path (SPEC §11).
+        // The route, the rate limits and the upstream all see the normalised path.
         let (index, path, normalized) = match live.routes.route(&view) {
             Route::Upstream {
                 index,
@@ -192,7 +192,7 @@ impl ProxyHttp for Sidecar {
         ctx.replay = replayable(&req.method, has_key, declared, up.config.replay, cfg);
         ctx.body = ReplayBody::new(cfg.max_body);
         let expected_header = req.headers.get(EXPECTED_DURATION);
-        // Never forwarded, whatever the route (SPEC §5).
+        // Never forwarded, whatever the route.
         ctx.expected_header = expected_header.is_some();
         if let Some(source) = inject {
             let expected = match expected_header {
