@@ -194,6 +194,10 @@ async fn a_down_upstream_under_load_logs_a_few_warn_lines_a_second_with_a_count(
         warns.len() >= 2 && counted > warns.len() as u64,
         "{warns:#?}"
     );
+    eprintln!(
+        "{failed} failed requests in {seconds:.2} s: {} WARN lines counting {counted}",
+        warns.len()
+    );
 }
 
 /// `key=value` pairs of a text access line (after `access: `); quoted values unescaped.
