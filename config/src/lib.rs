@@ -88,13 +88,13 @@ pub struct Config {
     pub downstream: Downstream,
     /// How upstream host names are resolved.
     pub dns: Dns,
-    /// Retry of transient upstream failures (SPEC §8).
+    /// Retry of transient upstream failures.
     pub retry: Retry,
     /// Logging.
     pub log: Log,
 }
 
-/// Retry of transient upstream failures (SPEC §8), validated: every status is an error status
+/// Retry of transient upstream failures, validated: every status is an error status
 /// (400-599).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retry {
@@ -150,7 +150,7 @@ pub struct Log {
     pub access_log: bool,
 }
 
-/// Limits on client (downstream) connections (SPEC §11), validated: both timeouts are positive,
+/// Limits on client (downstream) connections, validated: both timeouts are positive,
 /// the cap is at least one. Read per connection, so a reload applies to new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Downstream {
@@ -177,7 +177,7 @@ pub struct Provider {
     pub store: Option<Store>,
 }
 
-/// Where and with which key a provider's tokens are persisted (SPEC §5).
+/// Where and with which key a provider's tokens are persisted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Store {
     /// The store file.
@@ -395,7 +395,7 @@ pub struct Inject {
     pub query: Option<String>,
 }
 
-/// Expired-token detection (SPEC §6).
+/// Expired-token detection.
 #[derive(Debug, Clone)]
 pub struct Expiry {
     /// Statuses that always mean expired.
@@ -425,7 +425,7 @@ pub struct Replay {
     pub debug_header: bool,
 }
 
-/// One client-side rate limit (SPEC §7), validated. Equal values mean "unchanged" across a
+/// One client-side rate limit, validated. Equal values mean "unchanged" across a
 /// reload, so the limiter keeps that rule's state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimit {

@@ -42,10 +42,10 @@ pub struct RawConfig {
     /// Retry of transient upstream failures.
     #[serde(default)]
     pub retry: RawRetry,
-    /// Client-side rate limits (SPEC §7).
+    /// Client-side rate limits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RawRateLimit>,
-    /// Client connections: head and idle timeouts, connection cap (SPEC §11).
+    /// Client connections: head and idle timeouts, connection cap.
     #[serde(default)]
     pub downstream: RawDownstream,
     /// How upstream host names are resolved.
@@ -66,7 +66,7 @@ fn default_grace() -> Dur {
     secs(5)
 }
 
-/// Provider types of SPEC §5 that this build supports.
+/// Provider types that this build supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderType {
@@ -251,7 +251,7 @@ pub struct RawRenew {
     pub error_pointer: Option<String>,
 }
 
-/// Encrypted token store (SPEC §5).
+/// Encrypted token store.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
@@ -493,7 +493,7 @@ pub struct RawTls {
     pub server_name: Option<String>,
 }
 
-/// How an expired-token answer looks (SPEC §6).
+/// How an expired-token answer looks.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawExpiry {
@@ -528,7 +528,7 @@ impl Default for RawExpiry {
     }
 }
 
-/// Replay settings (SPEC §6) and the wait for a token.
+/// Replay settings and the wait for a token.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReplay {
@@ -591,7 +591,7 @@ impl Default for RawReplay {
     }
 }
 
-/// Retry of transient failures (SPEC §8).
+/// Retry of transient failures.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
@@ -641,7 +641,7 @@ pub enum RateLimitMode {
     Reject,
 }
 
-/// One client-side rate limit (SPEC §7).
+/// One client-side rate limit.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {

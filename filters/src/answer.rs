@@ -1,4 +1,4 @@
-//! What happens to an upstream answer, and to a failed connect (SPEC §6, §8): one pure decision
+//! What happens to an upstream answer, and to a failed connect: one pure decision
 //! each, over plain values. The proxy reads the answer's header, the attempt's state and the
 //! config, asks here, and carries the [`Step`] out.
 
@@ -10,7 +10,7 @@ use crate::ratelimit::parse_retry_after;
 use crate::replay::{after_expired, classify, ExpiryVerdict, NextStep, SkipReason};
 
 /// Error class of an attempt, for `sidecar_upstream_errors_total{class}` and the access log
-/// (SPEC §8).
+///.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// 401, 403.
@@ -99,7 +99,7 @@ pub struct Attempt {
     pub token: Option<Generations>,
 }
 
-/// Token generations, for the generation rule (SPEC §5).
+/// Token generations, for the generation rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Generations {
     /// The generation this attempt carried.
@@ -162,7 +162,7 @@ fn backoff(retry: &Retry, done: u32, jitter: f64) -> Option<Duration> {
     Some(jittered(*step, jitter))
 }
 
-/// The `Retry-After` of an answer that may carry one (429 and 503; SPEC §7), read relative to
+/// The `Retry-After` of an answer that may carry one (429 and 503), read relative to
 /// `now`; `None` for other statuses and for values that are neither seconds nor an HTTP date.
 pub fn retry_after_of(status: u16, value: Option<&[u8]>, now: SystemTime) -> Option<Duration> {
     if status != 429 && status != 503 {
@@ -172,7 +172,7 @@ pub fn retry_after_of(status: u16, value: Option<&[u8]>, now: SystemTime) -> Opt
     parse_retry_after(v, now)
 }
 
-/// What to do with an upstream answer (SPEC §6, §8), in this order: statuses below 400 pass;
+/// What to do with an upstream answer, in this order: statuses below 400 pass;
 /// a transient status (`retry.statuses`, or a 429 that says `Retry-After`) of a replayable
 /// request whose body Pingora holds is retried while `retry.backoff` lasts, after the backoff
 /// or the upstream's `Retry-After` (when `respect_retry_after`, at most `max_retry_after`);
@@ -228,7 +228,7 @@ pub fn after_response(
 }
 
 /// What to do once an answer says the token expired (by its header, or by its body after
-/// [`Step::CheckBody`]): the replayability and the generation rule (SPEC §5/§6). Never
+/// [`Step::CheckBody`]): the replayability and the generation rule. Never
 /// [`Step::Retry`] or [`Step::CheckBody`].
 pub fn after_expired_token(state: &Attempt, max_attempts: u32) -> Step {
     if let Err(reason) = state.replay {

@@ -1,4 +1,4 @@
-//! The admin API (SPEC §9) on `admin_listen`: health, readiness, token status and control,
+//! The admin API on `admin_listen`: health, readiness, token status and control,
 //! Prometheus metrics. Answers never contain a token.
 
 use std::collections::HashMap;
@@ -192,7 +192,7 @@ impl ServeHttp for Admin {
                 let body = self
                     .metrics
                     .as_ref()
-                    .map(|m| m.render())
+                    .map(|m| crate::metrics::render(&self.app, m))
                     .unwrap_or_default()
                     .into_bytes();
                 Response::builder()

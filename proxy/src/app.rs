@@ -84,6 +84,8 @@ const METHODS: [&str; 8] = [
 ];
 /// Status labels: `0` … `599` (0: no answer was written), then `other`.
 const STATUSES: usize = 601;
+/// Who wrote the answer: the `origin` label.
+const ORIGINS: [&str; 2] = ["upstream", "sidecar"];
 
 fn method_index(m: &str) -> usize {
     METHODS[..METHODS.len() - 1]
@@ -106,19 +108,21 @@ impl UpstreamMetrics {
         UpstreamMetrics {
             duration: metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label.clone()),
             upstream_duration: metrics::histogram!("sidecar_upstream_duration_seconds", "upstream" => label.clone()),
-            requests: (0..METHODS.len() * STATUSES)
+            requests: (0..ORIGINS.len() * METHODS.len() * STATUSES)
                 .map(|_| OnceLock::new())
                 .collect(),
             label,
         }
     }
 
-    /// `sidecar_requests_total{upstream,method,status}`.
-    pub fn requests(&self, method: &str, status: u16) -> &metrics::Counter {
+    /// `sidecar_requests_total{upstream,method,status,origin}`; `own`: the sidecar wrote the
+    /// answer itself (a 429 of its rate limits, a 502 for an unreachable upstream, ...).
+    pub fn requests(&self, method: &str, status: u16, own: bool) -> &metrics::Counter {
+        let oi = usize::from(own);
         let mi = method_index(method);
         let si = usize::from(status).min(STATUSES - 1);
-        self.requests[mi * STATUSES + si].get_or_init(|| {
-            metrics::counter!("sidecar_requests_total", "upstream" => self.label.clone(), "method" => METHODS[mi], "status" => status_label(si))
+        self.requests[(oi * METHODS.len() + mi) * STATUSES + si].get_or_init(|| {
+            metrics::counter!("sidecar_requests_total", "upstream" => self.label.clone(), "method" => METHODS[mi], "status" => status_label(si), "origin" => ORIGINS[oi])
         })
     }
 }

@@ -1,4 +1,4 @@
-//! The command line (SPEC §3).
+//! The command line.
 
 use std::path::{Path, PathBuf};
 

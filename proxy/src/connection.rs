@@ -1,4 +1,4 @@
-//! Client connections (SPEC §11): a cap on how many are held at once, a time limit on reading a
+//! Client connections: a cap on how many are held at once, a time limit on reading a
 //! request head, and an idle limit between keep-alive requests.
 //!
 //! Pingora 0.9 has none of these as settings: its keep-alive timer is hard-coded to 60 s for a

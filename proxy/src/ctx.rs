@@ -95,7 +95,7 @@ pub struct Ctx {
     pub(crate) rejected: Option<Box<ResponseHeader>>,
     /// Error code of a local answer, for the access log.
     pub(crate) local: Option<&'static str>,
-    /// Retries of transient failures done (SPEC §8).
+    /// Retries of transient failures done.
     pub(crate) transient: u32,
     /// Wait before the next attempt (backoff or Retry-After). Decided where the failure is seen
     /// (`fail_to_connect` cannot wait, and a response hook would hold the upstream connection
@@ -119,6 +119,13 @@ pub struct Ctx {
     pub(crate) addrs: Option<(Arc<Vec<SocketAddr>>, usize)>,
     /// Connect failures so far (which address the next connect goes to).
     pub(crate) connect_failures: usize,
+    /// The client's `X-Request-Id` or `traceparent`, or the `X-Request-Id` the sidecar made up
+    /// and sent upstream; for the access log.
+    pub(crate) request_id: Option<String>,
+    /// The status of each upstream answer, in order (replays and retries included).
+    pub(crate) upstream_statuses: Vec<u16>,
+    /// Time spent waiting for upstream answers' headers, all attempts together.
+    pub(crate) upstream_time: Duration,
 }
 
 impl Ctx {
@@ -147,7 +154,20 @@ impl Ctx {
             pending_answer: None,
             addrs: None,
             connect_failures: 0,
+            request_id: None,
+            upstream_statuses: Vec::new(),
+            upstream_time: Duration::ZERO,
         }
+    }
+
+    /// Notes an upstream answer's status and how long its header took, for the access log.
+    pub(crate) fn answered(&mut self, status: u16, took: Duration) {
+        // Bounded by replay.max_attempts and retry.max_attempts; a cap keeps the line short
+        // whatever they are set to.
+        if self.upstream_statuses.len() < 32 {
+            self.upstream_statuses.push(status);
+        }
+        self.upstream_time = self.upstream_time.saturating_add(took);
     }
 
     /// The upstream of the route, if one matched.

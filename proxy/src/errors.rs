@@ -1,4 +1,4 @@
-//! The sidecar's own answers (SPEC §10): JSON bodies `{"error": CODE, "message": TEXT}`.
+//! The sidecar's own answers: JSON bodies `{"error": CODE, "message": TEXT}`.
 
 use std::time::Duration;
 

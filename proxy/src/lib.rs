@@ -5,6 +5,7 @@
 //!
 //! Decisions live in `sidecar-filters`; this crate only wires them to Pingora's hooks.
 
+mod access_log;
 pub mod admin;
 pub mod app;
 pub mod cli;
@@ -13,7 +14,10 @@ pub mod ctx;
 pub mod demo;
 pub mod dns;
 pub mod errors;
+mod log_json;
+mod log_throttle;
 pub mod logging;
+pub mod metrics;
 mod outgoing;
 mod replay;
 pub mod server;

@@ -10,8 +10,8 @@ use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use sidecar_filters::{
-    after_expired_token, body_matches, classify, grpc_unauthenticated, ExpiryVerdict, Step,
-    BODY_PEEK,
+    after_expired_token, body_matches, classify, grpc_unauthenticated, ErrorClass, ExpiryVerdict,
+    Step, BODY_PEEK,
 };
 
 use crate::app::App;
@@ -46,7 +46,7 @@ pub(crate) async fn own_replay(app: &Arc<App>, session: &mut Session, ctx: &mut 
     let body = ctx.body.take();
     loop {
         ctx.attempts += 1;
-        let mut resp = match send(session, ctx, body.clone()).await {
+        let mut resp = match send(session, &mut *ctx, body.clone()).await {
             Ok(r) => r,
             Err(answer) => return write_local(session, ctx, answer).await,
         };
@@ -92,13 +92,20 @@ pub(crate) async fn own_replay(app: &Arc<App>, session: &mut Session, ctx: &mut 
                 Step::Pass | Step::Retry { .. } | Step::CheckBody => {}
             }
         }
+        // The answer the client gets decides the error class: an own replay that ended 200 is
+        // no auth error.
+        ctx.class = ErrorClass::of_status(status);
         return write_answer(session, ctx, resp, peek.freeze(), ended).await;
     }
 }
 
 /// Sends the request as [`outgoing::to_replay`] shapes it; a request that cannot be shaped or
 /// sent gets the sidecar's own answer instead.
-async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Response, LocalAnswer> {
+async fn send(
+    session: &Session,
+    ctx: &mut Ctx,
+    body: Bytes,
+) -> Result<reqwest::Response, LocalAnswer> {
     let Some(up) = ctx.up() else {
         return Err(LocalAnswer::internal());
     };
@@ -113,18 +120,18 @@ async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Resp
         .body(body)
         .send()
         .await;
-    if answer.is_ok() {
-        up.metrics
-            .upstream_duration
-            .record(sent.elapsed().as_secs_f64());
-    }
-    answer.map_err(|e| {
+    let failed = |e: reqwest::Error| {
         if e.is_timeout() {
             LocalAnswer::timeout(&up.config.name)
         } else {
             LocalAnswer::unreachable(&up.config.name)
         }
-    })
+    };
+    let answer = answer.map_err(failed)?;
+    let took = sent.elapsed();
+    up.metrics.upstream_duration.record(took.as_secs_f64());
+    ctx.answered(answer.status().as_u16(), took);
+    Ok(answer)
 }
 
 async fn write_local(session: &mut Session, ctx: &mut Ctx, answer: LocalAnswer) -> u16 {

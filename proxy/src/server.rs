@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::proxy::http_proxy;
@@ -24,20 +23,6 @@ use crate::shutdown::Signals;
 /// measured on a 1,000-request burst, the connects were most of the sidecar's cost
 /// (bench/PROFILE.md §7).
 pub const UPSTREAM_POOL: usize = 1024;
-
-fn metrics_recorder() -> Option<PrometheusHandle> {
-    let buckets = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        5.0, 10.0, 30.0,
-    ];
-    let recorder = PrometheusBuilder::new()
-        .set_buckets(&buckets)
-        .ok()?
-        .build_recorder();
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).ok()?;
-    Some(handle)
-}
 
 /// Pingora's listener hand-over (SIGQUIT to the old process, `--upgrade` on the new one).
 #[derive(Debug, Clone)]
@@ -65,7 +50,7 @@ pub fn serve_with(
     upgrade: Upgrade,
 ) -> i32 {
     crate::logging::init(&config.log);
-    let metrics = metrics_recorder();
+    let metrics = crate::metrics::recorder();
     let token_rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("token-refresh")
@@ -130,7 +115,7 @@ pub fn serve_with(
     options.h2_idle_timeout = Some(app.live.load().config.downstream.idle_timeout);
     let mut proxy = http_proxy(&server.configuration, Sidecar::new(app.clone()));
     proxy.server_options = Some(options);
-    // Client connection limits (SPEC §11) wrap the proxy: see `connection`.
+    // Client connection limits wrap the proxy: see `connection`.
     let mut proxy = Service::new(
         "token-sidecar proxy".to_string(),
         Limited::new(proxy, app.clone()),

@@ -98,6 +98,7 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.request_id = Some(request_id(session));
         let live = self.app.live.load_full();
         let req = session.req_header();
         let h2 = session.as_downstream().is_http2();
@@ -116,7 +117,7 @@ impl ProxyHttp for Sidecar {
             },
             host,
         };
-        // The route, the rate limits and the upstream all see the normalised path (SPEC §11).
+        // The route, the rate limits and the upstream all see the normalised path.
         let (index, path, normalized) = match live.routes.route(&view) {
             Route::Upstream {
                 index,
@@ -193,7 +194,7 @@ impl ProxyHttp for Sidecar {
         ctx.replay = replayable(&req.method, has_key, declared, up.config.replay, cfg);
         ctx.body = ReplayBody::new(cfg.max_body);
         let expected_header = req.headers.get(EXPECTED_DURATION);
-        // Never forwarded, whatever the route (SPEC §5).
+        // Never forwarded, whatever the route.
         ctx.expected_header = expected_header.is_some();
         if let Some(source) = inject {
             let expected = match expected_header {
@@ -322,9 +323,33 @@ impl ProxyHttp for Sidecar {
     }
 
     /// The sidecar's own replay ends in an answer of its own (often a 200): Pingora's ERROR
-    /// line about the error that handed the request over would be false. An unresolved upstream name is logged once by the lookups (not per request).
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
-        *error.etype() == OWN_REPLAY || *error.etype() == CHECK_BODY || *error.etype() == UNRESOLVED
+    /// line about the error that handed the request over would be false. An unresolved upstream
+    /// name is logged once by the lookups (not per request). An upstream that
+    /// cannot be reached or does not answer in time is logged here instead, at WARN, once a
+    /// second per upstream and cause with the count of the failures not logged (a down
+    /// upstream under load would otherwise write a line per request).
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
+        if *error.etype() == OWN_REPLAY || *error.etype() == CHECK_BODY || *error.etype() == UNRESOLVED
+        {
+            return true;
+        }
+        let cause = match ctx.class {
+            Some(c @ (ErrorClass::Network | ErrorClass::Timeout)) => c.as_str(),
+            _ => return false,
+        };
+        let upstream = ctx.up().map_or("", |u| u.config.name.as_str());
+        if let Some(suppressed) =
+            crate::log_throttle::UPSTREAM_DOWN.admit(upstream, cause, Instant::now())
+        {
+            tracing::warn!(
+                upstream,
+                cause,
+                suppressed,
+                error = %error,
+                "upstream failed; requests answered with the sidecar's error (suppressed: the same failures not logged in the last second)"
+            );
+        }
+        true
     }
 
     fn error_while_proxy(
@@ -457,10 +482,9 @@ impl ProxyHttp for Sidecar {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let route = ctx.up();
-        let upstream = route.map_or("", |up| up.config.name.as_str());
         let method = session.req_header().method.as_str();
         let m = route.map_or(&self.app.unrouted, |up| &up.metrics);
-        m.requests(method, status).increment(1);
+        m.requests(method, status, ctx.local.is_some()).increment(1);
         m.duration.record(elapsed.as_secs_f64());
         if let Some(up) = route {
             if ctx.attempts > 0 || ctx.class.is_some() {
@@ -473,25 +497,13 @@ impl ProxyHttp for Sidecar {
                 metrics::counter!("sidecar_upstream_errors_total", "upstream" => up.config.name.clone(), "class" => class.as_str()).increment(1);
             }
         }
-        let access_log = match &ctx.route {
-            Some(r) => r.live().config.log.access_log,
-            None => self.app.live.load().config.log.access_log,
+        let log = match &ctx.route {
+            Some(r) => &r.live().config.log,
+            None => &self.app.live.load().config.log,
         };
-        if access_log {
-            tracing::info!(
-                target: "access",
-                method,
-                path = session.req_header().uri.path(),
-                upstream,
-                status,
-                duration_ms = elapsed.as_micros() as f64 / 1000.0,
-                attempts = ctx.attempts,
-                replayed = ctx.replays,
-                generation = ctx.token.as_ref().map_or(0, |t| t.generation),
-                local = ctx.local.unwrap_or(""),
-                class = ctx.class.map_or("", ErrorClass::as_str),
-                error = e.map(|e| e.etype().as_str()).unwrap_or(""),
-            );
+        if log.access_log {
+            let json = log.format == sidecar_config::LogFormat::Json;
+            crate::access_log::write(session, ctx, e, status, json);
         }
     }
 }
@@ -508,10 +520,12 @@ impl Sidecar {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.class = ErrorClass::of_status(status);
-        if let (Some(sent), Some(up)) = (ctx.sent_at.take(), ctx.up()) {
-            up.metrics
-                .upstream_duration
-                .record(sent.elapsed().as_secs_f64());
+        if let Some(sent) = ctx.sent_at.take() {
+            let took = sent.elapsed();
+            if let Some(up) = ctx.up() {
+                up.metrics.upstream_duration.record(took.as_secs_f64());
+            }
+            ctx.answered(status, took);
         }
         if status < 400 && !upstream_response.headers.contains_key("grpc-status") {
             return Ok(());
@@ -587,6 +601,28 @@ impl Sidecar {
         }
     }
 }
+
+/// Correlates the request with the upstream's logs: the client's `X-Request-Id` or `traceparent`
+/// (both passed on as they are), or a new random `X-Request-Id`, set on the request so that
+/// every attempt and replay carries it.
+fn request_id(session: &mut Session) -> String {
+    let headers = &session.req_header().headers;
+    for name in [X_REQUEST_ID.as_str(), "traceparent"] {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            if !v.is_empty() {
+                return v.to_string();
+            }
+        }
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    let _ = session
+        .req_header_mut()
+        .insert_header(X_REQUEST_ID.clone(), id.as_str());
+    id
+}
+
+/// The request id header the sidecar adds when the client sent none.
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Pingora can resend the request body from its own retry buffer: all of it was read and it
 /// fit (or there was none).

@@ -577,7 +577,7 @@ fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-/// `sidecar_upstream_duration_seconds` (SPEC §9) is a histogram per upstream with one sample
+/// `sidecar_upstream_duration_seconds` is a histogram per upstream with one sample
 /// per attempt that got an answer, measuring the upstream's part: a 503 retried once is two
 /// samples, and an upstream that takes 300 ms to answer adds at least that.
 #[tokio::test]

@@ -1,5 +1,5 @@
-//! TLS upstreams (SPEC §4 `tls`): trust from `ca_file`, SNI from `server_name`, HTTP/2 by ALPN,
-//! and the expired-token flow of SPEC §6 over that connection, through the real sidecar binary.
+//! TLS upstreams (`tls`): trust from `ca_file`, SNI from `server_name`, HTTP/2 by ALPN,
+//! and the expired-token flow over that connection, through the real sidecar binary.
 
 mod support;
 

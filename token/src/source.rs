@@ -83,7 +83,7 @@ impl TokenSource {
                 kill_after_store: Mutex::new(None),
             }),
         };
-        source.inner.publish_state();
+        source.inner.publish_metrics();
         source
     }
 
@@ -243,6 +243,13 @@ impl TokenSource {
             waited,
             last_error: lock(&self.inner.book).last_error.clone(),
         }
+    }
+
+    /// Sets `sidecar_token_state`, `sidecar_token_ttl_seconds` and
+    /// `sidecar_token_expiry_timestamp_seconds` to what holds now. `/metrics` calls it before
+    /// rendering: refreshes alone would leave the TTL at its value of the last refresh.
+    pub fn publish_metrics(&self) {
+        self.inner.publish_metrics();
     }
 
     /// The state machine's current state.

@@ -1,4 +1,4 @@
-//! The sidecar's own listening side: listen addresses and client-connection limits (SPEC §11).
+//! The sidecar's own listening side: listen addresses and client-connection limits.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! Providers (SPEC §5): the keys each type takes, OAuth2 clients, fallback logins, JSON calls.
+//! Providers: the keys each type takes, OAuth2 clients, fallback logins, JSON calls.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

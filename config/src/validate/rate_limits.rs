@@ -1,4 +1,4 @@
-//! Client-side rate limits (SPEC §7): matchers, burst, keys.
+//! Client-side rate limits: matchers, burst, keys.
 
 use std::time::Duration;
 

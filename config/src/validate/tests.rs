@@ -1,4 +1,4 @@
-//! Provider validation: the keys of SPEC §5 per type, and the errors for what does not fit.
+//! Provider validation: the keys of each provider type, and the errors for what does not fit.
 
 use crate::*;
 

@@ -1,4 +1,4 @@
-//! Upstream routes (SPEC §4): URL, match, injection, expiry statuses.
+//! Upstream routes: URL, match, injection, expiry statuses.
 
 use std::path::PathBuf;
 

@@ -21,7 +21,7 @@ pub(super) fn http_client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// Largest identity-provider or `json_login` answer read (SPEC §11); a token answer is a few
+/// Largest identity-provider or `json_login` answer read; a token answer is a few
 /// hundred bytes.
 pub(crate) const MAX_ANSWER: usize = 1 << 20;
 

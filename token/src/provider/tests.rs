@@ -1,5 +1,5 @@
 //! Every provider type against the mock IdP (or a tiny in-test server / a real command), built
-//! from YAML through the config crate so the keys of SPEC §5 are exercised too.
+//! from YAML through the config crate so the providers' config keys are exercised too.
 
 use std::path::Path;
 use std::time::Duration;
