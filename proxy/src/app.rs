@@ -305,6 +305,18 @@ fn load_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Strin
     Ok(certs)
 }
 
+/// What config validation cannot check without the token crate (a `private_key_jwt` key that
+/// does not parse): `check`, `run` and a reload refuse it, at the key, instead of failing at
+/// every refresh.
+pub fn provider_check(p: &sidecar_config::Provider) -> Result<(), (String, String)> {
+    sidecar_token::check_provider(&p.kind).map_err(|m| {
+        (
+            "private_key".to_string(),
+            format!("provider {:?}: private_key: {m}", p.name),
+        )
+    })
+}
+
 /// The process-wide state the proxy and admin services share.
 pub struct App {
     /// The current config and everything built from it.
@@ -345,7 +357,7 @@ impl App {
     /// Re-reads the config file and swaps it in; the running config stays when the new one is
     /// invalid (logged and counted). Returns whether the new config is in force.
     pub fn reload(&self, path: &Path) -> bool {
-        let result = Config::load(path)
+        let result = Config::load_with(path, Some(provider_check))
             .map_err(|e| e.to_string())
             .and_then(|config| self.install(config));
         match result {

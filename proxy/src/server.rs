@@ -64,6 +64,9 @@ pub fn serve_with(
     upgrade: Upgrade,
 ) -> i32 {
     crate::logging::init(&config.log);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let metrics = metrics_recorder();
     let token_rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
