@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -327,6 +327,11 @@ pub struct App {
     pub inflight: AtomicUsize,
     /// Wakes the shutdown wait when `inflight` drops to zero.
     pub idle: Notify,
+    /// SIGTERM came: `/readyz` answers 503 from now on.
+    pub draining: AtomicBool,
+    /// `shutdown_delay` is over: new client connections are closed at once and kept-alive ones
+    /// are closed after their current request.
+    pub closing: AtomicBool,
     /// Requests waiting for a token now (bounded by `replay.max_waiting`).
     pub waiting: AtomicUsize,
     /// Upstreams that asked, with `Retry-After`, not to be sent anything until a moment.
@@ -348,6 +353,8 @@ impl App {
             token_runtime,
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
+            draining: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             holds,
             unrouted: UpstreamMetrics::new(""),
@@ -399,6 +406,16 @@ impl App {
         let slot = WaitSlot(self.clone());
         metrics::gauge!("sidecar_waiting_requests").set((before + 1) as f64);
         (before < max).then_some(slot)
+    }
+
+    /// Whether SIGTERM came (readiness is then 503 for good).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the sidecar no longer takes new requests.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Counts a request as in flight until the guard drops.

@@ -6,6 +6,7 @@
 //! Decisions live in `sidecar-filters`; this crate only wires them to Pingora's hooks.
 
 pub mod admin;
+pub mod admin_auth;
 pub mod app;
 pub mod cli;
 pub mod connection;

@@ -96,6 +96,11 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self.app.is_closing() {
+            // Shutting down: this request (already read on a kept-alive connection) is served,
+            // and its connection closed after it.
+            session.set_keepalive(None);
+        }
         let live = self.app.live.load_full();
         let req = session.req_header();
         let h2 = session.as_downstream().is_http2();
