@@ -387,8 +387,14 @@ impl App {
     /// process-wide bounds (`retry.max_retry_after` of the upstream holds) to the new values.
     fn install(&self, config: Config) -> Result<(), String> {
         let old = self.live.load_full();
-        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+        if config.listen != old.config.listen
+            || config.admin_listen != old.config.admin_listen
+            || config.probe_listen != old.config.probe_listen
+        {
             tracing::warn!("listen addresses changed; that takes effect only after a restart");
+        }
+        for w in &config.warnings {
+            tracing::warn!("{w}");
         }
         let next = Live::build(Arc::new(config), Some(&old), &self.token_runtime)
             .map_err(|e| e.to_string())?;

@@ -396,7 +396,7 @@ providers:
         use proptest::prelude::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #![proptest_config(ProptestConfig::with_cases(1000))]
             #[test]
             fn any_text_and_path_never_panics(text in any::<String>(), rel in "[a-z\\[\\]0-9.]{0,12}") {
                 let _ = find(&text, &KeyPath::default().then(&rel));

@@ -275,3 +275,37 @@ fn a_provider_check_error_points_into_the_provider() {
     assert_eq!(e.to_string(), "c.yaml:5:5: refused by the check");
     assert!(Config::parse(text, "c.yaml").is_ok());
 }
+
+mod prop {
+    use crate::validate::log_level;
+    use proptest::prelude::*;
+
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Any text: no panic; accepted only when every directive is a level or `target=level`.
+        #[test]
+        fn log_levels_are_levels_or_directives(level in any::<String>()) {
+            let expected = {
+                let ds: Vec<&str> = level.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+                !ds.is_empty() && ds.iter().all(|d| match d.rsplit_once('=') {
+                    Some((t, l)) => !t.trim().is_empty() && LEVELS.contains(&l.trim().to_ascii_lowercase().as_str()),
+                    None => LEVELS.contains(&d.to_ascii_lowercase().as_str()),
+                })
+            };
+            prop_assert_eq!(log_level(&level).is_ok(), expected);
+        }
+
+        /// A word that is no level is refused, alone or beside a level.
+        #[test]
+        fn a_bare_word_is_refused(word in "[a-z_]{1,12}") {
+            prop_assume!(!LEVELS.contains(&word.as_str()));
+            prop_assert!(log_level(&word).is_err());
+            let beside = format!("info,{word}");
+            prop_assert!(log_level(&beside).is_err());
+            let directive = format!("{word}=debug");
+            prop_assert!(log_level(&directive).is_ok());
+        }
+    }
+}
