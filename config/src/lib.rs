@@ -23,7 +23,8 @@ pub use read::{read_bounded, read_within, ReadError, MAX_FILE, READ_TIMEOUT};
 pub use refs::{MAX_REFERENCED, REFERENCES_TIME};
 pub use schema::RateLimitMode;
 pub use schema::{
-    ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog, UpstreamProtocol,
+    ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawAdmin, RawConfig, RawLog,
+    UpstreamProtocol,
 };
 pub use values::{
     parse_duration, parse_percent, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION,
@@ -63,6 +64,33 @@ pub enum ConfigError {
     },
 }
 
+/// Something a config says that is probably not what its author meant; `check` prints it and
+/// exits 0, `run` logs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// The file.
+    pub file: String,
+    /// 1-based line and column of the key it is about, if it is in the file.
+    pub place: Option<(usize, usize)>,
+    /// What looks wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.place {
+            Some((line, col)) => write!(f, "{}:{line}:{col}: warning: {}", self.file, self.message),
+            None => write!(f, "{}: warning: {}", self.file, self.message),
+        }
+    }
+}
+
+/// A check of a validated provider that needs more than this crate has (the token crate parses
+/// `private_key_jwt` keys with it), run while a config is loaded so that `check`, `run` and a
+/// reload refuse the same things. `Err((key under the provider, message))`; the message must not
+/// contain secrets.
+pub type ProviderCheck = fn(&Provider) -> Result<(), (String, String)>;
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -74,8 +102,16 @@ pub struct Config {
     pub listen: Listen,
     /// Admin API address.
     pub admin_listen: SocketAddr,
+    /// Probe-only address (`/healthz`, `/readyz`, `/metrics`), if any.
+    pub probe_listen: Option<SocketAddr>,
+    /// Bearer token the admin API's POST endpoints take from clients off loopback.
+    pub admin_token: Option<Secret>,
     /// SIGTERM grace period.
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long new requests are still taken before draining.
+    pub shutdown_delay: Duration,
+    /// What looked suspicious when it was read (printed by `check`, logged by `run`).
+    pub warnings: Vec<Warning>,
     /// Providers by name.
     pub providers: BTreeMap<String, Provider>,
     /// Upstream routes in file order.
@@ -464,6 +500,11 @@ impl Config {
     /// Reads and validates a file: a regular file of at most [`MAX_FILE`] bytes of UTF-8,
     /// read within [`read::READ_TIMEOUT`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, None)
+    }
+
+    /// [`Config::load`] with a further check of every provider.
+    pub fn load_with(path: &Path, check: Option<ProviderCheck>) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let bytes = read_bounded(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
@@ -484,7 +525,7 @@ impl Config {
                 });
             }
         };
-        let mut config = Config::parse(&text, &file)?;
+        let mut config = Config::parse_with(&text, &file, check)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
@@ -493,12 +534,21 @@ impl Config {
     /// a text with no settings at all (an empty or truncated file must never replace a running
     /// config with "all defaults, no routes"), a key written twice in one mapping, custom tags.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, file, None)
+    }
+
+    /// [`Config::parse`] with a further check of every provider.
+    pub fn parse_with(
+        text: &str,
+        file: &str,
+        check: Option<ProviderCheck>,
+    ) -> Result<Config, ConfigError> {
         let yaml_error = |e: serde_yaml::Error| match e.location() {
             Some(loc) => ConfigError::At {
                 file: file.to_string(),
                 line: loc.line(),
                 col: loc.column(),
-                message: strip_location(&e.to_string()),
+                message: strip_location(&e.to_string(), loc.line(), loc.column()),
             },
             None => ConfigError::Invalid {
                 file: file.to_string(),
@@ -515,7 +565,7 @@ impl Config {
         }
         refs::with_budget(|| {
             let raw: RawConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
-            validate::validate(raw, text, file)
+            validate::validate(raw, text, file, check)
         })
     }
 
@@ -525,12 +575,12 @@ impl Config {
     }
 }
 
-/// serde_yaml appends " at line L column C" to its messages; the location goes in front instead.
-fn strip_location(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
-    }
+/// serde_yaml writes " at line L column C" into its messages (a syntax error also names where
+/// the enclosing construct started); the location goes in front instead, once.
+fn strip_location(msg: &str, line: usize, col: usize) -> String {
+    let own = format!(" at line {line} column {col}");
+    let rest = msg.replace(&own, "");
+    rest.replace(" at line ", " that starts at line ")
 }
 
 #[cfg(test)]

@@ -27,9 +27,18 @@ pub struct RawConfig {
     /// Admin API listen address.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
+    /// Serves only `/healthz`, `/readyz` and `/metrics` (for kubelet probes and Prometheus).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_listen: Option<String>,
+    /// Admin API settings.
+    #[serde(default, skip_serializing_if = "RawAdmin::is_empty")]
+    pub admin: RawAdmin,
     /// How long SIGTERM waits for in-flight requests.
     #[serde(default = "default_grace")]
     pub shutdown_grace: Dur,
+    /// After SIGTERM, how long new requests are still taken (readiness already says 503).
+    #[serde(default = "default_delay")]
+    pub shutdown_delay: Dur,
     /// Token providers by name.
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
@@ -54,6 +63,25 @@ pub struct RawConfig {
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
+}
+
+fn default_delay() -> Dur {
+    secs(0)
+}
+
+/// The admin API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Bearer token that POST endpoints accept from clients that are not on loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+}
+
+impl RawAdmin {
+    fn is_empty(&self) -> bool {
+        self.token.is_none()
+    }
 }
 
 fn default_listen() -> String {

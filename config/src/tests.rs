@@ -184,7 +184,7 @@ fn missing_env_reference_is_an_error() {
 #[test]
 fn unknown_provider_reference_is_located() {
     let e = err("upstreams:\n  - name: a\n    url: http://x\n    provider: nope\n");
-    assert!(e.starts_with("bad.yaml:2:"), "{e}");
+    assert!(e.starts_with("bad.yaml:4:5: "), "{e}");
     assert!(e.contains("nope"), "{e}");
 }
 

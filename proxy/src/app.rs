@@ -416,6 +416,18 @@ fn load_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Strin
     Ok(certs)
 }
 
+/// What config validation cannot check without the token crate (a `private_key_jwt` key that
+/// does not parse): `check`, `run` and a reload refuse it, at the key, instead of failing at
+/// every refresh.
+pub fn provider_check(p: &sidecar_config::Provider) -> Result<(), (String, String)> {
+    sidecar_token::check_provider(&p.kind).map_err(|m| {
+        (
+            "private_key".to_string(),
+            format!("provider {:?}: private_key: {m}", p.name),
+        )
+    })
+}
+
 /// The process-wide state the proxy and admin services share.
 pub struct App {
     /// The current config and everything built from it.
@@ -426,6 +438,11 @@ pub struct App {
     pub inflight: AtomicUsize,
     /// Wakes the shutdown wait when `inflight` drops to zero.
     pub idle: Notify,
+    /// SIGTERM came: `/readyz` answers 503 from now on.
+    pub draining: AtomicBool,
+    /// `shutdown_delay` is over: new client connections are closed at once and kept-alive ones
+    /// are closed after their current request.
+    pub closing: AtomicBool,
     /// Requests waiting for a token now (bounded by `replay.max_waiting`).
     pub waiting: AtomicUsize,
     /// Upstreams that asked, with `Retry-After`, not to be sent anything until a moment.
@@ -449,6 +466,8 @@ impl App {
             token_runtime,
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
+            draining: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             holds,
             unrouted: UpstreamMetrics::new(""),
@@ -459,7 +478,7 @@ impl App {
     /// Re-reads the config file and swaps it in; the running config stays when the new one is
     /// invalid (logged and counted). Returns whether the new config is in force.
     pub fn reload(&self, path: &Path) -> bool {
-        let result = Config::load(path)
+        let result = Config::load_with(path, Some(provider_check))
             .map_err(|e| e.to_string())
             .and_then(|config| self.install(config));
         match result {
@@ -482,8 +501,14 @@ impl App {
     /// process-wide bounds (`retry.max_retry_after` of the upstream holds) to the new values.
     fn install(&self, config: Config) -> Result<(), String> {
         let old = self.live.load_full();
-        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+        if config.listen != old.config.listen
+            || config.admin_listen != old.config.admin_listen
+            || config.probe_listen != old.config.probe_listen
+        {
             tracing::warn!("listen addresses changed; that takes effect only after a restart");
+        }
+        for w in &config.warnings {
+            tracing::warn!("{w}");
         }
         let next = Live::build(Arc::new(config), Some(&old), &self.token_runtime)
             .map_err(|e| e.to_string())?;
@@ -501,6 +526,16 @@ impl App {
         let slot = WaitSlot(self.clone());
         metrics::gauge!("sidecar_waiting_requests").set((before + 1) as f64);
         (before < max).then_some(slot)
+    }
+
+    /// Whether SIGTERM came (readiness is then 503 for good).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the sidecar no longer takes new requests.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Counts a request as in flight until the guard drops.

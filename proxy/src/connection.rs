@@ -91,6 +91,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        if self.sidecar.is_closing() {
+            // Shutting down after `shutdown_delay`: no new connections (Pingora's listener stays
+            // open until the in-flight requests are done, so they are closed here).
+            return None;
+        }
         let limits = self.sidecar.live.load().config.downstream;
         let Some(_slot) = self.slot(limits.max_connections) else {
             self.refused.increment(1);

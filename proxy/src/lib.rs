@@ -7,6 +7,7 @@
 
 mod access_log;
 pub mod admin;
+pub mod admin_auth;
 pub mod app;
 pub mod cli;
 pub mod connection;

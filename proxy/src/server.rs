@@ -50,6 +50,9 @@ pub fn serve_with(
     upgrade: Upgrade,
 ) -> i32 {
     crate::logging::init(&config.log);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let metrics = crate::metrics::recorder();
     let token_rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -75,6 +78,7 @@ pub fn serve_with(
     }
     let listen = config.listen.clone();
     let admin_listen = config.admin_listen.to_string();
+    let probe_listen = config.probe_listen.map(|a| a.to_string());
     let source = config.source.clone();
     let app = match App::new(config, token_rt.handle().clone()) {
         Ok(app) => app,
@@ -135,13 +139,26 @@ pub fn serve_with(
     }
     let mut admin = Service::new(
         "token-sidecar admin".to_string(),
-        HttpServer::new_app(Admin::new(app.clone(), metrics)),
+        HttpServer::new_app(Admin::new(app.clone(), metrics.clone())),
     );
     admin.add_tcp(&admin_listen);
     server.add_service(proxy);
     server.add_service(admin);
+    if let Some(probe_listen) = &probe_listen {
+        let mut probes = Service::new(
+            "token-sidecar probes".to_string(),
+            HttpServer::new_app(Admin::probes(app.clone(), metrics)),
+        );
+        probes.add_tcp(probe_listen);
+        server.add_service(probes);
+    }
 
-    tracing::info!(listen = %listen, admin = %admin_listen, "token-sidecar serving");
+    tracing::info!(
+        listen = %listen,
+        admin = %admin_listen,
+        probes = probe_listen.as_deref().unwrap_or("off"),
+        "token-sidecar serving"
+    );
     if let Some(f) = on_ready {
         f(app.clone());
     }

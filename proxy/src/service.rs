@@ -99,6 +99,11 @@ impl ProxyHttp for Sidecar {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.request_id = Some(request_id(session));
+        if self.app.is_closing() {
+            // Shutting down: this request (already read on a kept-alive connection) is served,
+            // and its connection closed after it.
+            session.set_keepalive(None);
+        }
         let live = self.app.live.load_full();
         let req = session.req_header();
         let h2 = session.as_downstream().is_http2();
@@ -329,7 +334,9 @@ impl ProxyHttp for Sidecar {
     /// second per upstream and cause with the count of the failures not logged (a down
     /// upstream under load would otherwise write a line per request).
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
-        if *error.etype() == OWN_REPLAY || *error.etype() == CHECK_BODY || *error.etype() == UNRESOLVED
+        if *error.etype() == OWN_REPLAY
+            || *error.etype() == CHECK_BODY
+            || *error.etype() == UNRESOLVED
         {
             return true;
         }

@@ -14,19 +14,19 @@ pub(crate) const MAX_UNIX_PATH: usize = 107;
 pub(super) fn downstream(d: &RawDownstream) -> Result<Downstream, (&'static str, String)> {
     if d.header_timeout.0.is_zero() {
         return Err((
-            "header_timeout:",
+            "header_timeout",
             "downstream.header_timeout must be more than 0".into(),
         ));
     }
     if d.idle_timeout.0.is_zero() {
         return Err((
-            "idle_timeout:",
+            "idle_timeout",
             "downstream.idle_timeout must be more than 0".into(),
         ));
     }
     if d.max_connections == 0 {
         return Err((
-            "max_connections:",
+            "max_connections",
             "downstream.max_connections must be at least 1".into(),
         ));
     }

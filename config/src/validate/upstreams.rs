@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use http::HeaderName;
 
 use super::urls::{shown_url, NO_URL_CREDENTIALS};
+use super::{bad, Bad};
 use crate::schema::{RawUpstream, UpstreamProtocol};
 use crate::{Expiry, Inject, Upstream};
 
@@ -12,31 +13,40 @@ use crate::{Expiry, Inject, Upstream};
 /// proxy can pass every success and redirect on without looking further.
 pub(super) const ERROR_STATUSES: std::ops::RangeInclusive<u16> = 400..=599;
 
-pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
+pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, Bad> {
     let name = &u.name;
-    let url = url::Url::parse(&u.url)
-        .map_err(|e| format!("upstream {name:?}: url {:?}: {e}", shown_url(&u.url)))?;
+    let url = url::Url::parse(&u.url).map_err(|e| {
+        bad(
+            "url",
+            format!("upstream {name:?}: url {:?}: {e}", shown_url(&u.url)),
+        )
+    })?;
     let tls = match url.scheme() {
         "https" => true,
         "http" => false,
         other => {
-            return Err(format!(
-                "upstream {name:?}: scheme {other:?} is not http or https"
+            return Err(bad(
+                "url",
+                format!("upstream {name:?}: scheme {other:?} is not http or https"),
             ))
         }
     };
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!("upstream {name:?}: url {NO_URL_CREDENTIALS}"));
+        return Err(bad(
+            "url",
+            format!("upstream {name:?}: url {NO_URL_CREDENTIALS}"),
+        ));
     }
     if url.query().is_some() {
-        return Err(format!(
-            "upstream {name:?}: url must be scheme://host[:port][/base-path] only"
+        return Err(bad(
+            "url",
+            format!("upstream {name:?}: url must be scheme://host[:port][/base-path] only"),
         ));
     }
     let host = match url.host() {
         Some(url::Host::Ipv6(ip)) => ip.to_string(),
         Some(h) => h.to_string(),
-        None => return Err(format!("upstream {name:?}: url has no host")),
+        None => return Err(bad("url", format!("upstream {name:?}: url has no host"))),
     };
     let port = url
         .port_or_known_default()
@@ -49,31 +59,45 @@ pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
 
     let path_prefix = u.matcher.path_prefix.clone().unwrap_or_else(|| "/".into());
     if !path_prefix.starts_with('/') {
-        return Err(format!(
-            "upstream {name:?}: match.path_prefix must start with /"
+        return Err(bad(
+            "match.path_prefix",
+            format!("upstream {name:?}: match.path_prefix must start with /"),
         ));
     }
     let header = match &u.inject.header {
-        Some(h) => Some(
-            HeaderName::try_from(h.as_str())
-                .map_err(|e| format!("upstream {name:?}: inject.header {h:?}: {e}"))?,
-        ),
+        Some(h) => Some(HeaderName::try_from(h.as_str()).map_err(|e| {
+            bad(
+                "inject.header",
+                format!("upstream {name:?}: inject.header {h:?}: {e}"),
+            )
+        })?),
         None => None,
     };
     if header.is_none() && u.inject.query.is_none() {
-        return Err(format!(
-            "upstream {name:?}: inject needs a header, a query parameter, or both"
+        return Err(bad(
+            "inject",
+            format!("upstream {name:?}: inject needs a header, a query parameter, or both"),
         ));
     }
     if tls && u.protocol == UpstreamProtocol::H2c {
-        return Err(format!(
-            "upstream {name:?}: protocol h2c is HTTP/2 over plain TCP and needs an http:// url; over https, protocol auto negotiates HTTP/2 by ALPN"
+        return Err(bad(
+            "protocol",
+            format!(
+                "upstream {name:?}: protocol h2c is HTTP/2 over plain TCP and needs an http:// url; over https, protocol auto negotiates HTTP/2 by ALPN"
+            ),
         ));
     }
-    for s in u.expiry.statuses.iter().chain(&u.expiry.body_statuses) {
-        if !ERROR_STATUSES.contains(s) {
-            return Err(format!(
-                "upstream {name:?}: expiry status {s} is not an error status (400-599)"
+    for (key, list) in [
+        ("statuses", &u.expiry.statuses),
+        ("body_statuses", &u.expiry.body_statuses),
+    ] {
+        if let Some(i) = list.iter().position(|s| !ERROR_STATUSES.contains(s)) {
+            return Err(bad(
+                &format!("expiry.{key}[{i}]"),
+                format!(
+                    "upstream {name:?}: expiry status {} is not an error status (400-599)",
+                    list[i]
+                ),
             ));
         }
     }
