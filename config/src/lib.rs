@@ -84,6 +84,8 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// Client connection limits.
     pub downstream: Downstream,
+    /// Streams (WebSocket, Server-Sent Events) open at once.
+    pub max_streams: usize,
     /// Retry of transient upstream failures (SPEC §8).
     pub retry: Retry,
     /// Logging.
@@ -335,6 +337,11 @@ pub struct Upstream {
     pub read_timeout: Duration,
     /// Idle timeout of pooled connections.
     pub idle_timeout: Duration,
+    /// Silence that closes a stream once it started (replaces `read_timeout` then).
+    pub stream_idle_timeout: Duration,
+    /// The least token lifetime a WebSocket upgrade or event-stream request starts with (its
+    /// own `upgrade:` or the top-level one); zero: any usable token.
+    pub upgrade_min_ttl: Duration,
     /// CA bundle instead of the system roots.
     pub ca_file: Option<PathBuf>,
     /// SNI / certificate name override.

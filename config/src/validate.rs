@@ -62,7 +62,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
                 )));
             }
         }
-        upstreams.push(upstream(u).map_err(here)?);
+        upstreams.push(upstream(u, raw.upgrade.min_ttl.0).map_err(here)?);
     }
 
     if let Some(s) = raw
@@ -124,6 +124,9 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
 
     let downstream =
         downstream(&raw.downstream).map_err(|(key, m)| at.error(&["downstream:", key], m))?;
+    if raw.max_streams == 0 {
+        return Err(at.error(&["max_streams:"], "max_streams must be at least 1".into()));
+    }
 
     Ok(Config {
         listen,
@@ -134,6 +137,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
         replay,
         rate_limits,
         downstream,
+        max_streams: raw.max_streams,
         retry: Retry {
             statuses: raw.retry.statuses.clone(),
             backoff: raw.retry.backoff.iter().map(|d| d.0).collect(),
@@ -150,5 +154,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
     })
 }
 
+#[cfg(test)]
+mod streams_tests;
 #[cfg(test)]
 mod tests;

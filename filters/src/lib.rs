@@ -7,11 +7,13 @@
 mod answer;
 mod authz;
 mod breaker;
+mod fresh;
 mod inject;
 mod path;
 mod ratelimit;
 mod replay;
 mod route;
+mod stream;
 
 pub use answer::{
     after_connect_failure, after_expired_token, after_response, jittered, retry_after_of, Answer,
@@ -19,6 +21,7 @@ pub use answer::{
 };
 pub use authz::{client_authorization, AuthzDecision};
 pub use breaker::{Breaker, BreakerVerdict};
+pub use fresh::{fresh_enough, required_ttl};
 pub use inject::{query_with_token, redact_query};
 pub use path::{normalize, PathError};
 pub use ratelimit::{
@@ -26,3 +29,4 @@ pub use ratelimit::{
 };
 pub use replay::{body_matches, classify, replayable, ExpiryVerdict, SkipReason, BODY_PEEK};
 pub use route::{absolute_form_authority, RequestView, Route, Routes};
+pub use stream::{requested as requested_stream, started as started_stream, StreamKind};

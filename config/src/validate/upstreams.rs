@@ -1,6 +1,7 @@
 //! Upstream routes (SPEC §4): URL, match, injection, expiry statuses.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use http::HeaderName;
 
@@ -12,7 +13,8 @@ use crate::{Expiry, Inject, Upstream};
 /// proxy can pass every success and redirect on without looking further.
 pub(super) const ERROR_STATUSES: std::ops::RangeInclusive<u16> = 400..=599;
 
-pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
+/// `min_ttl`: the top-level `upgrade.min_ttl`, which the upstream's own `upgrade:` overrides.
+pub(super) fn upstream(u: &RawUpstream, min_ttl: Duration) -> Result<Upstream, String> {
     let name = &u.name;
     let url = url::Url::parse(&u.url)
         .map_err(|e| format!("upstream {name:?}: url {:?}: {e}", shown_url(&u.url)))?;
@@ -72,6 +74,11 @@ pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
             ));
         }
     }
+    if u.timeouts.stream_idle.0.is_zero() {
+        return Err(format!(
+            "upstream {name:?}: timeouts.stream_idle must be more than 0"
+        ));
+    }
     Ok(Upstream {
         name: name.clone(),
         tls,
@@ -93,6 +100,8 @@ pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
         connect_timeout: u.timeouts.connect.0,
         read_timeout: u.timeouts.read.0,
         idle_timeout: u.timeouts.idle.0,
+        stream_idle_timeout: u.timeouts.stream_idle.0,
+        upgrade_min_ttl: u.upgrade.as_ref().map_or(min_ttl, |g| g.min_ttl.0),
         ca_file: u.tls.ca_file.as_ref().map(PathBuf::from),
         server_name: u.tls.server_name.clone(),
         breaker_failures: u.circuit_breaker.failures,
