@@ -90,7 +90,8 @@ mod tests {
 
     #[test]
     fn requests_that_ask_for_a_stream() {
-        let cases: &[(&[(&str, &str)], Option<StreamKind>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<StreamKind>);
+        let cases: &[Case] = &[
             (&[], None),
             (&[("accept", "application/json")], None),
             (&[("accept", "text/event-stream")], Some(StreamKind::Sse)),

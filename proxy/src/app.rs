@@ -19,6 +19,8 @@ use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::TokenSource;
 use tokio::sync::Notify;
 
+use crate::streams::{StreamCount, UpstreamStreams};
+
 /// Everything a request needs, built once per config.
 pub struct Live {
     /// The validated config.
@@ -52,6 +54,8 @@ pub struct UpstreamRt {
     pub breaker: Breaker,
     /// Its request metrics, registered once.
     pub metrics: UpstreamMetrics,
+    /// Its stream metrics, registered once.
+    pub streams: UpstreamStreams,
 }
 
 /// Per-upstream request metrics, looked up once per (method, status) and then kept: counting a
@@ -221,6 +225,7 @@ impl UpstreamRt {
             replay_base: replay_base(u),
             breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
             metrics: UpstreamMetrics::new(&u.name),
+            streams: UpstreamStreams::new(&u.name),
             config: u.clone(),
         })
     }
@@ -321,6 +326,8 @@ pub struct App {
     pub holds: UpstreamHolds,
     /// Request metrics of requests that matched no upstream (label `upstream=""`).
     pub unrouted: UpstreamMetrics,
+    /// Stream requests in flight, bounded by `max_streams`.
+    pub streams: StreamCount,
 }
 
 impl App {
@@ -339,6 +346,7 @@ impl App {
             waiting: AtomicUsize::new(0),
             holds,
             unrouted: UpstreamMetrics::new(""),
+            streams: StreamCount::default(),
         }))
     }
 

@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
-use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason};
+use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason, StreamKind};
 use sidecar_token::Token;
 
 use crate::app::{InflightGuard, Live, UpstreamRt};
 use crate::errors::LocalAnswer;
+use crate::streams::{OpenStream, StreamSlot};
 
 /// The route a request took: the config it runs under and its upstream there.
 #[derive(Clone)]
@@ -112,6 +113,13 @@ pub struct Ctx {
     /// The sidecar's own answer, decided in a hook that can only fail, for `fail_to_proxy` to
     /// write (a rejected token with no replacement; a token that cannot be sent).
     pub(crate) pending_answer: Option<LocalAnswer>,
+    /// The request asks for a stream (WebSocket upgrade, `Accept: text/event-stream`): its
+    /// upstream connection is bounded by `stream_idle`, its token by `upgrade.min_ttl`.
+    pub(crate) stream_request: Option<StreamKind>,
+    /// Its place under `max_streams`, held until the request ends.
+    pub(crate) stream_slot: Option<StreamSlot>,
+    /// The answer started a stream: open in the metrics until the request ends.
+    pub(crate) stream: Option<OpenStream>,
 }
 
 impl Ctx {
@@ -138,6 +146,9 @@ impl Ctx {
             expected_header: false,
             class: None,
             pending_answer: None,
+            stream_request: None,
+            stream_slot: None,
+            stream: None,
         }
     }
 

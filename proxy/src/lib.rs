@@ -18,5 +18,6 @@ mod replay;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod streams;
 mod waiting;
 pub mod watch;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::proxy::http_proxy;
@@ -32,9 +32,15 @@ fn metrics_recorder() -> Option<PrometheusHandle> {
     let recorder = PrometheusBuilder::new()
         .set_buckets(&buckets)
         .ok()?
+        .set_buckets_for_metric(
+            Matcher::Full("sidecar_stream_duration_seconds".into()),
+            &crate::streams::DURATION_BUCKETS,
+        )
+        .ok()?
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).ok()?;
+    crate::streams::describe();
     Some(handle)
 }
 
