@@ -157,8 +157,15 @@ fn sse(gaps: Vec<Duration>, mut stop: watch::Receiver<bool>) -> Response {
     resp
 }
 
-/// The body of `/sse`: whatever the event task sends, until it ends.
-struct Events(mpsc::Receiver<Bytes>);
+/// A streamed body: whatever its task sends, until the task ends (`/sse`, the SignalR hub's
+/// event streams).
+pub(crate) struct Events(mpsc::Receiver<Bytes>);
+
+impl Events {
+    pub(crate) fn new(rx: mpsc::Receiver<Bytes>) -> Events {
+        Events(rx)
+    }
+}
 
 impl HttpBody for Events {
     type Data = Bytes;

@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use sidecar_mocks::{MockIdp, StreamUpstream};
+use sidecar_mocks::{MockIdp, SignalRHub, StreamUpstream};
 use support::metrics::scrape;
 use support::providers::{cc_provider, idp_ttl, REFRESH};
 use support::{wait_until, Sidecar};
@@ -254,4 +254,93 @@ async fn max_streams_refuses_beyond_the_cap_and_the_gauge_follows() {
         ),
         3.0
     );
+}
+
+/// The hub's connections over 15 s of 4 s tokens, through the sidecar with the token in the
+/// `Authorization` header (`/h`) and in the `access_token` query (`/q`): the real
+/// `@microsoft/signalr` client on each transport (six clients at once) invokes `Echo` in a loop
+/// and reconnects whenever the hub closes a connection at its token's expiry.
+#[tokio::test]
+async fn signalr_clients_ride_through_token_expiry_on_every_transport() {
+    let node = support::tools::require("node", "nodejs");
+    let node_dir = support::tools::node_modules()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let idp = idp_ttl(Duration::from_secs(4)).await;
+    let hub = SignalRHub::start(idp.registry()).await.unwrap();
+    // Skew: a token goes out only while it has 1 s left, so no request reaches the hub with a
+    // token that expired on the way.
+    let refresh =
+        "refresh: { before_expiry: 2s, jitter: 0%, skew: 1s, min_interval: 0s, backoff: [200ms] }";
+    let yaml = format!(
+        "log: {{ access_log: false }}\nproviders:\n{}upstreams:\n\
+         \x20 - {{ name: header, url: \"{hub}\", provider: main, match: {{ path_prefix: /h, strip_prefix: true }} }}\n\
+         \x20 - {{ name: query, url: \"{hub}\", provider: main, match: {{ path_prefix: /q, strip_prefix: true }},\n\
+         \x20     inject: {{ header: null, query: access_token }} }}\n",
+        cc_provider("main", &idp, refresh),
+        hub = hub.url()
+    );
+    let sc = Sidecar::start_with_first_token(&yaml).await;
+
+    let run = tokio::process::Command::new(node)
+        .current_dir(&node_dir)
+        .arg("signalr-client.mjs")
+        .arg("15000")
+        .arg(format!("header={}", sc.url("/h/hub")))
+        .arg(format!("query={}", sc.url("/q/hub")))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the SignalR clients did not finish within 60 s")
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sc.logs()
+    );
+    let clients: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(clients.len(), 6, "{stdout}");
+    let stats = hub.stats();
+    eprintln!("{stdout}{stats:?}");
+    let mut closes = 0;
+    for c in &clients {
+        let n = |k: &str| c[k].as_u64().unwrap();
+        let (ok, failed, lost) = (n("ok"), n("failed"), n("lostAtClose"));
+        assert!(ok >= 100, "{c}");
+        // Every invocation on an open connection succeeds (at least 99 %); the ones lost are
+        // those in flight when the hub closed a connection at its token's expiry, at most one
+        // per close (the client waits for each answer before the next).
+        assert!(ok as f64 >= 0.99 * (ok + failed) as f64, "{c}\n{stats:?}");
+        assert!(lost <= n("closes") + 1, "{c}");
+        assert!(ok as f64 >= 0.95 * (ok + failed + lost) as f64, "{c}");
+        // The hub closed its connections at token expiry, and the client got back in every
+        // time.
+        assert!(n("closes") >= 2, "{c}");
+        assert!(n("connects") >= 3, "{c}");
+        assert_eq!(n("connectFailures"), 0, "{c}");
+        closes += n("closes");
+    }
+    // Every close a client saw was the hub's at a token's expiry, none the sidecar's doing.
+    assert!(
+        closes <= stats.expiry_closes as u64,
+        "{closes} closes\n{stats:?}"
+    );
+    assert_eq!(
+        stats.tokens_refused, 0,
+        "the hub saw an expired token: {stats:?}"
+    );
+    for transport in ["WebSockets", "ServerSentEvents", "LongPolling"] {
+        assert!(
+            stats.connections.get(transport).copied().unwrap_or(0) >= 6,
+            "{stats:?}"
+        );
+    }
+    assert!(stats.expiry_closes >= 12, "{stats:?}");
 }
