@@ -274,7 +274,7 @@ async fn signalr_clients_ride_through_token_expiry_on_every_transport() {
     let refresh =
         "refresh: { before_expiry: 2s, jitter: 0%, skew: 1s, min_interval: 0s, backoff: [200ms] }";
     let yaml = format!(
-        "log: {{ access_log: false }}\nproviders:\n{}upstreams:\n\
+        "providers:\n{}upstreams:\n\
          \x20 - {{ name: header, url: \"{hub}\", provider: main, match: {{ path_prefix: /h, strip_prefix: true }} }}\n\
          \x20 - {{ name: query, url: \"{hub}\", provider: main, match: {{ path_prefix: /q, strip_prefix: true }},\n\
          \x20     inject: {{ header: null, query: access_token }} }}\n",
@@ -343,4 +343,9 @@ async fn signalr_clients_ride_through_token_expiry_on_every_transport() {
         );
     }
     assert!(stats.expiry_closes >= 12, "{stats:?}");
+    // With the access log on, no token (the mock's start with `tok_`) reached a log line, the
+    // `access_token` query included.
+    let logs = sc.logs();
+    assert!(logs.contains("/hub"), "no access log lines");
+    assert!(!logs.contains("tok_"), "a token reached the log");
 }
