@@ -68,7 +68,9 @@ pub(crate) async fn token_for_stream(
     match source.ensure(need, cfg.wait_for_token).await {
         Ok(fresh) => Ok(fresh),
         Err(e) => {
-            tracing::warn!(provider = source.name(), error = %e, "no token fresh enough for a stream; opening it with the current one");
+            // Debug, not warn: during an outage this is every stream request, and the failed
+            // refresh behind it is logged (and counted) once by the token source.
+            tracing::debug!(provider = source.name(), error = %e, "no token fresh enough for a stream; opening it with the current one");
             source
                 .usable()
                 .ok_or_else(|| LocalAnswer::token_unavailable(e.to_string(), source.retry_in()))
