@@ -125,6 +125,9 @@ pub struct Config {
     /// How upstream host names are resolved.
     pub dns: Dns,
     /// Retry of transient upstream failures.
+    /// Streams (WebSocket, Server-Sent Events) open at once.
+    pub max_streams: usize,
+    /// Retry of transient upstream failures.
     pub retry: Retry,
     /// Logging.
     pub log: Log,
@@ -406,6 +409,11 @@ pub struct Upstream {
     pub read_timeout: Duration,
     /// Idle timeout of pooled connections.
     pub idle_timeout: Duration,
+    /// Silence that closes a stream once it started (replaces `read_timeout` then).
+    pub stream_idle_timeout: Duration,
+    /// The least token lifetime a WebSocket upgrade or event-stream request starts with (its
+    /// own `upgrade:` or the top-level one); zero: any usable token.
+    pub upgrade_min_ttl: Duration,
     /// CA bundle instead of the system roots.
     pub ca_file: Option<PathBuf>,
     /// SNI / certificate name override.

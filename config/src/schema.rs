@@ -60,6 +60,12 @@ pub struct RawConfig {
     /// How upstream host names are resolved.
     #[serde(default)]
     pub dns: RawDns,
+    /// WebSocket upgrades and event streams: the least token lifetime they start with.
+    #[serde(default)]
+    pub upgrade: RawUpgrade,
+    /// Streams (WebSocket, Server-Sent Events) open at once; more are refused with 503.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
@@ -92,6 +98,32 @@ fn default_admin_listen() -> String {
 }
 fn default_grace() -> Dur {
     secs(5)
+}
+fn default_max_streams() -> usize {
+    10_000
+}
+
+/// Requests that open a long-lived connection (a WebSocket upgrade, `Accept: text/event-stream`)
+/// go out only with a token that lives at least `min_ttl`, so the connection is not closed by
+/// its upstream a moment after it opened.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpgrade {
+    /// The least time left on the token (capped at half the token's lifetime); `0s` turns it off.
+    #[serde(default = "default_min_ttl")]
+    pub min_ttl: Dur,
+}
+
+fn default_min_ttl() -> Dur {
+    secs(5 * 60)
+}
+
+impl Default for RawUpgrade {
+    fn default() -> Self {
+        RawUpgrade {
+            min_ttl: default_min_ttl(),
+        }
+    }
 }
 
 /// Provider types that this build supports.
@@ -385,6 +417,9 @@ pub struct RawUpstream {
     /// Upstream timeouts.
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    /// Overrides the top-level `upgrade:` for this upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<RawUpgrade>,
     /// Upstream TLS settings.
     #[serde(default)]
     pub tls: RawTls,
@@ -487,6 +522,10 @@ pub struct RawTimeouts {
     /// Idle pooled connections are closed after this.
     #[serde(default = "default_idle")]
     pub idle: Dur,
+    /// Once a stream started (101, a `text/event-stream` answer), this much silence from the
+    /// upstream closes it; `read` no longer applies.
+    #[serde(default = "default_stream_idle")]
+    pub stream_idle: Dur,
 }
 
 fn default_connect() -> Dur {
@@ -498,6 +537,9 @@ fn default_read() -> Dur {
 fn default_idle() -> Dur {
     secs(90)
 }
+fn default_stream_idle() -> Dur {
+    secs(10 * 60)
+}
 
 impl Default for RawTimeouts {
     fn default() -> Self {
@@ -505,6 +547,7 @@ impl Default for RawTimeouts {
             connect: default_connect(),
             read: default_read(),
             idle: default_idle(),
+            stream_idle: default_stream_idle(),
         }
     }
 }

@@ -151,7 +151,10 @@ pub(crate) fn validate(
                 ));
             }
         }
-        upstreams.push(upstream(u).map_err(|b| at.error(&here.then(&b.at), b.message))?);
+        upstreams.push(
+            upstream(u, raw.upgrade.min_ttl.0)
+                .map_err(|b| at.error(&here.then(&b.at), b.message))?,
+        );
     }
 
     if let Some(i) = raw
@@ -231,6 +234,9 @@ pub(crate) fn validate(
     let downstream =
         downstream(&raw.downstream).map_err(|(key, m)| at.error(&top("downstream").key(key), m))?;
     let dns = dns(&raw.dns).map_err(|(key, m)| at.error(&top("dns").key(key), m))?;
+    if raw.max_streams == 0 {
+        return Err(at.error(&top("max_streams"), "max_streams must be at least 1".into()));
+    }
 
     let warnings = warnings(&at, &raw, &providers, &upstreams, admin_listen);
 
@@ -248,6 +254,7 @@ pub(crate) fn validate(
         rate_limits,
         downstream,
         dns,
+        max_streams: raw.max_streams,
         retry: Retry {
             statuses: raw.retry.statuses.clone(),
             backoff: raw.retry.backoff.iter().map(|d| d.0).collect(),
@@ -414,6 +421,8 @@ fn warnings(
 
 #[cfg(test)]
 mod network_tests;
+#[cfg(test)]
+mod streams_tests;
 #[cfg(test)]
 mod tests;
 

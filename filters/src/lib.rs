@@ -8,11 +8,13 @@ mod access;
 mod answer;
 mod authz;
 mod breaker;
+mod fresh;
 mod inject;
 mod path;
 mod ratelimit;
 mod replay;
 mod route;
+mod stream;
 
 pub use access::loggable_target;
 pub use answer::{
@@ -21,6 +23,7 @@ pub use answer::{
 };
 pub use authz::{client_authorization, AuthzDecision};
 pub use breaker::{Breaker, BreakerVerdict};
+pub use fresh::{fresh_enough, required_ttl};
 pub use inject::{query_with_token, redact_query};
 pub use path::{normalize, PathError};
 pub use ratelimit::{
@@ -47,3 +50,4 @@ pub fn describe_metrics() {
         "How long delayed requests waited for their rate-limit rule, by rule"
     );
 }
+pub use stream::{requested as requested_stream, started as started_stream, StreamKind};

@@ -24,6 +24,7 @@ use crate::dns::{Addresses, ReplayResolver, Resolvers, Target};
 /// How long the start waits for the first lookups of upstream host names (a name still
 /// unresolved then is not fatal: its requests get 502 until it resolves).
 const FIRST_LOOKUPS: std::time::Duration = std::time::Duration::from_secs(5);
+use crate::streams::{StreamCount, UpstreamStreams};
 
 /// Everything a request needs, built once per config.
 pub struct Live {
@@ -62,6 +63,8 @@ pub struct UpstreamRt {
     pub breaker: Breaker,
     /// Its request metrics, registered once.
     pub metrics: UpstreamMetrics,
+    /// Its stream metrics, registered once.
+    pub streams: UpstreamStreams,
 }
 
 /// Per-upstream request metrics, looked up once per (method, status) and then kept: counting a
@@ -282,6 +285,7 @@ impl UpstreamRt {
             replay_base: replay_base(u),
             breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
             metrics: UpstreamMetrics::new(&u.name),
+            streams: UpstreamStreams::new(&u.name),
             config: u.clone(),
         })
     }
@@ -451,6 +455,8 @@ pub struct App {
     pub unrouted: UpstreamMetrics,
     /// SIGQUIT handed the listeners to a new process: a Unix socket file is left in place.
     pub upgrading: AtomicBool,
+    /// Stream requests in flight, bounded by `max_streams`.
+    pub streams: StreamCount,
 }
 
 impl App {
@@ -472,6 +478,7 @@ impl App {
             holds,
             unrouted: UpstreamMetrics::new(""),
             upgrading: AtomicBool::new(false),
+            streams: StreamCount::default(),
         }))
     }
 

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
-use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason};
+use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason, StreamKind};
 use sidecar_token::Token;
 
 use crate::app::{InflightGuard, Live, UpstreamRt};
 use crate::errors::LocalAnswer;
+use crate::streams::{OpenStream, StreamSlot};
 
 /// The route a request took: the config it runs under and its upstream there.
 #[derive(Clone)]
@@ -126,6 +127,13 @@ pub struct Ctx {
     pub(crate) upstream_statuses: Vec<u16>,
     /// Time spent waiting for upstream answers' headers, all attempts together.
     pub(crate) upstream_time: Duration,
+    /// The request asks for a stream (WebSocket upgrade, `Accept: text/event-stream`): its
+    /// upstream connection is bounded by `stream_idle`, its token by `upgrade.min_ttl`.
+    pub(crate) stream_request: Option<StreamKind>,
+    /// Its place under `max_streams`, held until the request ends.
+    pub(crate) stream_slot: Option<StreamSlot>,
+    /// The answer started a stream: open in the metrics until the request ends.
+    pub(crate) stream: Option<OpenStream>,
 }
 
 impl Ctx {
@@ -157,6 +165,9 @@ impl Ctx {
             request_id: None,
             upstream_statuses: Vec::new(),
             upstream_time: Duration::ZERO,
+            stream_request: None,
+            stream_slot: None,
+            stream: None,
         }
     }
 

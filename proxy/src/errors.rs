@@ -47,6 +47,18 @@ impl LocalAnswer {
         }
     }
 
+    /// 503 `too_many_streams`: `max_streams` streams are open.
+    pub fn too_many_streams(max: usize) -> LocalAnswer {
+        LocalAnswer {
+            retry_after: Some(Duration::from_secs(1)),
+            ..LocalAnswer::new(
+                503,
+                "too_many_streams",
+                format!("the sidecar holds its maximum of {max} open streams; retry shortly"),
+            )
+        }
+    }
+
     /// 429 `rate_limited`.
     pub fn rate_limited(rule: &str, retry_after: Duration) -> LocalAnswer {
         LocalAnswer {

@@ -24,6 +24,7 @@ mod replay;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod streams;
 mod unix;
 mod waiting;
 pub mod watch;

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::app::App;
 
@@ -25,10 +25,16 @@ pub fn recorder() -> Option<PrometheusHandle> {
     let recorder = PrometheusBuilder::new()
         .set_buckets(&BUCKETS)
         .ok()?
+        .set_buckets_for_metric(
+            Matcher::Full("sidecar_stream_duration_seconds".into()),
+            &crate::streams::DURATION_BUCKETS,
+        )
+        .ok()?
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).ok()?;
     describe();
+    crate::streams::describe();
     metrics::gauge!("sidecar_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Present from the first scrape, not from the first request that waits.
     metrics::gauge!("sidecar_waiting_requests").set(0.0);

@@ -15,15 +15,15 @@ use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{ErrorSource, ErrorType};
 use sidecar_filters::{
     absolute_form_authority, after_connect_failure, after_response, client_authorization,
-    replayable, retry_after_of, Admission, Answer, AuthzDecision, BreakerVerdict, ConnectFailure,
-    ErrorClass, Policy, RateRequest, RequestView, Route, Step,
+    replayable, requested_stream, retry_after_of, started_stream, Admission, Answer, AuthzDecision,
+    BreakerVerdict, ConnectFailure, ErrorClass, Policy, RateRequest, RequestView, Route, Step,
 };
 
 use crate::app::App;
 use crate::ctx::{Ctx, ReplayBody, Routed};
 use crate::errors::LocalAnswer;
 use crate::outgoing::{self, EXPECTED_DURATION, REPLAYED};
-use crate::waiting::{next_token, swap_refused_token, token_for};
+use crate::waiting::{next_token, swap_refused_token, token_for, token_for_stream};
 
 /// The proxy service.
 pub struct Sidecar {
@@ -187,6 +187,19 @@ impl ProxyHttp for Sidecar {
             }
         }
         let req = session.req_header();
+        // A stream holds its connections for long: bounded in number, counted while it lives.
+        ctx.stream_request = requested_stream(&req.headers);
+        if ctx.stream_request.is_some() {
+            match self.app.streams.slot(live.config.max_streams) {
+                Some(slot) => ctx.stream_slot = Some(slot),
+                None => {
+                    metrics::counter!("sidecar_streams_refused_total").increment(1);
+                    let answer = LocalAnswer::too_many_streams(live.config.max_streams);
+                    return self.answer(session, ctx, answer).await;
+                }
+            }
+        }
+        let req = session.req_header();
         let cfg = &live.config.replay;
         let declared = req
             .headers
@@ -214,7 +227,13 @@ impl ProxyHttp for Sidecar {
                     }
                 },
             };
-            match token_for(&self.app, source, cfg, expected).await {
+            let got = match (expected, ctx.stream_request) {
+                (None, Some(_)) => {
+                    token_for_stream(&self.app, source, cfg, up.config.upgrade_min_ttl).await
+                }
+                _ => token_for(&self.app, source, cfg, expected).await,
+            };
+            match got {
                 Ok(t) => ctx.token = Some(t),
                 Err(answer) => return self.answer(session, ctx, answer).await,
             }
@@ -237,21 +256,25 @@ impl ProxyHttp for Sidecar {
         }
         // One set of addresses for all attempts of this request.
         let (addrs, start) = ctx.addrs.get_or_insert_with(|| up.addresses.pick());
-        match up.peer_at(addrs, *start, ctx.connect_failures) {
-            Some(peer) => Ok(Box::new(peer)),
-            None => {
-                ctx.class = Some(ErrorClass::Network);
-                let mut e = Error::explain(
-                    UNRESOLVED,
-                    format!(
-                        "upstream {}: host {} has not resolved to any address",
-                        up.config.name, up.config.host
-                    ),
-                );
-                e.set_retry(false);
-                Err(e)
-            }
+        let Some(mut peer) = up.peer_at(addrs, *start, ctx.connect_failures) else {
+            ctx.class = Some(ErrorClass::Network);
+            let mut e = Error::explain(
+                UNRESOLVED,
+                format!(
+                    "upstream {}: host {} has not resolved to any address",
+                    up.config.name, up.config.host
+                ),
+            );
+            e.set_retry(false);
+            return Err(e);
+        };
+        if ctx.stream_request.is_some() {
+            // Pingora reads the read timeout from the peer once, before the request goes out,
+            // and no hook can change it after the answer's head: a request that asks for a
+            // stream waits for its head, and then for each read, up to `stream_idle`.
+            peer.options.read_timeout = Some(up.config.stream_idle_timeout);
         }
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -305,6 +328,10 @@ impl ProxyHttp for Sidecar {
     ) -> Result<()> {
         self.inspect_response(session, upstream_response, ctx)
             .await?;
+        let status = upstream_response.status.as_u16();
+        if let Some(kind) = started_stream(status, &upstream_response.headers) {
+            ctx.stream = ctx.up().map(|up| up.streams.start(kind));
+        }
         // The answer goes to the client. (Done here rather than in `response_filter`: one hook
         // less per request.)
         if let Some(v) = outgoing::replayed_header(ctx) {
@@ -451,6 +478,15 @@ impl ProxyHttp for Sidecar {
                 message: "request failed".into(),
                 retry_after: None,
             }),
+            // A stream the upstream kept silent for `stream_idle`: its normal end, not a failure
+            // of the upstream (no error class, no circuit-breaker failure). An event stream that
+            // answered a request that did not ask for one ran under `read`: a timeout like any.
+            ErrorType::ReadTimedout if ctx.stream.is_some() && ctx.stream_request.is_some() => {
+                if let Some(stream) = &ctx.stream {
+                    stream.closed_idle();
+                }
+                None
+            }
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 ctx.class = Some(ErrorClass::Timeout);
                 Some(LocalAnswer::timeout(upstream))

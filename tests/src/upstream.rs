@@ -280,7 +280,7 @@ struct Summary<'a> {
     body_sha256: &'a str,
 }
 
-fn bearer_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+pub(crate) fn bearer_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     let from_header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

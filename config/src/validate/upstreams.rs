@@ -1,6 +1,7 @@
 //! Upstream routes: URL, match, injection, expiry statuses.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use http::HeaderName;
 
@@ -13,7 +14,8 @@ use crate::{Expiry, Inject, Upstream};
 /// proxy can pass every success and redirect on without looking further.
 pub(super) const ERROR_STATUSES: std::ops::RangeInclusive<u16> = 400..=599;
 
-pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, Bad> {
+/// `min_ttl`: the top-level `upgrade.min_ttl`, which the upstream's own `upgrade:` overrides.
+pub(super) fn upstream(u: &RawUpstream, min_ttl: Duration) -> Result<Upstream, Bad> {
     let name = &u.name;
     let url = url::Url::parse(&u.url).map_err(|e| {
         bad(
@@ -101,6 +103,12 @@ pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, Bad> {
             ));
         }
     }
+    if u.timeouts.stream_idle.0.is_zero() {
+        return Err(bad(
+            "timeouts.stream_idle",
+            format!("upstream {name:?}: timeouts.stream_idle must be more than 0"),
+        ));
+    }
     Ok(Upstream {
         name: name.clone(),
         tls,
@@ -122,6 +130,8 @@ pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, Bad> {
         connect_timeout: u.timeouts.connect.0,
         read_timeout: u.timeouts.read.0,
         idle_timeout: u.timeouts.idle.0,
+        stream_idle_timeout: u.timeouts.stream_idle.0,
+        upgrade_min_ttl: u.upgrade.as_ref().map_or(min_ttl, |g| g.min_ttl.0),
         ca_file: u.tls.ca_file.as_ref().map(PathBuf::from),
         server_name: u.tls.server_name.clone(),
         protocol: u.protocol,
