@@ -9,6 +9,7 @@ pub mod read;
 mod refs;
 pub mod schema;
 mod strict;
+pub mod tls;
 mod validate;
 pub mod values;
 
@@ -23,6 +24,7 @@ pub use read::{read_bounded, read_within, ReadError, MAX_FILE, READ_TIMEOUT};
 pub use refs::{MAX_REFERENCED, REFERENCES_TIME};
 pub use schema::RateLimitMode;
 pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};
+pub use tls::{Identity, Tls};
 pub use values::{
     parse_duration, parse_percent, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION,
     MAX_SIZE,
@@ -140,6 +142,8 @@ pub struct Provider {
     pub refresh: RefreshPolicy,
     /// Encrypted persistence across restarts; `None`: tokens live in memory only.
     pub store: Option<Store>,
+    /// Trust and client certificate for the identity provider's endpoints.
+    pub tls_config: Tls,
 }
 
 /// Where and with which key a provider's tokens are persisted (SPEC §5).
@@ -335,8 +339,8 @@ pub struct Upstream {
     pub read_timeout: Duration,
     /// Idle timeout of pooled connections.
     pub idle_timeout: Duration,
-    /// CA bundle instead of the system roots.
-    pub ca_file: Option<PathBuf>,
+    /// Trust (`tls.ca_file` or the system store) and client certificate, read and checked.
+    pub tls_config: Tls,
     /// SNI / certificate name override.
     pub server_name: Option<String>,
     /// Expired-token detection.

@@ -18,6 +18,7 @@ use self::providers::provider;
 use self::rate_limits::rate_limit;
 use self::upstreams::{upstream, ERROR_STATUSES};
 use crate::schema::RawConfig;
+use crate::tls::{self, TlsPaths};
 use crate::{Config, ConfigError, Log, Provider, Replay, Retry};
 
 pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config, ConfigError> {
@@ -28,8 +29,21 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
 
     let mut providers = BTreeMap::new();
     for (name, p) in &raw.providers {
-        let provider =
+        let mut provider =
             provider(name, p).map_err(|m| at.error(&["providers:", &format!("{name}:")], m))?;
+        if let Some(t) = &p.tls {
+            let paths = TlsPaths {
+                ca_file: t.ca_file.as_deref(),
+                client_cert: t.client_cert.as_deref(),
+                client_key: t.client_key.as_deref(),
+            };
+            provider.tls_config = tls::load(paths).map_err(|(key, m)| {
+                at.error(
+                    &["providers:", &format!("{name}:"), "tls:", key],
+                    format!("provider {name:?}: {m}"),
+                )
+            })?;
+        }
         if let Some(store) = &provider.store {
             let shared = providers
                 .values()
@@ -62,7 +76,19 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
                 )));
             }
         }
-        upstreams.push(upstream(u).map_err(here)?);
+        let mut parsed = upstream(u).map_err(here)?;
+        let paths = TlsPaths {
+            ca_file: u.tls.ca_file.as_deref(),
+            client_cert: u.tls.client_cert.as_deref(),
+            client_key: u.tls.client_key.as_deref(),
+        };
+        parsed.tls_config = tls::load(paths).map_err(|(key, m)| {
+            at.error(
+                &["upstreams:", &format!("name: {}", u.name), "tls:", key],
+                format!("upstream {:?}: {m}", u.name),
+            )
+        })?;
+        upstreams.push(parsed);
     }
 
     if let Some(s) = raw

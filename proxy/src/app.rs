@@ -5,15 +5,12 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::utils::tls::{parse_x509, WrappedX509};
 use sidecar_config::{Config, Upstream};
 use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::TokenSource;
@@ -116,11 +113,19 @@ impl UpstreamMetrics {
 /// Why a config could not be put to work.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// An upstream host that does not resolve, or a CA file that cannot be read.
+    /// An upstream host that does not resolve, or TLS material that cannot be used.
     #[error("upstream {upstream}: {message}")]
     Upstream {
         /// Name.
         upstream: String,
+        /// Why.
+        message: String,
+    },
+    /// A provider whose identity-provider client cannot be built (its TLS settings).
+    #[error("provider {provider}: {message}")]
+    Provider {
+        /// Name.
+        provider: String,
         /// Why.
         message: String,
     },
@@ -141,11 +146,18 @@ impl Live {
                 let same = prev.config.providers.get(name) == Some(p);
                 same.then(|| prev.providers.get(name).cloned()).flatten()
             });
-            let source = reused.unwrap_or_else(|| {
-                let s = TokenSource::new(p, handle.clone());
-                fresh.push(s.clone());
-                s
-            });
+            let source = match reused {
+                Some(s) => s,
+                None => {
+                    let s =
+                        TokenSource::new(p, handle.clone()).map_err(|e| BuildError::Provider {
+                            provider: name.clone(),
+                            message: e.to_string(),
+                        })?;
+                    fresh.push(s.clone());
+                    s
+                }
+            };
             providers.insert(name.clone(), source);
         }
         let upstreams = config
@@ -193,8 +205,9 @@ impl UpstreamRt {
         metrics::counter!("sidecar_replays_total", "upstream" => self.config.name.clone(), "reason" => reason, "result" => result).increment(1);
     }
 
-    /// Resolves the upstream once and reads its CA file once; the Pingora peer and the replay
-    /// client both use the result, so both reach the same address with the same trust.
+    /// Resolves the upstream once; the Pingora peer and the replay client both use the result
+    /// and the TLS material the config read, so both reach the same address with the same trust
+    /// and client certificate.
     fn build(
         u: &Upstream,
         providers: &HashMap<String, TokenSource>,
@@ -208,16 +221,12 @@ impl UpstreamRt {
             .map_err(|e| err(format!("cannot resolve {}: {e}", u.host)))?
             .next()
             .ok_or_else(|| err(format!("{} resolves to no address", u.host)))?;
-        let ca = match &u.ca_file {
-            Some(path) => Some(load_ca(path).map_err(&err)?),
-            None => None,
-        };
         Ok(UpstreamRt {
-            peer: peer_for(u, addr, ca.as_deref()),
+            peer: peer_for(u, addr).map_err(&err)?,
             host_header: HeaderValue::from_str(&u.authority)
                 .map_err(|e| err(format!("bad host: {e}")))?,
             tokens: u.provider.as_ref().and_then(|p| providers.get(p).cloned()),
-            replay_client: replay_client(u, addr, ca.as_deref()).map_err(err)?,
+            replay_client: replay_client(u, addr).map_err(err)?,
             replay_base: replay_base(u),
             breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
             metrics: UpstreamMetrics::new(&u.name),
@@ -226,7 +235,7 @@ impl UpstreamRt {
     }
 }
 
-fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>]>) -> HttpPeer {
+fn peer_for(u: &Upstream, addr: SocketAddr) -> Result<HttpPeer, String> {
     let sni = u.server_name.clone().unwrap_or_else(|| u.host.clone());
     let mut peer = HttpPeer::new(addr, u.tls, sni);
     let o = &mut peer.options;
@@ -237,15 +246,9 @@ fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>
     o.idle_timeout = Some(u.idle_timeout);
     if u.tls {
         o.alpn = pingora::protocols::ALPN::H2H1;
-        if let Some(certs) = ca {
-            let wrapped: Vec<WrappedX509> = certs
-                .iter()
-                .map(|c| WrappedX509::new(c.as_ref().to_vec(), parse_x509))
-                .collect();
-            o.ca = Some(Arc::from(wrapped));
-        }
+        crate::peer_tls::apply(&mut peer, &u.tls_config)?;
     }
-    peer
+    Ok(peer)
 }
 
 /// The host name the replay client puts in its URLs (and its SNI).
@@ -263,13 +266,10 @@ fn replay_base(u: &Upstream) -> String {
     }
 }
 
-/// The replay client connects to the same address as the Pingora peer, with the same timeouts
-/// and trust; it never follows redirects and never decompresses, so answers pass unchanged.
-fn replay_client(
-    u: &Upstream,
-    addr: SocketAddr,
-    ca: Option<&[CertificateDer<'static>]>,
-) -> Result<reqwest::Client, String> {
+/// The replay client connects to the same address as the Pingora peer, with the same timeouts,
+/// trust and client certificate; it never follows redirects and never decompresses, so answers
+/// pass unchanged.
+fn replay_client(u: &Upstream, addr: SocketAddr) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
@@ -277,32 +277,11 @@ fn replay_client(
         .read_timeout(u.read_timeout)
         .pool_idle_timeout(u.idle_timeout)
         .resolve(replay_host(u), addr);
-    if let Some(certs) = ca {
-        b = b.tls_built_in_root_certs(false);
-        for c in certs {
-            let cert =
-                reqwest::Certificate::from_der(c.as_ref()).map_err(|e| format!("ca_file: {e}"))?;
-            b = b.add_root_certificate(cert);
-        }
+    if u.tls {
+        b = sidecar_token::tls::configure(b, &u.tls_config)?;
     }
-    b.build().map_err(|e| format!("replay client: {e}"))
-}
-
-/// The certificates of a PEM bundle, read like every file a config names: a regular file of at
-/// most 4 MiB, read within a time cap.
-fn load_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = sidecar_config::read_bounded(path)
-        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "ca_file {}: no PEM certificate in it",
-            path.display()
-        ));
-    }
-    Ok(certs)
+    b.build()
+        .map_err(|e| format!("replay client: {}", sidecar_token::tls::root_cause(&e)))
 }
 
 /// The process-wide state the proxy and admin services share.

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod errors;
 pub mod logging;
 mod outgoing;
+mod peer_tls;
 mod replay;
 pub mod server;
 pub mod service;

@@ -113,6 +113,14 @@ async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Resp
             .record(sent.elapsed().as_secs_f64());
     }
     answer.map_err(|e| {
+        // The client gets only a 502/504: the log says which host and why (for TLS, rustls's
+        // reason, such as UnknownIssuer).
+        tracing::warn!(
+            upstream = %up.config.name,
+            host = %format_args!("{}:{}", up.config.host, up.config.port),
+            reason = %std::error::Error::source(&e).map_or_else(|| e.to_string(), sidecar_token::tls::root_cause),
+            "the sidecar's own replay could not reach the upstream"
+        );
         if e.is_timeout() {
             LocalAnswer::timeout(&up.config.name)
         } else {

@@ -25,5 +25,5 @@ mod tests;
 
 pub use idp::{Catcher, Failure, Hostile, IdpConfig, IdpRequest, MockIdp};
 pub use registry::TokenRegistry;
-pub use tls::TlsMaterial;
+pub use tls::{unrelated_ca_pem, ClientAuth, TlsMaterial};
 pub use upstream::{MockUpstream, Recorded, Scripted, UpstreamConfig};

@@ -35,6 +35,7 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
         ("timeout", p.timeout.is_some()),
         ("env", !p.env.is_empty()),
         ("path", p.path.is_some()),
+        ("tls", p.tls.is_some()),
     ];
     const OAUTH: [&str; 8] = [
         "token_url",
@@ -47,10 +48,10 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
         "params",
     ];
     let extra: &[&str] = match p.kind {
-        ProviderType::Oauth2ClientCredentials => &[],
-        ProviderType::Oauth2RefreshToken => &["refresh_token", "login"],
-        ProviderType::Oauth2Password => &["username", "password"],
-        ProviderType::JsonLogin => &["login", "renew"],
+        ProviderType::Oauth2ClientCredentials => &["tls"],
+        ProviderType::Oauth2RefreshToken => &["refresh_token", "login", "tls"],
+        ProviderType::Oauth2Password => &["username", "password", "tls"],
+        ProviderType::JsonLogin => &["login", "renew", "tls"],
         ProviderType::Exec => &["command", "timeout", "env"],
         ProviderType::File => &["path"],
         ProviderType::Static => &["token"],
@@ -232,6 +233,8 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
             escalate_after: p.refresh.escalate_after,
         },
         store,
+        // Read by the caller, which can point at the failing key.
+        tls_config: crate::Tls::default(),
     })
 }
 

@@ -1,7 +1,5 @@
 //! Upstream routes (SPEC §4): URL, match, injection, expiry statuses.
 
-use std::path::PathBuf;
-
 use http::HeaderName;
 
 use super::urls::{shown_url, NO_URL_CREDENTIALS};
@@ -93,7 +91,8 @@ pub(super) fn upstream(u: &RawUpstream) -> Result<Upstream, String> {
         connect_timeout: u.timeouts.connect.0,
         read_timeout: u.timeouts.read.0,
         idle_timeout: u.timeouts.idle.0,
-        ca_file: u.tls.ca_file.as_ref().map(PathBuf::from),
+        // Read by the caller, which can point at the failing key.
+        tls_config: crate::Tls::default(),
         server_name: u.tls.server_name.clone(),
         breaker_failures: u.circuit_breaker.failures,
         breaker_cooldown: u.circuit_breaker.cooldown.0,

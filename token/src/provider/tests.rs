@@ -33,7 +33,7 @@ fn config(body: &str) -> ProviderConfig {
 }
 
 fn build(body: &str) -> Box<dyn Provider> {
-    build_provider(&config(body).kind)
+    build_provider(&config(body).kind, &sidecar_config::Tls::default()).unwrap()
 }
 
 async fn idp() -> MockIdp {
