@@ -5,6 +5,7 @@
 //! peer's CA list; without one the peer has none and Pingora's connector uses the system store,
 //! which it loads with the same `rustls-native-certs` (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`).
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use pingora::upstreams::peer::HttpPeer;
@@ -27,6 +28,14 @@ pub(crate) fn apply(peer: &mut HttpPeer, tls: &Tls) -> Result<(), String> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         peer.options.ca = Some(Arc::from(wrapped));
+        // Pingora's connection pool keys on address, SNI and client certificate, not on the CA
+        // list: without this, a connection verified against one upstream's CA would be reused
+        // for another upstream at the same address that trusts a different CA.
+        let mut h = DefaultHasher::new();
+        for c in cas.iter() {
+            c.as_ref().hash(&mut h);
+        }
+        peer.group_key = h.finish();
     }
     if let Some(id) = &tls.identity {
         let chain = id.chain.iter().map(|c| c.as_ref().to_vec()).collect();

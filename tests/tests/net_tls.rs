@@ -277,6 +277,44 @@ async fn wrong_ca_for_an_upstream_is_a_logged_502_before_any_http() {
     );
 }
 
+/// Two routes to one TLS address, one trusting its CA and one trusting another: a connection
+/// verified for the first is never handed to the second from the pool.
+#[tokio::test]
+async fn a_pooled_connection_verified_against_one_ca_never_serves_another() {
+    let idp = MockIdp::start(IdpConfig::default()).await;
+    let (api, tls) = MockUpstream::start_tls(UpstreamConfig::checking(idp.registry())).await;
+    let scratch = Scratch::new("tls-pool");
+    let right = file(&scratch, "right.pem", tls.ca_pem());
+    let wrong = file(&scratch, "wrong.pem", &unrelated_ca_pem());
+    let yaml = format!(
+        "{}upstreams:\n  - {{ name: good, url: \"{url}\", provider: main, match: {{ path_prefix: /good, strip_prefix: true }}, tls: {{ ca_file: \"{right}\", server_name: localhost }} }}\n  - {{ name: bad, url: \"{url}\", provider: main, match: {{ path_prefix: /bad, strip_prefix: true }}, tls: {{ ca_file: \"{wrong}\", server_name: localhost }} }}\n",
+        provider(&idp, None),
+        url = api.url()
+    );
+    let sc = Sidecar::start(&yaml).await;
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        let r = client
+            .get(sc.url(&format!("/good/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", sc.logs());
+        let r = client
+            .get(sc.url(&format!("/bad/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "{}", sc.logs());
+    }
+    let paths: Vec<_> = api.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        ["/0", "/1", "/2"],
+        "only the good route's requests arrive"
+    );
+}
+
 /// The IdP's certificate does not verify: requests get a JSON 503 `token_unavailable`, the log
 /// names the IdP's host and rustls's reason, and the IdP never got an HTTP request.
 #[tokio::test]
