@@ -122,6 +122,12 @@ pub fn unrelated_ca_pem() -> String {
     ca.pem()
 }
 
+/// Fresh certificates (a CA, a server and a client certificate it signed) without a server:
+/// for tests that only need files to point a config at.
+pub fn mint_material() -> Result<TlsMaterial, Box<dyn std::error::Error + Send + Sync>> {
+    mint(ClientAuth::None).map(|(_, material)| material)
+}
+
 impl MockUpstream {
     /// Starts the upstream behind TLS on `127.0.0.1:0`; it answers and records exactly like
     /// [`MockUpstream::start`], over HTTP/2 when the client offers `h2` by ALPN and HTTP/1.1

@@ -440,3 +440,51 @@ async fn idp_calls_use_https_proxy_unless_no_proxy_covers_the_host() {
     assert_eq!(direct.tunnels(), 0, "NO_PROXY covers the IdP's host");
     assert_eq!(idp.calls(), 2);
 }
+
+/// `check` refuses an unreadable or non-PEM `ca_file`, a certificate without its key and a key
+/// that belongs to another certificate, each at the key's `file:line:col`, without connecting
+/// anywhere (the hosts do not exist).
+#[test]
+fn check_points_at_unusable_tls_files() {
+    let scratch = Scratch::new("tls-check");
+    let not_pem = file(&scratch, "not.pem", "hello\n");
+    let a = sidecar_mocks::tls::mint_material().expect("certificates");
+    let b = sidecar_mocks::tls::mint_material().expect("certificates");
+    let cert = file(&scratch, "a.pem", a.client_cert_pem());
+    let other_key = file(&scratch, "b.key", b.client_key_pem());
+    let cases = [
+        (
+            format!("    tls: {{ ca_file: \"{not_pem}\" }}\n"),
+            "tls.ca_file",
+            "no PEM certificate",
+        ),
+        (
+            "    tls: { ca_file: \"/nonexistent/ca.pem\" }\n".to_string(),
+            "tls.ca_file",
+            "No such file",
+        ),
+        (
+            format!("    tls: {{ client_cert: \"{cert}\" }}\n"),
+            "tls.client_cert",
+            "needs tls.client_key",
+        ),
+        (
+            format!("    tls: {{ client_cert: \"{cert}\", client_key: \"{other_key}\" }}\n"),
+            "tls.client_key",
+            "does not belong",
+        ),
+    ];
+    for (tls, key, want) in cases {
+        let path = scratch.path("s.yaml");
+        let yaml = format!(
+            "providers:\n  main:\n    type: oauth2_client_credentials\n    token_url: \"https://idp.invalid/t\"\n    client_id: c\n    client_secret: s\n{tls}upstreams:\n  - {{ name: api, url: \"https://api.invalid\", provider: main }}\n"
+        );
+        std::fs::write(&path, &yaml).unwrap();
+        let (code, _, err) = support::run_cli(&["check", "-c", &path.display().to_string()], &[]);
+        assert_eq!(code, 1, "{err}");
+        let col = yaml.lines().nth(6).unwrap().find(&key[4..]).unwrap() + 1;
+        let at = format!("{}:7:{col}: provider \"main\": {key}", path.display());
+        assert!(err.starts_with(&at), "{err} should start with {at}");
+        assert!(err.contains(want), "{err} lacks {want:?}");
+    }
+}
