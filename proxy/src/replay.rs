@@ -114,11 +114,12 @@ async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Resp
     }
     answer.map_err(|e| {
         // The client gets only a 502/504: the log says which host and why (for TLS, rustls's
-        // reason, such as UnknownIssuer).
+        // reason, such as UnknownIssuer). Never the URL: its query may carry the token.
+        let e = e.without_url();
         tracing::warn!(
             upstream = %up.config.name,
             host = %format_args!("{}:{}", up.config.host, up.config.port),
-            reason = %std::error::Error::source(&e).map_or_else(|| e.to_string(), sidecar_token::tls::root_cause),
+            reason = %sidecar_token::tls::root_cause(&e),
             "the sidecar's own replay could not reach the upstream"
         );
         if e.is_timeout() {
