@@ -9,6 +9,7 @@ pub mod read;
 mod refs;
 pub mod schema;
 mod strict;
+pub mod tls;
 mod validate;
 pub mod values;
 
@@ -26,6 +27,7 @@ pub use schema::{
     ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawAdmin, RawConfig, RawLog,
     UpstreamProtocol,
 };
+pub use tls::{Identity, Tls};
 pub use values::{
     parse_duration, parse_percent, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION,
     MAX_SIZE,
@@ -214,6 +216,8 @@ pub struct Provider {
     pub refresh: RefreshPolicy,
     /// Encrypted persistence across restarts; `None`: tokens live in memory only.
     pub store: Option<Store>,
+    /// Trust and client certificate for the identity provider's endpoints.
+    pub tls_config: Tls,
 }
 
 /// Where and with which key a provider's tokens are persisted.
@@ -414,8 +418,8 @@ pub struct Upstream {
     /// The least token lifetime a WebSocket upgrade or event-stream request starts with (its
     /// own `upgrade:` or the top-level one); zero: any usable token.
     pub upgrade_min_ttl: Duration,
-    /// CA bundle instead of the system roots.
-    pub ca_file: Option<PathBuf>,
+    /// Trust (`tls.ca_file` or the system store) and client certificate, read and checked.
+    pub tls_config: Tls,
     /// SNI / certificate name override.
     pub server_name: Option<String>,
     /// HTTP version spoken to it.

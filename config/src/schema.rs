@@ -230,6 +230,24 @@ pub struct RawProvider {
     /// Refresh policy.
     #[serde(default)]
     pub refresh: RawRefresh,
+    /// Trust and client certificate for the identity provider (types that call one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawProviderTls>,
+}
+
+/// TLS to an identity provider.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProviderTls {
+    /// PEM bundle of CAs to trust instead of the system store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM client certificate (chain, leaf first) for RFC 8705 `tls_client_auth`.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 fn default_ttl() -> Dur {
@@ -562,6 +580,12 @@ pub struct RawTls {
     /// SNI and certificate name, when it differs from the URL host.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// PEM client certificate (chain, leaf first) for mTLS to the upstream.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 /// How an expired-token answer looks.

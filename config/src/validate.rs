@@ -22,6 +22,7 @@ use self::providers::provider;
 use self::rate_limits::rate_limit;
 use self::upstreams::{upstream, ERROR_STATUSES};
 use crate::schema::RawConfig;
+use crate::tls::{self, TlsPaths};
 use crate::{
     Config, ConfigError, Listen, Log, Provider, ProviderCheck, ProviderKind, Replay, Retry, Warning,
 };
@@ -106,7 +107,17 @@ pub(crate) fn validate(
     let mut providers = BTreeMap::new();
     for (name, p) in &raw.providers {
         let here = top("providers").key(name);
-        let provider = provider(name, p).map_err(|b| at.error(&here.then(&b.at), b.message))?;
+        let mut provider = provider(name, p).map_err(|b| at.error(&here.then(&b.at), b.message))?;
+        if let Some(t) = &p.tls {
+            let paths = TlsPaths {
+                ca_file: t.ca_file.as_deref(),
+                client_cert: t.client_cert.as_deref(),
+                client_key: t.client_key.as_deref(),
+            };
+            provider.tls_config = tls::load(paths).map_err(|(key, m)| {
+                at.error(&here.key("tls").key(key), format!("provider {name:?}: {m}"))
+            })?;
+        }
         if let Some(store) = &provider.store {
             let shared = providers
                 .values()
@@ -151,10 +162,20 @@ pub(crate) fn validate(
                 ));
             }
         }
-        upstreams.push(
-            upstream(u, raw.upgrade.min_ttl.0)
-                .map_err(|b| at.error(&here.then(&b.at), b.message))?,
-        );
+        let mut parsed = upstream(u, raw.upgrade.min_ttl.0)
+            .map_err(|b| at.error(&here.then(&b.at), b.message))?;
+        let paths = TlsPaths {
+            ca_file: u.tls.ca_file.as_deref(),
+            client_cert: u.tls.client_cert.as_deref(),
+            client_key: u.tls.client_key.as_deref(),
+        };
+        parsed.tls_config = tls::load(paths).map_err(|(key, m)| {
+            at.error(
+                &here.key("tls").key(key),
+                format!("upstream {:?}: {m}", u.name),
+            )
+        })?;
+        upstreams.push(parsed);
     }
 
     if let Some(i) = raw

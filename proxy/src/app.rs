@@ -5,15 +5,12 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::utils::tls::{parse_x509, WrappedX509};
 use sidecar_config::{Config, Upstream, UpstreamProtocol};
 use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::TokenSource;
@@ -133,11 +130,19 @@ impl UpstreamMetrics {
 /// Why a config could not be put to work.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// A CA file that cannot be read, or a host that cannot be sent.
+    /// An upstream host that cannot be sent, or TLS material that cannot be used.
     #[error("upstream {upstream}: {message}")]
     Upstream {
         /// Name.
         upstream: String,
+        /// Why.
+        message: String,
+    },
+    /// A provider whose identity-provider client cannot be built (its TLS settings).
+    #[error("provider {provider}: {message}")]
+    Provider {
+        /// Name.
+        provider: String,
         /// Why.
         message: String,
     },
@@ -158,11 +163,18 @@ impl Live {
                 let same = prev.config.providers.get(name) == Some(p);
                 same.then(|| prev.providers.get(name).cloned()).flatten()
             });
-            let source = reused.unwrap_or_else(|| {
-                let s = TokenSource::new(p, handle.clone());
-                fresh.push(s.clone());
-                s
-            });
+            let source = match reused {
+                Some(s) => s,
+                None => {
+                    let s =
+                        TokenSource::new(p, handle.clone()).map_err(|e| BuildError::Provider {
+                            provider: name.clone(),
+                            message: e.to_string(),
+                        })?;
+                    fresh.push(s.clone());
+                    s
+                }
+            };
             providers.insert(name.clone(), source);
         }
         let resolvers = Resolvers::new(&config.dns, handle.clone());
@@ -255,9 +267,9 @@ impl UpstreamRt {
         metrics::counter!("sidecar_replays_total", "upstream" => self.config.name.clone(), "reason" => reason, "result" => result).increment(1);
     }
 
-    /// Reads its CA file once; the Pingora peer and the replay client both use it and both
-    /// take their addresses from `addresses`, so both reach the same addresses with the same
-    /// trust.
+    /// The Pingora peer and the replay client both take their addresses from `addresses` and
+    /// the TLS material the config read, so both reach the same addresses with the same trust
+    /// and client certificate.
     fn build(
         u: &Upstream,
         target: Target,
@@ -270,13 +282,9 @@ impl UpstreamRt {
         };
         // Each request puts one of the current addresses in (`peer_at`).
         let placeholder = SocketAddr::from((Ipv4Addr::UNSPECIFIED, u.port));
-        let ca = match &u.ca_file {
-            Some(path) => Some(load_ca(path).map_err(&err)?),
-            None => None,
-        };
         Ok(UpstreamRt {
-            peer: peer_for(u, placeholder, ca.as_deref()),
-            replay_clients: ReplayClients::new(u, &addresses, ca).map_err(err)?,
+            peer: peer_for(u, placeholder).map_err(&err)?,
+            replay_clients: ReplayClients::new(u, &addresses).map_err(err)?,
             addresses,
             target,
             host_header: HeaderValue::from_str(&u.authority)
@@ -291,7 +299,7 @@ impl UpstreamRt {
     }
 }
 
-fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>]>) -> HttpPeer {
+fn peer_for(u: &Upstream, addr: SocketAddr) -> Result<HttpPeer, String> {
     let sni = u.server_name.clone().unwrap_or_else(|| u.host.clone());
     let mut peer = HttpPeer::new(addr, u.tls, sni);
     let o = &mut peer.options;
@@ -309,15 +317,9 @@ fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>
             UpstreamProtocol::Http1 => pingora::protocols::ALPN::H1,
             UpstreamProtocol::Auto | UpstreamProtocol::H2c => pingora::protocols::ALPN::H2H1,
         };
-        if let Some(certs) = ca {
-            let wrapped: Vec<WrappedX509> = certs
-                .iter()
-                .map(|c| WrappedX509::new(c.as_ref().to_vec(), parse_x509))
-                .collect();
-            o.ca = Some(Arc::from(wrapped));
-        }
+        crate::peer_tls::apply(&mut peer, &u.tls_config)?;
     }
-    peer
+    Ok(peer)
 }
 
 /// Replay clients, one per address set: the current one, made again when the set changes.
@@ -327,13 +329,9 @@ struct ReplayClients {
 }
 
 impl ReplayClients {
-    fn new(
-        u: &Upstream,
-        addresses: &Arc<Addresses>,
-        ca: Option<Vec<CertificateDer<'static>>>,
-    ) -> Result<ReplayClients, String> {
+    fn new(u: &Upstream, addresses: &Arc<Addresses>) -> Result<ReplayClients, String> {
         let (u, addresses) = (u.clone(), addresses.clone());
-        let make = move || replay_client(&u, &addresses, ca.as_deref());
+        let make = move || replay_client(&u, &addresses);
         let first = make()?;
         Ok(ReplayClients {
             current: ArcSwap::from_pointee((Arc::new(Vec::new()), first)),
@@ -373,13 +371,9 @@ fn replay_base(u: &Upstream) -> String {
 }
 
 /// The replay client connects to the same addresses as the Pingora peer, with the same
-/// timeouts, trust and HTTP version; it never follows redirects and never decompresses, so
-/// answers pass unchanged.
-fn replay_client(
-    u: &Upstream,
-    addresses: &Arc<Addresses>,
-    ca: Option<&[CertificateDer<'static>]>,
-) -> Result<reqwest::Client, String> {
+/// timeouts, trust, client certificate and HTTP version; it never follows redirects and never
+/// decompresses, so answers pass unchanged.
+fn replay_client(u: &Upstream, addresses: &Arc<Addresses>) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
@@ -392,32 +386,11 @@ fn replay_client(
         UpstreamProtocol::Http1 => b.http1_only(),
         UpstreamProtocol::Auto => b,
     };
-    if let Some(certs) = ca {
-        b = b.tls_built_in_root_certs(false);
-        for c in certs {
-            let cert =
-                reqwest::Certificate::from_der(c.as_ref()).map_err(|e| format!("ca_file: {e}"))?;
-            b = b.add_root_certificate(cert);
-        }
+    if u.tls {
+        b = sidecar_token::tls::configure(b, &u.tls_config)?;
     }
-    b.build().map_err(|e| format!("replay client: {e}"))
-}
-
-/// The certificates of a PEM bundle, read like every file a config names: a regular file of at
-/// most 4 MiB, read within a time cap.
-fn load_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = sidecar_config::read_bounded(path)
-        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "ca_file {}: no PEM certificate in it",
-            path.display()
-        ));
-    }
-    Ok(certs)
+    b.build()
+        .map_err(|e| format!("replay client: {}", sidecar_token::tls::root_cause(&e)))
 }
 
 /// What config validation cannot check without the token crate (a `private_key_jwt` key that

@@ -20,6 +20,7 @@ mod log_throttle;
 pub mod logging;
 pub mod metrics;
 mod outgoing;
+mod peer_tls;
 mod replay;
 pub mod server;
 pub mod service;

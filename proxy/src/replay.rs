@@ -121,6 +121,15 @@ async fn send(
         .send()
         .await;
     let failed = |e: reqwest::Error| {
+        // The client gets only a 502/504: the log says which host and why (for TLS, rustls's
+        // reason, such as UnknownIssuer). Never the URL: its query may carry the token.
+        let e = e.without_url();
+        tracing::warn!(
+            upstream = %up.config.name,
+            host = %format_args!("{}:{}", up.config.host, up.config.port),
+            reason = %sidecar_token::tls::root_cause(&e),
+            "the sidecar's own replay could not reach the upstream"
+        );
         if e.is_timeout() {
             LocalAnswer::timeout(&up.config.name)
         } else {

@@ -416,13 +416,24 @@ impl ProxyHttp for Sidecar {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
         let failure = match e.etype() {
             ErrorType::ConnectTimedout => ConnectFailure::Timeout,
-            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert => ConnectFailure::Permanent,
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert => {
+                // Says which host and why (rustls's reason, e.g. UnknownIssuer): the client only
+                // gets 502 upstream_unreachable.
+                tracing::warn!(
+                    upstream = ctx.up().map_or("", |u| u.config.name.as_str()),
+                    host = %peer.sni,
+                    address = %peer._address,
+                    reason = e.context.as_ref().map_or("", |c| c.as_str()),
+                    "TLS handshake with the upstream failed"
+                );
+                ConnectFailure::Permanent
+            }
             _ => ConnectFailure::Other,
         };
         let Some(route) = &ctx.route else {

@@ -33,5 +33,5 @@ pub use idp::{Catcher, Failure, Hostile, IdpConfig, IdpRequest, MockIdp};
 pub use registry::TokenRegistry;
 pub use signalr::{HubStats, SignalRHub};
 pub use streams::StreamUpstream;
-pub use tls::TlsMaterial;
+pub use tls::{unrelated_ca_pem, ClientAuth, TlsMaterial};
 pub use upstream::{MockUpstream, Recorded, Scripted, UpstreamConfig};

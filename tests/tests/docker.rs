@@ -190,6 +190,33 @@ fn the_dockerfile_builds_the_way_ci_does_into_a_small_non_root_image() {
         .any(|l| l.trim().trim_end_matches('/') == "target"));
 }
 
+/// Without `tls.ca_file` the sidecar trusts the system store where OpenSSL looks for it
+/// (`/etc/ssl/certs/ca-certificates.crt` on Debian): the runtime image must have that bundle, or
+/// every HTTPS identity provider and upstream fails with `UnknownIssuer`.
+#[test]
+fn the_runtime_image_has_the_ca_bundle_the_sidecar_trusts() {
+    let dockerfile = read("docker/Dockerfile");
+    let ins = instructions(&dockerfile);
+    let runtime_from = ins
+        .iter()
+        .rposition(|i| keyword(i) == "FROM")
+        .expect("a runtime stage");
+    let base = &ins[runtime_from];
+    let debian = (base.contains("RUNTIME_IMAGE")
+        && dockerfile.contains("ARG RUNTIME_IMAGE=debian:"))
+        || base.contains("debian");
+    assert!(
+        debian,
+        "a Debian runtime stage (apt's ca-certificates): {base}"
+    );
+    assert!(
+        ins[runtime_from..].iter().any(|i| keyword(i) == "RUN"
+            && i.contains("apt-get install")
+            && i.contains("ca-certificates")),
+        "the runtime stage installs ca-certificates"
+    );
+}
+
 fn check_env() -> Vec<(&'static str, &'static str)> {
     // The same dummy values .ci/run exports for its check loop.
     vec![

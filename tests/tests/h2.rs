@@ -13,7 +13,8 @@ use support::{Scratch, Sidecar};
 enum Trust {
     /// `tls: { ca_file: <the mock's CA>, server_name: localhost }`.
     MockCa,
-    /// `tls: { server_name: localhost }`: the built-in roots, which do not know the mock's CA.
+    /// `tls: { server_name: localhost }`: the system trust store, which does not know the mock's
+    /// CA.
     BuiltIn,
 }
 

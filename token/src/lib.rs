@@ -9,6 +9,7 @@ mod provider;
 mod schedule;
 mod source;
 mod store;
+pub mod tls;
 mod token;
 
 pub use provider::{

@@ -38,9 +38,14 @@ pub struct TokenSource {
 }
 
 impl TokenSource {
-    /// A source for a configured provider. Identity-provider calls run on `handle`.
-    pub fn new(config: &ProviderConfig, handle: tokio::runtime::Handle) -> TokenSource {
-        TokenSource::with_provider(config, build_provider(&config.kind), handle)
+    /// A source for a configured provider. Identity-provider calls run on `handle`. Fails when
+    /// the provider cannot be built (its HTTP client with the configured TLS).
+    pub fn new(
+        config: &ProviderConfig,
+        handle: tokio::runtime::Handle,
+    ) -> Result<TokenSource, crate::ProviderError> {
+        let provider = build_provider(&config.kind, &config.tls_config)?;
+        Ok(TokenSource::with_provider(config, provider, handle))
     }
 
     /// A source with a provider built elsewhere (tests, embedders). The config's `store`, if

@@ -36,6 +36,7 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, Bad> {
         ("timeout", p.timeout.is_some()),
         ("env", !p.env.is_empty()),
         ("path", p.path.is_some()),
+        ("tls", p.tls.is_some()),
     ];
     const OAUTH: [&str; 8] = [
         "token_url",
@@ -48,10 +49,10 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, Bad> {
         "params",
     ];
     let extra: &[&str] = match p.kind {
-        ProviderType::Oauth2ClientCredentials => &[],
-        ProviderType::Oauth2RefreshToken => &["refresh_token", "login"],
-        ProviderType::Oauth2Password => &["username", "password"],
-        ProviderType::JsonLogin => &["login", "renew"],
+        ProviderType::Oauth2ClientCredentials => &["tls"],
+        ProviderType::Oauth2RefreshToken => &["refresh_token", "login", "tls"],
+        ProviderType::Oauth2Password => &["username", "password", "tls"],
+        ProviderType::JsonLogin => &["login", "renew", "tls"],
         ProviderType::Exec => &["command", "timeout", "env"],
         ProviderType::File => &["path"],
         ProviderType::Static => &["token"],
@@ -243,6 +244,8 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, Bad> {
             escalate_after: p.refresh.escalate_after,
         },
         store,
+        // Read by the caller, which can point at the failing key.
+        tls_config: crate::Tls::default(),
     })
 }
 

@@ -1,6 +1,5 @@
 //! Upstream routes: URL, match, injection, expiry statuses.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -132,7 +131,8 @@ pub(super) fn upstream(u: &RawUpstream, min_ttl: Duration) -> Result<Upstream, B
         idle_timeout: u.timeouts.idle.0,
         stream_idle_timeout: u.timeouts.stream_idle.0,
         upgrade_min_ttl: u.upgrade.as_ref().map_or(min_ttl, |g| g.min_ttl.0),
-        ca_file: u.tls.ca_file.as_ref().map(PathBuf::from),
+        // Read by the caller, which can point at the failing key.
+        tls_config: crate::Tls::default(),
         server_name: u.tls.server_name.clone(),
         protocol: u.protocol,
         breaker_failures: u.circuit_breaker.failures,
