@@ -128,7 +128,7 @@ pub struct Reply {
     pub close: bool,
     /// It carries `Retry-After`.
     pub retry_after: bool,
-    /// A 503 whose body names `token_unavailable` (the sidecar's own answer, SPEC §10).
+    /// A 503 whose body names `token_unavailable` (the sidecar's own answer).
     pub token_unavailable: bool,
 }
 

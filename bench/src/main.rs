@@ -1,6 +1,6 @@
 #![forbid(unsafe_code)]
 //! `sidecar-bench`: measures token-sidecar side by side with a direct connection, nginx and a
-//! bare Pingora proxy on loopback (SPEC §12). See bench/README.md.
+//! bare Pingora proxy on loopback. See bench/README.md.
 
 mod load;
 mod procs;

@@ -1,4 +1,4 @@
-//! The five scenarios of SPEC §12 and their Markdown tables.
+//! The five benchmark scenarios and their Markdown tables.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -28,7 +28,7 @@ pub struct Env {
     pub fd_limit: u64,
 }
 
-/// A scenario of the runner: the five of SPEC §12, and the soak, which runs only when asked for
+/// A scenario of the runner: the five benchmark scenarios, and the soak, which runs only when asked for
 /// by name (`--only soak`): it takes minutes and is never part of `--smoke`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -736,8 +736,8 @@ async fn fixed_rate_latency(env: &Env, l: &Lineup) -> Result<String, String> {
         s,
         "\n### Added latency at a fixed rate\n\n{LATENCY_RATE:.0} requests/s over \
          {LATENCY_CONNS} keep-alive connections (open loop, the in-repo generator), {} round(s) \
-         of {} s per target, alternating; percentiles over all rounds, in µs. This is the SPEC \
-         §12 added-latency measurement: every target is far from saturation here.\n",
+         of {} s per target, alternating; percentiles over all rounds, in µs. This is the \
+         added-latency measurement of the performance targets: every target is far from saturation here.\n",
         plan.rounds,
         plan.run.as_secs()
     );

@@ -728,7 +728,7 @@ pub async fn run(env: &Env, w: &World) -> Result<String, String> {
         Some(replayable_401 == 0),
     );
     row(
-        "client 401s on non-idempotent POSTs (SPEC §6: passed through, never replayed)",
+        "client 401s on non-idempotent POSTs (passed through, never replayed)",
         post_401.to_string(),
         None,
     );

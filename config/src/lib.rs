@@ -9,6 +9,7 @@ pub mod read;
 mod refs;
 pub mod schema;
 mod strict;
+pub mod tls;
 mod validate;
 pub mod values;
 
@@ -21,8 +22,12 @@ use http::{HeaderName, Method};
 
 pub use read::{read_bounded, read_within, ReadError, MAX_FILE, READ_TIMEOUT};
 pub use refs::{MAX_REFERENCED, REFERENCES_TIME};
-pub use schema::{ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawConfig, RawLog};
+pub use schema::{
+    ClientAuth, ClientAuthorization, LogFormat, ProviderType, RawAdmin, RawConfig, RawLog,
+    UpstreamProtocol,
+};
 pub use schema::{OnRedisDown, RateLimitMode};
+pub use tls::{Identity, Tls};
 pub use values::{
     parse_duration, parse_percent, parse_rate, parse_size, Rate, Secret, SecretJson, MAX_DURATION,
     MAX_SIZE,
@@ -61,6 +66,33 @@ pub enum ConfigError {
     },
 }
 
+/// Something a config says that is probably not what its author meant; `check` prints it and
+/// exits 0, `run` logs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// The file.
+    pub file: String,
+    /// 1-based line and column of the key it is about, if it is in the file.
+    pub place: Option<(usize, usize)>,
+    /// What looks wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.place {
+            Some((line, col)) => write!(f, "{}:{line}:{col}: warning: {}", self.file, self.message),
+            None => write!(f, "{}: warning: {}", self.file, self.message),
+        }
+    }
+}
+
+/// A check of a validated provider that needs more than this crate has (the token crate parses
+/// `private_key_jwt` keys with it), run while a config is loaded so that `check`, `run` and a
+/// reload refuse the same things. `Err((key under the provider, message))`; the message must not
+/// contain secrets.
+pub type ProviderCheck = fn(&Provider) -> Result<(), (String, String)>;
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -68,12 +100,20 @@ pub struct Config {
     pub raw: RawConfig,
     /// Where it was read from, if from a file.
     pub source: Option<PathBuf>,
-    /// Data-plane address.
-    pub listen: SocketAddr,
+    /// Data-plane address: TCP or a Unix socket.
+    pub listen: Listen,
     /// Admin API address.
     pub admin_listen: SocketAddr,
+    /// Probe-only address (`/healthz`, `/readyz`, `/metrics`), if any.
+    pub probe_listen: Option<SocketAddr>,
+    /// Bearer token the admin API's POST endpoints take from clients off loopback.
+    pub admin_token: Option<Secret>,
     /// SIGTERM grace period.
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long new requests are still taken before draining.
+    pub shutdown_delay: Duration,
+    /// What looked suspicious when it was read (printed by `check`, logged by `run`).
+    pub warnings: Vec<Warning>,
     /// Providers by name.
     pub providers: BTreeMap<String, Provider>,
     /// Upstream routes in file order.
@@ -84,7 +124,12 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// Client connection limits.
     pub downstream: Downstream,
-    /// Retry of transient upstream failures (SPEC §8).
+    /// How upstream host names are resolved.
+    pub dns: Dns,
+    /// Retry of transient upstream failures.
+    /// Streams (WebSocket, Server-Sent Events) open at once.
+    pub max_streams: usize,
+    /// Retry of transient upstream failures.
     pub retry: Retry,
     /// Logging.
     pub log: Log,
@@ -111,7 +156,7 @@ pub struct Shared {
     pub lease: Duration,
 }
 
-/// Retry of transient upstream failures (SPEC §8), validated: every status is an error status
+/// Retry of transient upstream failures, validated: every status is an error status
 /// (400-599).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retry {
@@ -125,6 +170,37 @@ pub struct Retry {
     pub max_retry_after: Duration,
 }
 
+/// Where the data plane listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket at this absolute path (`listen: "unix:/run/token-sidecar/sock"`): for
+    /// applications on the same host that share a socket rather than a port.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How upstream host names are resolved, validated: `min_ttl` is at least 1 s and at most
+/// `max_ttl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// DNS servers to ask; empty: the system's.
+    pub nameservers: Vec<SocketAddr>,
+    /// Shortest interval between two lookups of a name (and the retry after a failed one).
+    pub min_ttl: Duration,
+    /// Longest interval between two lookups of a name.
+    pub max_ttl: Duration,
+}
+
 /// Logging settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Log {
@@ -136,7 +212,7 @@ pub struct Log {
     pub access_log: bool,
 }
 
-/// Limits on client (downstream) connections (SPEC §11), validated: both timeouts are positive,
+/// Limits on client (downstream) connections, validated: both timeouts are positive,
 /// the cap is at least one. Read per connection, so a reload applies to new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Downstream {
@@ -163,9 +239,11 @@ pub struct Provider {
     pub store: Option<Store>,
     /// Its tokens are shared with the other replicas through `shared.redis`.
     pub shared: bool,
+    /// Trust and client certificate for the identity provider's endpoints.
+    pub tls_config: Tls,
 }
 
-/// Where and with which key a provider's tokens are persisted (SPEC §5).
+/// Where and with which key a provider's tokens are persisted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Store {
     /// The store file.
@@ -358,10 +436,17 @@ pub struct Upstream {
     pub read_timeout: Duration,
     /// Idle timeout of pooled connections.
     pub idle_timeout: Duration,
-    /// CA bundle instead of the system roots.
-    pub ca_file: Option<PathBuf>,
+    /// Silence that closes a stream once it started (replaces `read_timeout` then).
+    pub stream_idle_timeout: Duration,
+    /// The least token lifetime a WebSocket upgrade or event-stream request starts with (its
+    /// own `upgrade:` or the top-level one); zero: any usable token.
+    pub upgrade_min_ttl: Duration,
+    /// Trust (`tls.ca_file` or the system store) and client certificate, read and checked.
+    pub tls_config: Tls,
     /// SNI / certificate name override.
     pub server_name: Option<String>,
+    /// HTTP version spoken to it.
+    pub protocol: UpstreamProtocol,
     /// Expired-token detection.
     pub expiry: Expiry,
     /// Consecutive network/5xx failures that open the circuit breaker (0: off).
@@ -381,7 +466,7 @@ pub struct Inject {
     pub query: Option<String>,
 }
 
-/// Expired-token detection (SPEC §6).
+/// Expired-token detection.
 #[derive(Debug, Clone)]
 pub struct Expiry {
     /// Statuses that always mean expired.
@@ -411,7 +496,7 @@ pub struct Replay {
     pub debug_header: bool,
 }
 
-/// One client-side rate limit (SPEC §7), validated. Equal values mean "unchanged" across a
+/// One client-side rate limit, validated. Equal values mean "unchanged" across a
 /// reload, so the limiter keeps that rule's state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimit {
@@ -452,6 +537,11 @@ impl Config {
     /// Reads and validates a file: a regular file of at most [`MAX_FILE`] bytes of UTF-8,
     /// read within [`read::READ_TIMEOUT`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, None)
+    }
+
+    /// [`Config::load`] with a further check of every provider.
+    pub fn load_with(path: &Path, check: Option<ProviderCheck>) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let bytes = read_bounded(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
@@ -472,7 +562,7 @@ impl Config {
                 });
             }
         };
-        let mut config = Config::parse(&text, &file)?;
+        let mut config = Config::parse_with(&text, &file, check)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
@@ -481,12 +571,21 @@ impl Config {
     /// a text with no settings at all (an empty or truncated file must never replace a running
     /// config with "all defaults, no routes"), a key written twice in one mapping, custom tags.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, file, None)
+    }
+
+    /// [`Config::parse`] with a further check of every provider.
+    pub fn parse_with(
+        text: &str,
+        file: &str,
+        check: Option<ProviderCheck>,
+    ) -> Result<Config, ConfigError> {
         let yaml_error = |e: serde_yaml::Error| match e.location() {
             Some(loc) => ConfigError::At {
                 file: file.to_string(),
                 line: loc.line(),
                 col: loc.column(),
-                message: strip_location(&e.to_string()),
+                message: strip_location(&e.to_string(), loc.line(), loc.column()),
             },
             None => ConfigError::Invalid {
                 file: file.to_string(),
@@ -503,7 +602,7 @@ impl Config {
         }
         refs::with_budget(|| {
             let raw: RawConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
-            validate::validate(raw, text, file)
+            validate::validate(raw, text, file, check)
         })
     }
 
@@ -513,12 +612,12 @@ impl Config {
     }
 }
 
-/// serde_yaml appends " at line L column C" to its messages; the location goes in front instead.
-fn strip_location(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
-    }
+/// serde_yaml writes " at line L column C" into its messages (a syntax error also names where
+/// the enclosing construct started); the location goes in front instead, once.
+fn strip_location(msg: &str, line: usize, col: usize) -> String {
+    let own = format!(" at line {line} column {col}");
+    let rest = msg.replace(&own, "");
+    rest.replace(" at line ", " that starts at line ")
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Bounded reads of files someone else writes: the config file itself, `${file:}` references, CA
-//! bundles, token files, the token store. Every read has a size cap and a time cap (SPEC §11), and
+//! bundles, token files, the token store. Every read has a size cap and a time cap, and
 //! only regular files are read: `/dev/zero` would never end and a FIFO would block the reader
 //! until someone writes to it.
 
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// The largest config file or `${file:}` reference read (SPEC §11).
+/// The largest config file or `${file:}` reference read.
 pub const MAX_FILE: u64 = 4 << 20;
 
 /// How long one read may take. A read that takes longer (a hung network mount, a file swapped for

@@ -27,9 +27,18 @@ pub struct RawConfig {
     /// Admin API listen address.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
+    /// Serves only `/healthz`, `/readyz` and `/metrics` (for kubelet probes and Prometheus).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_listen: Option<String>,
+    /// Admin API settings.
+    #[serde(default, skip_serializing_if = "RawAdmin::is_empty")]
+    pub admin: RawAdmin,
     /// How long SIGTERM waits for in-flight requests.
     #[serde(default = "default_grace")]
     pub shutdown_grace: Dur,
+    /// After SIGTERM, how long new requests are still taken (readiness already says 503).
+    #[serde(default = "default_delay")]
+    pub shutdown_delay: Dur,
     /// Token providers by name.
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
@@ -42,12 +51,21 @@ pub struct RawConfig {
     /// Retry of transient upstream failures.
     #[serde(default)]
     pub retry: RawRetry,
-    /// Client-side rate limits (SPEC §7).
+    /// Client-side rate limits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RawRateLimit>,
-    /// Client connections: head and idle timeouts, connection cap (SPEC §11).
+    /// Client connections: head and idle timeouts, connection cap.
     #[serde(default)]
     pub downstream: RawDownstream,
+    /// How upstream host names are resolved.
+    #[serde(default)]
+    pub dns: RawDns,
+    /// WebSocket upgrades and event streams: the least token lifetime they start with.
+    #[serde(default)]
+    pub upgrade: RawUpgrade,
+    /// Streams (WebSocket, Server-Sent Events) open at once; more are refused with 503.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
@@ -111,6 +129,25 @@ pub enum OnRedisDown {
     FailClosed,
 }
 
+fn default_delay() -> Dur {
+    secs(0)
+}
+
+/// The admin API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Bearer token that POST endpoints accept from clients that are not on loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+}
+
+impl RawAdmin {
+    fn is_empty(&self) -> bool {
+        self.token.is_none()
+    }
+}
+
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
@@ -120,8 +157,34 @@ fn default_admin_listen() -> String {
 fn default_grace() -> Dur {
     secs(5)
 }
+fn default_max_streams() -> usize {
+    10_000
+}
 
-/// Provider types of SPEC §5 that this build supports.
+/// Requests that open a long-lived connection (a WebSocket upgrade, `Accept: text/event-stream`)
+/// go out only with a token that lives at least `min_ttl`, so the connection is not closed by
+/// its upstream a moment after it opened.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpgrade {
+    /// The least time left on the token (capped at half the token's lifetime); `0s` turns it off.
+    #[serde(default = "default_min_ttl")]
+    pub min_ttl: Dur,
+}
+
+fn default_min_ttl() -> Dur {
+    secs(5 * 60)
+}
+
+impl Default for RawUpgrade {
+    fn default() -> Self {
+        RawUpgrade {
+            min_ttl: default_min_ttl(),
+        }
+    }
+}
+
+/// Provider types that this build supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderType {
@@ -228,6 +291,24 @@ pub struct RawProvider {
     /// Share this provider's tokens through `shared.redis`; default: true when `shared` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared: Option<bool>,
+    /// Trust and client certificate for the identity provider (types that call one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawProviderTls>,
+}
+
+/// TLS to an identity provider.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProviderTls {
+    /// PEM bundle of CAs to trust instead of the system store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM client certificate (chain, leaf first) for RFC 8705 `tls_client_auth`.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 fn default_ttl() -> Dur {
@@ -309,7 +390,7 @@ pub struct RawRenew {
     pub error_pointer: Option<String>,
 }
 
-/// Encrypted token store (SPEC §5).
+/// Encrypted token store.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
@@ -415,9 +496,15 @@ pub struct RawUpstream {
     /// Upstream timeouts.
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    /// Overrides the top-level `upgrade:` for this upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<RawUpgrade>,
     /// Upstream TLS settings.
     #[serde(default)]
     pub tls: RawTls,
+    /// HTTP version spoken to the upstream.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
     /// How an expired-token answer looks.
     #[serde(default)]
     pub expiry: RawExpiry,
@@ -514,6 +601,10 @@ pub struct RawTimeouts {
     /// Idle pooled connections are closed after this.
     #[serde(default = "default_idle")]
     pub idle: Dur,
+    /// Once a stream started (101, a `text/event-stream` answer), this much silence from the
+    /// upstream closes it; `read` no longer applies.
+    #[serde(default = "default_stream_idle")]
+    pub stream_idle: Dur,
 }
 
 fn default_connect() -> Dur {
@@ -525,6 +616,9 @@ fn default_read() -> Dur {
 fn default_idle() -> Dur {
     secs(90)
 }
+fn default_stream_idle() -> Dur {
+    secs(10 * 60)
+}
 
 impl Default for RawTimeouts {
     fn default() -> Self {
@@ -532,6 +626,7 @@ impl Default for RawTimeouts {
             connect: default_connect(),
             read: default_read(),
             idle: default_idle(),
+            stream_idle: default_stream_idle(),
         }
     }
 }
@@ -546,9 +641,15 @@ pub struct RawTls {
     /// SNI and certificate name, when it differs from the URL host.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// PEM client certificate (chain, leaf first) for mTLS to the upstream.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
-/// How an expired-token answer looks (SPEC §6).
+/// How an expired-token answer looks.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawExpiry {
@@ -583,7 +684,7 @@ impl Default for RawExpiry {
     }
 }
 
-/// Replay settings (SPEC §6) and the wait for a token.
+/// Replay settings and the wait for a token.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReplay {
@@ -646,7 +747,7 @@ impl Default for RawReplay {
     }
 }
 
-/// Retry of transient failures (SPEC §8).
+/// Retry of transient failures.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
@@ -696,7 +797,7 @@ pub enum RateLimitMode {
     Reject,
 }
 
-/// One client-side rate limit (SPEC §7).
+/// One client-side rate limit.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
@@ -805,6 +906,57 @@ impl Default for RawDownstream {
             header_timeout: default_header_timeout(),
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// The HTTP version the sidecar speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over plain TCP; over TLS, HTTP/2 or HTTP/1.1 as ALPN agrees.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only, also over TLS.
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP (gRPC servers without TLS); `http://` only.
+    H2c,
+}
+
+/// How upstream host names are resolved. Names are re-resolved in the background per the
+/// record's TTL, clamped to [`min_ttl`, `max_ttl`], so rotating load-balancer addresses are
+/// followed without a reload.
+///
+/// [`min_ttl`]: RawDns::min_ttl
+/// [`max_ttl`]: RawDns::max_ttl
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// `ip:port` of the DNS servers to ask; empty: the system's (`/etc/resolv.conf`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// Re-resolve no sooner than this, even if the record says less (also the retry interval
+    /// after a failed lookup).
+    #[serde(default = "default_dns_min_ttl")]
+    pub min_ttl: Dur,
+    /// Re-resolve no later than this, even if the record says more.
+    #[serde(default = "default_dns_max_ttl")]
+    pub max_ttl: Dur,
+}
+
+fn default_dns_min_ttl() -> Dur {
+    secs(5)
+}
+fn default_dns_max_ttl() -> Dur {
+    secs(300)
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        RawDns {
+            nameservers: Vec::new(),
+            min_ttl: default_dns_min_ttl(),
+            max_ttl: default_dns_max_ttl(),
         }
     }
 }

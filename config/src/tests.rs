@@ -184,7 +184,7 @@ fn missing_env_reference_is_an_error() {
 #[test]
 fn unknown_provider_reference_is_located() {
     let e = err("upstreams:\n  - name: a\n    url: http://x\n    provider: nope\n");
-    assert!(e.starts_with("bad.yaml:2:"), "{e}");
+    assert!(e.starts_with("bad.yaml:4:5: "), "{e}");
     assert!(e.contains("nope"), "{e}");
 }
 
@@ -611,6 +611,11 @@ mod properties {
     const KEYS: &[&str] = &[
         "listen",
         "admin_listen",
+        "dns",
+        "nameservers",
+        "min_ttl",
+        "max_ttl",
+        "protocol",
         "shutdown_grace",
         "providers",
         "upstreams",
@@ -644,6 +649,10 @@ mod properties {
         "&a x",
         "*a",
         "\"${env:SIDECAR_PROP_UNSET}\"",
+        "unix:/run/s.sock",
+        "unix:rel",
+        "h2c",
+        "[\"127.0.0.1:53\"]",
     ];
 
     /// Lines of config-like YAML: real keys and values, nesting, flow style, tags, anchors,

@@ -1,4 +1,4 @@
-//! What happens to an upstream answer, and to a failed connect (SPEC §6, §8): one pure decision
+//! What happens to an upstream answer, and to a failed connect: one pure decision
 //! each, over plain values. The proxy reads the answer's header, the attempt's state and the
 //! config, asks here, and carries the [`Step`] out.
 
@@ -10,7 +10,7 @@ use crate::ratelimit::parse_retry_after;
 use crate::replay::{after_expired, classify, ExpiryVerdict, NextStep, SkipReason};
 
 /// Error class of an attempt, for `sidecar_upstream_errors_total{class}` and the access log
-/// (SPEC §8).
+///.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// 401, 403.
@@ -69,6 +69,17 @@ pub struct Answer<'a> {
     pub www_authenticate: Option<&'a [u8]>,
     /// `Retry-After` of a 429 or 503, parsed ([`retry_after_of`]).
     pub retry_after: Option<Duration>,
+    /// `grpc-status` in the header: a gRPC trailers-only answer carries its status there.
+    pub grpc_status: Option<&'a [u8]>,
+}
+
+/// gRPC's UNAUTHENTICATED: a gRPC server refuses a token with HTTP 200 and this status.
+const GRPC_UNAUTHENTICATED: &[u8] = b"16";
+
+/// A gRPC answer that refused the token: `grpc-status: 16` (UNAUTHENTICATED) in the header,
+/// which gRPC servers send as a trailers-only answer. Counts as an expired-token answer.
+pub fn grpc_unauthenticated(grpc_status: Option<&[u8]>) -> bool {
+    grpc_status.is_some_and(|v| v.trim_ascii() == GRPC_UNAUTHENTICATED)
 }
 
 /// The request's state when the answer came.
@@ -88,7 +99,7 @@ pub struct Attempt {
     pub token: Option<Generations>,
 }
 
-/// Token generations, for the generation rule (SPEC §5).
+/// Token generations, for the generation rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Generations {
     /// The generation this attempt carried.
@@ -151,7 +162,7 @@ fn backoff(retry: &Retry, done: u32, jitter: f64) -> Option<Duration> {
     Some(jittered(*step, jitter))
 }
 
-/// The `Retry-After` of an answer that may carry one (429 and 503; SPEC §7), read relative to
+/// The `Retry-After` of an answer that may carry one (429 and 503), read relative to
 /// `now`; `None` for other statuses and for values that are neither seconds nor an HTTP date.
 pub fn retry_after_of(status: u16, value: Option<&[u8]>, now: SystemTime) -> Option<Duration> {
     if status != 429 && status != 503 {
@@ -161,11 +172,12 @@ pub fn retry_after_of(status: u16, value: Option<&[u8]>, now: SystemTime) -> Opt
     parse_retry_after(v, now)
 }
 
-/// What to do with an upstream answer (SPEC §6, §8), in this order: statuses below 400 pass;
+/// What to do with an upstream answer, in this order: statuses below 400 pass;
 /// a transient status (`retry.statuses`, or a 429 that says `Retry-After`) of a replayable
 /// request whose body Pingora holds is retried while `retry.backoff` lasts, after the backoff
 /// or the upstream's `Retry-After` (when `respect_retry_after`, at most `max_retry_after`);
-/// then the expired-token rules, only for a request that carried a token. `jitter` is a draw
+/// then the expired-token rules, only for a request that carried a token (a gRPC
+/// `grpc-status: 16` in the header counts as expired, whatever the HTTP status). `jitter` is a draw
 /// from `[0, 1)`.
 pub fn after_response(
     answer: &Answer<'_>,
@@ -174,7 +186,8 @@ pub fn after_response(
     jitter: f64,
 ) -> Step {
     let status = answer.status;
-    if status < 400 {
+    let grpc_refused = grpc_unauthenticated(answer.grpc_status);
+    if status < 400 && !grpc_refused {
         // Expiry and retry statuses are error statuses (config validation): nothing to decide.
         return Step::Pass;
     }
@@ -193,6 +206,14 @@ pub fn after_response(
     if state.token.is_none() {
         return Step::Pass;
     }
+    if grpc_refused {
+        // gRPC answers end in trailers, which the sidecar's own replay path does not carry:
+        // only Pingora's retry loop (the call's body in its buffer) replays a gRPC call.
+        return match after_expired_token(state, policy.max_attempts) {
+            Step::OwnReplay { .. } => Step::Skip(SkipReason::BodyTooLarge),
+            step => step,
+        };
+    }
     match classify(status, answer.www_authenticate, policy.expiry) {
         ExpiryVerdict::NotExpired => Step::Pass,
         ExpiryVerdict::CheckBody => {
@@ -207,7 +228,7 @@ pub fn after_response(
 }
 
 /// What to do once an answer says the token expired (by its header, or by its body after
-/// [`Step::CheckBody`]): the replayability and the generation rule (SPEC §5/§6). Never
+/// [`Step::CheckBody`]): the replayability and the generation rule. Never
 /// [`Step::Retry`] or [`Step::CheckBody`].
 pub fn after_expired_token(state: &Attempt, max_attempts: u32) -> Step {
     if let Err(reason) = state.replay {

@@ -1,4 +1,4 @@
-//! The client `Authorization` policy (SPEC §4 `client_authorization`).
+//! The client `Authorization` policy (`client_authorization`).
 
 use sidecar_config::ClientAuthorization;
 

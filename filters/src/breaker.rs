@@ -84,6 +84,12 @@ impl Breaker {
         }
     }
 
+    /// Open or half-open: enough failures in a row that requests fail fast (or one probes).
+    /// For the `sidecar_breaker_open` gauge.
+    pub fn is_open(&self) -> bool {
+        self.threshold > 0 && self.failures.load(Ordering::Acquire) >= self.threshold
+    }
+
     /// A probe ended without an outcome (the client went away): let another one try.
     pub fn abandon_probe(&self) {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).probing = false;
@@ -102,7 +108,9 @@ mod tests {
             b.record(false, t0);
         }
         assert_eq!(b.check(t0), BreakerVerdict::Allow);
+        assert!(!b.is_open());
         b.record(false, t0);
+        assert!(b.is_open());
         assert_eq!(
             b.check(t0 + Duration::from_secs(1)),
             BreakerVerdict::Reject(Duration::from_secs(9))
@@ -122,6 +130,7 @@ mod tests {
         // A successful probe closes it.
         b.record(true, probe_again);
         assert_eq!(b.check(probe_again), BreakerVerdict::Allow);
+        assert!(!b.is_open());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! One normalised view of a request path (SPEC §11): routing, rate limiting and forwarding all
+//! One normalised view of a request path: routing, rate limiting and forwarding all
 //! use the path this module returns, so what is matched is what is sent.
 //!
 //! The rule, applied once per request by [`normalize`]:
@@ -27,7 +27,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-/// Why a path is refused (SPEC §10: 400 `bad_request`).
+/// Why a path is refused (400 `bad_request`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
     /// The path does not start with `/` (for example the asterisk form `*`).

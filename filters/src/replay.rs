@@ -1,4 +1,4 @@
-//! Expired-token detection and the replay policy (SPEC §6), as decisions over plain values.
+//! Expired-token detection and the replay policy, as decisions over plain values.
 
 use http::Method;
 use sidecar_config::{Expiry, Replay};
@@ -111,7 +111,7 @@ pub(crate) enum NextStep {
     PassThrough(SkipReason),
 }
 
-/// The generation rule of SPEC §5/§6. `attempts` were sent so far; the last used the token of
+/// The generation rule. `attempts` were sent so far; the last used the token of
 /// `failed_generation`; `current_generation` is the provider's newest; `forced` says this request
 /// already forced one refresh (a freshly issued token rejected too is passed through — no loops).
 pub(crate) fn after_expired(

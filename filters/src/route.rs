@@ -34,11 +34,11 @@ pub enum Route<'a> {
         /// as configured; `None` when that is the client's path unchanged.
         path: Option<String>,
     },
-    /// A target the sidecar must never reach for (SPEC §10 `forbidden_target`).
+    /// A target the sidecar must never reach for (`forbidden_target`).
     Forbidden(&'static str),
-    /// A path that escapes its route or cannot be normalised (SPEC §10 `bad_request`).
+    /// A path that escapes its route or cannot be normalised (`bad_request`).
     BadPath(PathError),
-    /// No route takes the path (SPEC §10 `no_route`).
+    /// No route takes the path (`no_route`).
     NoRoute,
 }
 

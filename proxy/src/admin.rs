@@ -1,5 +1,7 @@
-//! The admin API (SPEC §9) on `admin_listen`: health, readiness, token status and control,
-//! Prometheus metrics. Answers never contain a token.
+//! The admin API on `admin_listen`: health, readiness, token status and control, Prometheus
+//! metrics; and the probe listener on `probe_listen`, which serves only `/healthz`, `/readyz` and
+//! `/metrics`. Answers never contain a token. Who may use the mutating endpoints: see
+//! [`crate::admin_auth`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,18 +14,37 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use sidecar_token::{Status, Trigger};
 
+use crate::admin_auth::{authorize, Access};
 use crate::app::App;
 
 /// The admin application.
 pub struct Admin {
     app: Arc<App>,
     metrics: Option<PrometheusHandle>,
+    probe_only: bool,
 }
+
+/// What the probe listener serves: for kubelet probes and Prometheus, nothing that changes state
+/// or tells more than health.
+const PROBE_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 impl Admin {
     /// Serves `app`; `/metrics` renders `metrics` when given.
     pub fn new(app: Arc<App>, metrics: Option<PrometheusHandle>) -> Admin {
-        Admin { app, metrics }
+        Admin {
+            app,
+            metrics,
+            probe_only: false,
+        }
+    }
+
+    /// Serves only `GET /healthz`, `/readyz` and `/metrics` of `app`; everything else is 404.
+    pub fn probes(app: Arc<App>, metrics: Option<PrometheusHandle>) -> Admin {
+        Admin {
+            app,
+            metrics,
+            probe_only: true,
+        }
     }
 }
 
@@ -136,8 +157,54 @@ impl ServeHttp for Admin {
         let method = req.method.clone();
         let path = req.uri.path().to_string();
         let params = query(req.uri.query());
+        if self.probe_only && !(method == Method::GET && PROBE_PATHS.contains(&path.as_str())) {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "the probe listener serves only GET {}",
+                    PROBE_PATHS.join(", ")
+                ),
+            );
+        }
+        if method != Method::GET && method != Method::HEAD {
+            let peer = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            let token = self.app.live.load().config.admin_token.clone();
+            let authorization = session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            match authorize(peer, token.as_ref(), authorization) {
+                Access::Allowed => {}
+                Access::BadToken => {
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "this endpoint needs Authorization: Bearer with the configured admin.token"
+                            .into(),
+                    )
+                }
+                Access::NotLoopback => {
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "this endpoint answers only clients on loopback; configure admin.token \
+                         to use it from elsewhere"
+                            .into(),
+                    )
+                }
+            }
+        }
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+            (Method::GET, "/readyz") if self.app.is_draining() => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "shutting_down"}),
+            ),
             (Method::GET, "/readyz") => {
                 let not_ready: Vec<serde_json::Value> = self
                     .app
@@ -196,7 +263,7 @@ impl ServeHttp for Admin {
                 let body = self
                     .metrics
                     .as_ref()
-                    .map(|m| m.render())
+                    .map(|m| crate::metrics::render(&self.app, m))
                     .unwrap_or_default()
                     .into_bytes();
                 Response::builder()

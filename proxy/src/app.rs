@@ -2,22 +2,26 @@
 //! atomically on reload; counters of in-flight and waiting requests.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::utils::tls::{parse_x509, WrappedX509};
-use sidecar_config::{Config, Upstream};
+use sidecar_config::{Config, Upstream, UpstreamProtocol};
 use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::{SharedBackend, SharedRateLimits, TokenSource};
 use tokio::sync::Notify;
+
+use crate::dns::{Addresses, ReplayResolver, Resolvers, Target};
+
+/// How long the start waits for the first lookups of upstream host names (a name still
+/// unresolved then is not fatal: its requests get 502 until it resolves).
+const FIRST_LOOKUPS: std::time::Duration = std::time::Duration::from_secs(5);
+use crate::streams::{StreamCount, UpstreamStreams};
 
 /// Everything a request needs, built once per config.
 pub struct Live {
@@ -41,21 +45,27 @@ pub struct Live {
 pub struct UpstreamRt {
     /// Its config.
     pub config: Upstream,
-    /// Cloned for every request: address, TLS, timeouts resolved once.
+    /// Cloned for every request, with one of `addresses` put in: TLS, timeouts, protocol.
     pub peer: HttpPeer,
+    /// Where the upstream is now: followed in the background when its URL has a host name.
+    pub addresses: Arc<Addresses>,
+    /// What `addresses` are looked up from; a reload that keeps it keeps the addresses.
+    target: Target,
     /// `Host` header to send.
     pub host_header: HeaderValue,
     /// Its provider, if tokens are injected.
     pub tokens: Option<TokenSource>,
-    /// Client for the sidecar's own replays (bodies beyond Pingora's retry buffer, answers whose
-    /// body decides expiry).
-    pub replay_client: reqwest::Client,
+    /// Clients for the sidecar's own replays (bodies beyond Pingora's retry buffer, answers
+    /// whose body decides expiry); see [`UpstreamRt::replay_client`].
+    replay_clients: ReplayClients,
     /// `scheme://host:port` the replay client sends to.
     pub replay_base: String,
     /// Fails fast while the upstream keeps failing.
     pub breaker: Breaker,
     /// Its request metrics, registered once.
     pub metrics: UpstreamMetrics,
+    /// Its stream metrics, registered once.
+    pub streams: UpstreamStreams,
 }
 
 /// Per-upstream request metrics, looked up once per (method, status) and then kept: counting a
@@ -78,6 +88,8 @@ const METHODS: [&str; 8] = [
 ];
 /// Status labels: `0` … `599` (0: no answer was written), then `other`.
 const STATUSES: usize = 601;
+/// Who wrote the answer: the `origin` label.
+const ORIGINS: [&str; 2] = ["upstream", "sidecar"];
 
 fn method_index(m: &str) -> usize {
     METHODS[..METHODS.len() - 1]
@@ -100,19 +112,21 @@ impl UpstreamMetrics {
         UpstreamMetrics {
             duration: metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label.clone()),
             upstream_duration: metrics::histogram!("sidecar_upstream_duration_seconds", "upstream" => label.clone()),
-            requests: (0..METHODS.len() * STATUSES)
+            requests: (0..ORIGINS.len() * METHODS.len() * STATUSES)
                 .map(|_| OnceLock::new())
                 .collect(),
             label,
         }
     }
 
-    /// `sidecar_requests_total{upstream,method,status}`.
-    pub fn requests(&self, method: &str, status: u16) -> &metrics::Counter {
+    /// `sidecar_requests_total{upstream,method,status,origin}`; `own`: the sidecar wrote the
+    /// answer itself (a 429 of its rate limits, a 502 for an unreachable upstream, ...).
+    pub fn requests(&self, method: &str, status: u16, own: bool) -> &metrics::Counter {
+        let oi = usize::from(own);
         let mi = method_index(method);
         let si = usize::from(status).min(STATUSES - 1);
-        self.requests[mi * STATUSES + si].get_or_init(|| {
-            metrics::counter!("sidecar_requests_total", "upstream" => self.label.clone(), "method" => METHODS[mi], "status" => status_label(si))
+        self.requests[(oi * METHODS.len() + mi) * STATUSES + si].get_or_init(|| {
+            metrics::counter!("sidecar_requests_total", "upstream" => self.label.clone(), "method" => METHODS[mi], "status" => status_label(si), "origin" => ORIGINS[oi])
         })
     }
 }
@@ -126,11 +140,19 @@ pub enum BuildError {
         /// Why.
         message: String,
     },
-    /// An upstream host that does not resolve, or a CA file that cannot be read.
+    /// An upstream host that cannot be sent, or TLS material that cannot be used.
     #[error("upstream {upstream}: {message}")]
     Upstream {
         /// Name.
         upstream: String,
+        /// Why.
+        message: String,
+    },
+    /// A provider whose identity-provider client cannot be built (its TLS settings).
+    #[error("provider {provider}: {message}")]
+    Provider {
+        /// Name.
+        provider: String,
         /// Why.
         message: String,
     },
@@ -166,21 +188,51 @@ impl Live {
                     && prev.config.replay.wait_for_token == config.replay.wait_for_token;
                 same.then(|| prev.providers.get(name).cloned()).flatten()
             });
-            let source = reused.unwrap_or_else(|| {
-                let s = TokenSource::new(p, handle.clone());
-                if let (Some(backend), true) = (&shared, p.shared) {
-                    s.share_through(backend, p, config.replay.wait_for_token);
+            let source = match reused {
+                Some(s) => s,
+                None => {
+                    let s =
+                        TokenSource::new(p, handle.clone()).map_err(|e| BuildError::Provider {
+                            provider: name.clone(),
+                            message: e.to_string(),
+                        })?;
+                    if let (Some(backend), true) = (&shared, p.shared) {
+                        s.share_through(backend, p, config.replay.wait_for_token);
+                    }
+                    fresh.push(s.clone());
+                    s
                 }
-                fresh.push(s.clone());
-                s
-            });
+            };
             providers.insert(name.clone(), source);
         }
+        let resolvers = Resolvers::new(&config.dns, handle.clone());
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| UpstreamRt::build(u, &providers))
+            .map(|u| {
+                let target = Target {
+                    upstream: u.name.clone(),
+                    host: u.host.clone(),
+                    port: u.port,
+                    dns: config.dns.clone(),
+                };
+                let before = previous
+                    .and_then(|p| p.upstreams.iter().find(|x| x.config.name == u.name))
+                    .filter(|p| p.target.host == target.host && p.target.port == target.port);
+                let addresses = match before {
+                    // Unchanged: the same addresses, still followed by the same lookups.
+                    Some(p) if p.target == target => p.addresses.clone(),
+                    // Other `dns:` settings: new lookups, starting from the addresses known.
+                    Some(p) => resolvers.follow(&target, Some(p.addresses.now().to_vec())),
+                    None => resolvers.follow(&target, None),
+                };
+                UpstreamRt::build(u, target, addresses, &providers)
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        if previous.is_none() {
+            let all: Vec<_> = upstreams.iter().map(|u| u.addresses.clone()).collect();
+            crate::dns::wait_first(&all, FIRST_LOOKUPS);
+        }
         // Only now: a config that fails to build must not leave refreshers running.
         for s in fresh {
             s.start();
@@ -215,6 +267,28 @@ impl Live {
 }
 
 impl UpstreamRt {
+    /// The client for the sidecar's own replays: it connects to the same addresses as the
+    /// Pingora path. A new client once the addresses changed, so that its pooled connections
+    /// to an address that left the record are not reused (its pool is keyed by host name, not
+    /// by address as Pingora's is).
+    pub(crate) fn replay_client(&self) -> reqwest::Client {
+        self.replay_clients.get(self.addresses.now())
+    }
+
+    /// The peer for the `attempt`-th connect of a request that started at `start` among
+    /// `addrs`; `None` while the upstream's name has not resolved.
+    pub(crate) fn peer_at(
+        &self,
+        addrs: &[SocketAddr],
+        start: usize,
+        attempt: usize,
+    ) -> Option<HttpPeer> {
+        let i = crate::dns::address_index(start, attempt, addrs.len())?;
+        let mut peer = self.peer.clone();
+        peer._address = pingora::protocols::l4::socket::SocketAddr::Inet(addrs[i]);
+        Some(peer)
+    }
+
     /// Counts an expired-token answer that was passed on without a replay
     /// (`sidecar_replay_skipped_total`).
     pub(crate) fn count_skipped(&self, reason: SkipReason) {
@@ -226,40 +300,39 @@ impl UpstreamRt {
         metrics::counter!("sidecar_replays_total", "upstream" => self.config.name.clone(), "reason" => reason, "result" => result).increment(1);
     }
 
-    /// Resolves the upstream once and reads its CA file once; the Pingora peer and the replay
-    /// client both use the result, so both reach the same address with the same trust.
+    /// The Pingora peer and the replay client both take their addresses from `addresses` and
+    /// the TLS material the config read, so both reach the same addresses with the same trust
+    /// and client certificate.
     fn build(
         u: &Upstream,
+        target: Target,
+        addresses: Arc<Addresses>,
         providers: &HashMap<String, TokenSource>,
     ) -> Result<UpstreamRt, BuildError> {
         let err = |message: String| BuildError::Upstream {
             upstream: u.name.clone(),
             message,
         };
-        let addr = (u.host.as_str(), u.port)
-            .to_socket_addrs()
-            .map_err(|e| err(format!("cannot resolve {}: {e}", u.host)))?
-            .next()
-            .ok_or_else(|| err(format!("{} resolves to no address", u.host)))?;
-        let ca = match &u.ca_file {
-            Some(path) => Some(load_ca(path).map_err(&err)?),
-            None => None,
-        };
+        // Each request puts one of the current addresses in (`peer_at`).
+        let placeholder = SocketAddr::from((Ipv4Addr::UNSPECIFIED, u.port));
         Ok(UpstreamRt {
-            peer: peer_for(u, addr, ca.as_deref()),
+            peer: peer_for(u, placeholder).map_err(&err)?,
+            replay_clients: ReplayClients::new(u, &addresses).map_err(err)?,
+            addresses,
+            target,
             host_header: HeaderValue::from_str(&u.authority)
                 .map_err(|e| err(format!("bad host: {e}")))?,
             tokens: u.provider.as_ref().and_then(|p| providers.get(p).cloned()),
-            replay_client: replay_client(u, addr, ca.as_deref()).map_err(err)?,
             replay_base: replay_base(u),
             breaker: Breaker::new(u.breaker_failures, u.breaker_cooldown),
             metrics: UpstreamMetrics::new(&u.name),
+            streams: UpstreamStreams::new(&u.name),
             config: u.clone(),
         })
     }
 }
 
-fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>]>) -> HttpPeer {
+fn peer_for(u: &Upstream, addr: SocketAddr) -> Result<HttpPeer, String> {
     let sni = u.server_name.clone().unwrap_or_else(|| u.host.clone());
     let mut peer = HttpPeer::new(addr, u.tls, sni);
     let o = &mut peer.options;
@@ -268,17 +341,51 @@ fn peer_for(u: &Upstream, addr: SocketAddr, ca: Option<&[CertificateDer<'static>
     o.read_timeout = Some(u.read_timeout);
     o.write_timeout = Some(u.read_timeout);
     o.idle_timeout = Some(u.idle_timeout);
+    if u.protocol == UpstreamProtocol::H2c {
+        // Plain TCP with HTTP/2 as the lowest version: Pingora speaks h2c (prior knowledge).
+        o.alpn = pingora::protocols::ALPN::H2;
+    }
     if u.tls {
-        o.alpn = pingora::protocols::ALPN::H2H1;
-        if let Some(certs) = ca {
-            let wrapped: Vec<WrappedX509> = certs
-                .iter()
-                .map(|c| WrappedX509::new(c.as_ref().to_vec(), parse_x509))
-                .collect();
-            o.ca = Some(Arc::from(wrapped));
+        o.alpn = match u.protocol {
+            UpstreamProtocol::Http1 => pingora::protocols::ALPN::H1,
+            UpstreamProtocol::Auto | UpstreamProtocol::H2c => pingora::protocols::ALPN::H2H1,
+        };
+        crate::peer_tls::apply(&mut peer, &u.tls_config)?;
+    }
+    Ok(peer)
+}
+
+/// Replay clients, one per address set: the current one, made again when the set changes.
+struct ReplayClients {
+    current: ArcSwap<(Arc<Vec<SocketAddr>>, reqwest::Client)>,
+    make: Box<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>,
+}
+
+impl ReplayClients {
+    fn new(u: &Upstream, addresses: &Arc<Addresses>) -> Result<ReplayClients, String> {
+        let (u, addresses) = (u.clone(), addresses.clone());
+        let make = move || replay_client(&u, &addresses);
+        let first = make()?;
+        Ok(ReplayClients {
+            current: ArcSwap::from_pointee((Arc::new(Vec::new()), first)),
+            make: Box::new(make),
+        })
+    }
+
+    fn get(&self, now: Arc<Vec<SocketAddr>>) -> reqwest::Client {
+        let current = self.current.load();
+        if Arc::ptr_eq(&current.0, &now) {
+            return current.1.clone();
+        }
+        match (self.make)() {
+            Ok(client) => {
+                self.current.store(Arc::new((now, client.clone())));
+                client
+            }
+            // Built once already with the same settings: not expected; keep the one there is.
+            Err(_) => current.1.clone(),
         }
     }
-    peer
 }
 
 /// The host name the replay client puts in its URLs (and its SNI).
@@ -296,46 +403,39 @@ fn replay_base(u: &Upstream) -> String {
     }
 }
 
-/// The replay client connects to the same address as the Pingora peer, with the same timeouts
-/// and trust; it never follows redirects and never decompresses, so answers pass unchanged.
-fn replay_client(
-    u: &Upstream,
-    addr: SocketAddr,
-    ca: Option<&[CertificateDer<'static>]>,
-) -> Result<reqwest::Client, String> {
+/// The replay client connects to the same addresses as the Pingora peer, with the same
+/// timeouts, trust, client certificate and HTTP version; it never follows redirects and never
+/// decompresses, so answers pass unchanged.
+fn replay_client(u: &Upstream, addresses: &Arc<Addresses>) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(u.connect_timeout)
         .read_timeout(u.read_timeout)
         .pool_idle_timeout(u.idle_timeout)
-        .resolve(replay_host(u), addr);
-    if let Some(certs) = ca {
-        b = b.tls_built_in_root_certs(false);
-        for c in certs {
-            let cert =
-                reqwest::Certificate::from_der(c.as_ref()).map_err(|e| format!("ca_file: {e}"))?;
-            b = b.add_root_certificate(cert);
-        }
+        .dns_resolver(Arc::new(ReplayResolver(addresses.clone())));
+    b = match u.protocol {
+        UpstreamProtocol::H2c => b.http2_prior_knowledge(),
+        UpstreamProtocol::Http1 => b.http1_only(),
+        UpstreamProtocol::Auto => b,
+    };
+    if u.tls {
+        b = sidecar_token::tls::configure(b, &u.tls_config)?;
     }
-    b.build().map_err(|e| format!("replay client: {e}"))
+    b.build()
+        .map_err(|e| format!("replay client: {}", sidecar_token::tls::root_cause(&e)))
 }
 
-/// The certificates of a PEM bundle, read like every file a config names: a regular file of at
-/// most 4 MiB, read within a time cap.
-fn load_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = sidecar_config::read_bounded(path)
-        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "ca_file {}: no PEM certificate in it",
-            path.display()
-        ));
-    }
-    Ok(certs)
+/// What config validation cannot check without the token crate (a `private_key_jwt` key that
+/// does not parse): `check`, `run` and a reload refuse it, at the key, instead of failing at
+/// every refresh.
+pub fn provider_check(p: &sidecar_config::Provider) -> Result<(), (String, String)> {
+    sidecar_token::check_provider(&p.kind).map_err(|m| {
+        (
+            "private_key".to_string(),
+            format!("provider {:?}: private_key: {m}", p.name),
+        )
+    })
 }
 
 /// The process-wide state the proxy and admin services share.
@@ -348,12 +448,21 @@ pub struct App {
     pub inflight: AtomicUsize,
     /// Wakes the shutdown wait when `inflight` drops to zero.
     pub idle: Notify,
+    /// SIGTERM came: `/readyz` answers 503 from now on.
+    pub draining: AtomicBool,
+    /// `shutdown_delay` is over: new client connections are closed at once and kept-alive ones
+    /// are closed after their current request.
+    pub closing: AtomicBool,
     /// Requests waiting for a token now (bounded by `replay.max_waiting`).
     pub waiting: AtomicUsize,
     /// Upstreams that asked, with `Retry-After`, not to be sent anything until a moment.
     pub holds: UpstreamHolds,
     /// Request metrics of requests that matched no upstream (label `upstream=""`).
     pub unrouted: UpstreamMetrics,
+    /// SIGQUIT handed the listeners to a new process: a Unix socket file is left in place.
+    pub upgrading: AtomicBool,
+    /// Stream requests in flight, bounded by `max_streams`.
+    pub streams: StreamCount,
 }
 
 impl App {
@@ -369,16 +478,20 @@ impl App {
             token_runtime,
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
+            draining: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             holds,
             unrouted: UpstreamMetrics::new(""),
+            upgrading: AtomicBool::new(false),
+            streams: StreamCount::default(),
         }))
     }
 
     /// Re-reads the config file and swaps it in; the running config stays when the new one is
     /// invalid (logged and counted). Returns whether the new config is in force.
     pub fn reload(&self, path: &Path) -> bool {
-        let result = Config::load(path)
+        let result = Config::load_with(path, Some(provider_check))
             .map_err(|e| e.to_string())
             .and_then(|config| self.install(config));
         match result {
@@ -401,8 +514,14 @@ impl App {
     /// process-wide bounds (`retry.max_retry_after` of the upstream holds) to the new values.
     fn install(&self, config: Config) -> Result<(), String> {
         let old = self.live.load_full();
-        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+        if config.listen != old.config.listen
+            || config.admin_listen != old.config.admin_listen
+            || config.probe_listen != old.config.probe_listen
+        {
             tracing::warn!("listen addresses changed; that takes effect only after a restart");
+        }
+        for w in &config.warnings {
+            tracing::warn!("{w}");
         }
         let next = Live::build(Arc::new(config), Some(&old), &self.token_runtime)
             .map_err(|e| e.to_string())?;
@@ -420,6 +539,16 @@ impl App {
         let slot = WaitSlot(self.clone());
         metrics::gauge!("sidecar_waiting_requests").set((before + 1) as f64);
         (before < max).then_some(slot)
+    }
+
+    /// Whether SIGTERM came (readiness is then 503 for good).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the sidecar no longer takes new requests.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Counts a request as in flight until the guard drops.
@@ -504,5 +633,77 @@ mod tests {
             Duration::from_secs(3)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn addresses_of(app: &App) -> Arc<Addresses> {
+        app.live.load().upstreams[0].addresses.clone()
+    }
+
+    /// A reload that leaves an upstream's URL and `dns:` alone keeps its addresses (the same
+    /// lookups go on); other `dns:` settings start new lookups from the addresses known, so no
+    /// request finds none; another port starts afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_keeps_the_addresses_of_an_unchanged_upstream() {
+        let dir = std::env::temp_dir().join(format!("sidecar-app-dns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sidecar.yaml");
+        let write = |extra: &str, port: u16| {
+            let text =
+                format!("upstreams: [{{ name: api, url: \"http://localhost:{port}\" }}]\n{extra}");
+            std::fs::write(&path, text).unwrap();
+        };
+        write("", 1);
+        let app = App::new(
+            Config::load(&path).unwrap(),
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap();
+        // `localhost` comes from the hosts file: the first lookup answered before the start.
+        let first = addresses_of(&app);
+        assert!(!first.now().is_empty());
+        assert!(first
+            .now()
+            .iter()
+            .all(|a| a.ip().is_loopback() && a.port() == 1));
+
+        write("retry: { max_retry_after: 3s }\n", 1);
+        assert!(app.reload(&path));
+        assert!(Arc::ptr_eq(&first, &addresses_of(&app)));
+
+        write("dns: { min_ttl: 2s }\n", 1);
+        assert!(app.reload(&path));
+        let other_dns = addresses_of(&app);
+        assert!(!Arc::ptr_eq(&first, &other_dns));
+        assert_eq!(other_dns.now(), first.now());
+
+        write("dns: { min_ttl: 2s }\n", 2);
+        assert!(app.reload(&path));
+        assert!(!Arc::ptr_eq(&other_dns, &addresses_of(&app)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The replay client is made again when the addresses change (its pool is keyed by host
+    /// name: an old client would reuse connections to an address that left the record), and
+    /// only then.
+    #[test]
+    fn a_new_address_set_gets_a_new_replay_client() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let make = move || {
+            counter.fetch_add(1, Ordering::AcqRel);
+            reqwest::Client::builder()
+                .build()
+                .map_err(|e| e.to_string())
+        };
+        let clients = ReplayClients {
+            current: ArcSwap::from_pointee((Arc::new(Vec::new()), make().unwrap())),
+            make: Box::new(make),
+        };
+        let first = Arc::new(vec![SocketAddr::from(([127, 0, 0, 2], 80))]);
+        clients.get(first.clone());
+        clients.get(first.clone());
+        assert_eq!(made.load(Ordering::Acquire), 2);
+        clients.get(Arc::new(vec![SocketAddr::from(([127, 0, 0, 3], 80))]));
+        assert_eq!(made.load(Ordering::Acquire), 3);
     }
 }

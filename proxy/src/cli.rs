@@ -1,4 +1,4 @@
-//! The command line (SPEC §3).
+//! The command line.
 
 use std::path::{Path, PathBuf};
 
@@ -68,7 +68,7 @@ pub fn main() -> i32 {
             config,
             upgrade,
             upgrade_sock,
-        } => match Config::load(&config) {
+        } => match Config::load_with(&config, Some(crate::app::provider_check)) {
             Ok(c) => serve_with(
                 c,
                 None,
@@ -95,11 +95,23 @@ pub fn main() -> i32 {
     }
 }
 
+/// `check`: what `run` would refuse is an error (exit 1); what is allowed but looks like a
+/// mistake is a warning on stderr (exit 0). Offline: nothing is resolved or connected to.
 fn check(path: &Path) -> i32 {
-    match Config::load(path) {
+    match Config::load_with(path, Some(crate::app::provider_check)) {
         Ok(c) => {
             print!("{}", c.redacted_yaml());
-            eprintln!("{}: configuration is valid", path.display());
+            for w in &c.warnings {
+                eprintln!("{w}");
+            }
+            match c.warnings.len() {
+                0 => eprintln!("{}: configuration is valid", path.display()),
+                n => eprintln!(
+                    "{}: configuration is valid, with {n} warning{}",
+                    path.display(),
+                    if n == 1 { "" } else { "s" }
+                ),
+            }
             0
         }
         Err(e) => {

@@ -1,4 +1,4 @@
-//! Client connections (SPEC §11): a cap on how many are held at once, a time limit on reading a
+//! Client connections: a cap on how many are held at once, a time limit on reading a
 //! request head, and an idle limit between keep-alive requests.
 //!
 //! Pingora 0.9 has none of these as settings: its keep-alive timer is hard-coded to 60 s for a
@@ -91,6 +91,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        if self.sidecar.is_closing() {
+            // Shutting down after `shutdown_delay`: no new connections (Pingora's listener stays
+            // open until the in-flight requests are done, so they are closed here).
+            return None;
+        }
         let limits = self.sidecar.live.load().config.downstream;
         let Some(_slot) = self.slot(limits.max_connections) else {
             self.refused.increment(1);
@@ -183,6 +188,8 @@ pub struct Guarded {
     /// Bytes of the current head have arrived (a timeout then deserves a 408).
     head_started: bool,
     timed_out: bool,
+    /// Bytes read while looking for the HTTP/2 preface, served again by the next reads.
+    rewound: Vec<u8>,
 }
 
 impl Guarded {
@@ -196,6 +203,7 @@ impl Guarded {
             timer: None,
             head_started: false,
             timed_out: false,
+            rewound: Vec::new(),
         }
     }
 
@@ -268,6 +276,13 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.rewound.is_empty() {
+            let n = this.rewound.len().min(buf.remaining());
+            buf.put_slice(&this.rewound[..n]);
+            this.rewound.drain(..n);
+            this.head_started = true;
+            return Poll::Ready(Ok(()));
+        }
         if this.timed_out {
             return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
@@ -394,18 +409,49 @@ impl GetSocketDigest for Guarded {
     }
 }
 
+/// The first bytes of an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 #[async_trait]
 impl Peek for Guarded {
-    /// Pingora peeks for the HTTP/2 preface before the first read (with h2c on): that wait is
-    /// part of the first head's time.
+    /// Pingora peeks for the HTTP/2 preface before the first read (h2c is on): that wait is
+    /// part of the first head's time. Unlike a plain peek of 24 bytes, this stops at the first
+    /// byte that differs from the preface, so a short HTTP/1.0 request (`GET / HTTP/1.0` and
+    /// an empty line are 18 bytes) is answered instead of waiting for bytes that never come.
+    /// Once the whole preface is there the connection is HTTP/2: its streams are timed by
+    /// Pingora (`h2_idle_timeout`), not by the HTTP/1 head and idle deadlines.
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         let deadline = self.deadline(Phase::Head);
         match deadline {
-            Some(at) => tokio::time::timeout_at(at, self.inner.try_peek(buf))
+            Some(at) => tokio::time::timeout_at(at, self.peek_preface(buf))
                 .await
                 .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
-            None => self.inner.try_peek(buf).await,
+            None => self.peek_preface(buf).await,
         }
+    }
+}
+
+impl Guarded {
+    async fn peek_preface(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let want = buf.len().min(H2_PREFACE.len());
+        while self.rewound.len() < want && H2_PREFACE.starts_with(&self.rewound) {
+            let mut chunk = [0u8; 24];
+            let n = self
+                .inner
+                .read(&mut chunk[..want - self.rewound.len()])
+                .await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.rewound.extend_from_slice(&chunk[..n]);
+        }
+        buf.fill(0);
+        let n = self.rewound.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.rewound[..n]);
+        if self.rewound == H2_PREFACE {
+            self.set_phase(Phase::Request);
+        }
+        Ok(true)
     }
 }
 

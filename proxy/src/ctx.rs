@@ -1,15 +1,17 @@
 //! Per-request state: what the hooks learn about one request and pass on to the next hook.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
-use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason};
+use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason, StreamKind};
 use sidecar_token::Token;
 
 use crate::app::{InflightGuard, Live, UpstreamRt};
 use crate::errors::LocalAnswer;
+use crate::streams::{OpenStream, StreamSlot};
 
 /// The route a request took: the config it runs under and its upstream there.
 #[derive(Clone)]
@@ -94,7 +96,7 @@ pub struct Ctx {
     pub(crate) rejected: Option<Box<ResponseHeader>>,
     /// Error code of a local answer, for the access log.
     pub(crate) local: Option<&'static str>,
-    /// Retries of transient failures done (SPEC §8).
+    /// Retries of transient failures done.
     pub(crate) transient: u32,
     /// Wait before the next attempt (backoff or Retry-After). Decided where the failure is seen
     /// (`fail_to_connect` cannot wait, and a response hook would hold the upstream connection
@@ -112,6 +114,26 @@ pub struct Ctx {
     /// The sidecar's own answer, decided in a hook that can only fail, for `fail_to_proxy` to
     /// write (a rejected token with no replacement; a token that cannot be sent).
     pub(crate) pending_answer: Option<LocalAnswer>,
+    /// The upstream's addresses when the request first connected, and where in them it
+    /// started (round robin); kept for its retries so that a connect failure moves on to the
+    /// next address of the same set.
+    pub(crate) addrs: Option<(Arc<Vec<SocketAddr>>, usize)>,
+    /// Connect failures so far (which address the next connect goes to).
+    pub(crate) connect_failures: usize,
+    /// The client's `X-Request-Id` or `traceparent`, or the `X-Request-Id` the sidecar made up
+    /// and sent upstream; for the access log.
+    pub(crate) request_id: Option<String>,
+    /// The status of each upstream answer, in order (replays and retries included).
+    pub(crate) upstream_statuses: Vec<u16>,
+    /// Time spent waiting for upstream answers' headers, all attempts together.
+    pub(crate) upstream_time: Duration,
+    /// The request asks for a stream (WebSocket upgrade, `Accept: text/event-stream`): its
+    /// upstream connection is bounded by `stream_idle`, its token by `upgrade.min_ttl`.
+    pub(crate) stream_request: Option<StreamKind>,
+    /// Its place under `max_streams`, held until the request ends.
+    pub(crate) stream_slot: Option<StreamSlot>,
+    /// The answer started a stream: open in the metrics until the request ends.
+    pub(crate) stream: Option<OpenStream>,
 }
 
 impl Ctx {
@@ -138,7 +160,25 @@ impl Ctx {
             expected_header: false,
             class: None,
             pending_answer: None,
+            addrs: None,
+            connect_failures: 0,
+            request_id: None,
+            upstream_statuses: Vec::new(),
+            upstream_time: Duration::ZERO,
+            stream_request: None,
+            stream_slot: None,
+            stream: None,
         }
+    }
+
+    /// Notes an upstream answer's status and how long its header took, for the access log.
+    pub(crate) fn answered(&mut self, status: u16, took: Duration) {
+        // Bounded by replay.max_attempts and retry.max_attempts; a cap keeps the line short
+        // whatever they are set to.
+        if self.upstream_statuses.len() < 32 {
+            self.upstream_statuses.push(status);
+        }
+        self.upstream_time = self.upstream_time.saturating_add(took);
     }
 
     /// The upstream of the route, if one matched.

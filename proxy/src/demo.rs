@@ -79,7 +79,7 @@ log: {{ level: "warn,token_sidecar=info,sidecar_token=info", format: text, acces
     let script: Box<dyn FnOnce(Arc<App>) + Send> = Box::new(move |_app| {
         let (idp, api) = (idp.clone(), api.clone());
         handle.spawn(async move {
-            let code = script(&listen, &admin, &idp, &api).await;
+            let code = script(&listen, &admin, &idp, &api, exit_after).await;
             if exit_after {
                 std::process::exit(code);
             }
@@ -105,7 +105,13 @@ async fn join_gets(client: &reqwest::Client, base: &str, n: usize) -> Vec<u16> {
     .await
 }
 
-async fn script(listen: &str, admin: &str, idp: &MockIdp, api: &MockUpstream) -> i32 {
+async fn script(
+    listen: &str,
+    admin: &str,
+    idp: &MockIdp,
+    api: &MockUpstream,
+    exit_after: bool,
+) -> i32 {
     let client = reqwest::Client::new();
     let base = format!("http://{listen}");
     // Wait (bounded) for the listener.
@@ -157,10 +163,13 @@ async fn script(listen: &str, admin: &str, idp: &MockIdp, api: &MockUpstream) ->
         .filter(|r| r.status == 401)
         .count();
     println!(
-        "   {ok2}/50 answered 200; the API said 401 {rejected} times, the sidecar held those answers back,"
+        "   {ok2}/50 answered 200. {rejected} of them reached the API with the revoked token and got 401"
     );
     println!(
-        "   made {} identity-provider call(s) for all of them together, and replayed each request with the new token",
+        "   (the others left the sidecar after it already held the new token); the sidecar held every 401 back,"
+    );
+    println!(
+        "   made {} identity-provider call(s) for all of them together, and replayed them with the new token",
         idp.calls() - calls_before
     );
     other += 50 - ok2;
@@ -194,6 +203,10 @@ async fn script(listen: &str, admin: &str, idp: &MockIdp, api: &MockUpstream) ->
             println!("\n4) token status (GET http://{admin}/v1/token/status) — a fingerprint, never the token:\n   {text}");
         }
     }
-    println!("\nThe sidecar keeps serving. Try:\n   curl -s http://{listen}/hello\n   curl -s http://{admin}/v1/token/status\n   curl -s http://{admin}/metrics | grep sidecar_\nStop with Ctrl-C.");
+    if exit_after {
+        println!("\n--exit: the demo ends here.");
+    } else {
+        println!("\nThe sidecar keeps serving. Try:\n   curl -s http://{listen}/hello\n   curl -s http://{admin}/v1/token/status\n   curl -s http://{admin}/metrics | grep sidecar_\nStop with Ctrl-C.");
+    }
     i32::from(other > 0)
 }

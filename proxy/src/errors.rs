@@ -1,4 +1,4 @@
-//! The sidecar's own answers (SPEC §10): JSON bodies `{"error": CODE, "message": TEXT}`.
+//! The sidecar's own answers: JSON bodies `{"error": CODE, "message": TEXT}`.
 
 use std::time::Duration;
 
@@ -44,6 +44,18 @@ impl LocalAnswer {
         LocalAnswer {
             retry_after: Some(retry_after),
             ..LocalAnswer::new(503, "token_unavailable", message)
+        }
+    }
+
+    /// 503 `too_many_streams`: `max_streams` streams are open.
+    pub fn too_many_streams(max: usize) -> LocalAnswer {
+        LocalAnswer {
+            retry_after: Some(Duration::from_secs(1)),
+            ..LocalAnswer::new(
+                503,
+                "too_many_streams",
+                format!("the sidecar holds its maximum of {max} open streams; retry shortly"),
+            )
         }
     }
 

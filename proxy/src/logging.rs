@@ -50,11 +50,7 @@ pub fn init(log: &Log) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match log.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        LogFormat::Json => builder.event_format(crate::log_json::JsonLine).try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
     };
 }

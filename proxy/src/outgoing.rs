@@ -19,7 +19,7 @@ use crate::app::UpstreamRt;
 use crate::ctx::Ctx;
 use crate::errors::LocalAnswer;
 
-/// Request header asking for a token that lasts the whole of a long operation (SPEC §5).
+/// Request header asking for a token that lasts the whole of a long operation.
 pub(crate) const EXPECTED_DURATION: HeaderName =
     HeaderName::from_static("x-sidecar-expected-duration");
 

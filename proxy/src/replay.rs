@@ -10,7 +10,8 @@ use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use sidecar_filters::{
-    after_expired_token, body_matches, classify, ExpiryVerdict, Step, BODY_PEEK,
+    after_expired_token, body_matches, classify, grpc_unauthenticated, ErrorClass, ExpiryVerdict,
+    Step, BODY_PEEK,
 };
 
 use crate::app::App;
@@ -45,7 +46,7 @@ pub(crate) async fn own_replay(app: &Arc<App>, session: &mut Session, ctx: &mut 
     let body = ctx.body.take();
     loop {
         ctx.attempts += 1;
-        let mut resp = match send(session, ctx, body.clone()).await {
+        let mut resp = match send(session, &mut *ctx, body.clone()).await {
             Ok(r) => r,
             Err(answer) => return write_local(session, ctx, answer).await,
         };
@@ -54,7 +55,12 @@ pub(crate) async fn own_replay(app: &Arc<App>, session: &mut Session, ctx: &mut 
             .headers()
             .get(http::header::WWW_AUTHENTICATE)
             .map(|v| v.as_bytes().to_vec());
-        let verdict = classify(status, www.as_deref(), &up.config.expiry);
+        let grpc = resp.headers().get("grpc-status").map(|v| v.as_bytes());
+        let verdict = if grpc_unauthenticated(grpc) {
+            ExpiryVerdict::Expired
+        } else {
+            classify(status, www.as_deref(), &up.config.expiry)
+        };
         let mut peek = BytesMut::new();
         let mut ended = false;
         if verdict == ExpiryVerdict::CheckBody {
@@ -86,13 +92,20 @@ pub(crate) async fn own_replay(app: &Arc<App>, session: &mut Session, ctx: &mut 
                 Step::Pass | Step::Retry { .. } | Step::CheckBody => {}
             }
         }
+        // The answer the client gets decides the error class: an own replay that ended 200 is
+        // no auth error.
+        ctx.class = ErrorClass::of_status(status);
         return write_answer(session, ctx, resp, peek.freeze(), ended).await;
     }
 }
 
 /// Sends the request as [`outgoing::to_replay`] shapes it; a request that cannot be shaped or
 /// sent gets the sidecar's own answer instead.
-async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Response, LocalAnswer> {
+async fn send(
+    session: &Session,
+    ctx: &mut Ctx,
+    body: Bytes,
+) -> Result<reqwest::Response, LocalAnswer> {
     let Some(up) = ctx.up() else {
         return Err(LocalAnswer::internal());
     };
@@ -101,24 +114,33 @@ async fn send(session: &Session, ctx: &Ctx, body: Bytes) -> Result<reqwest::Resp
     // Includes a connect, if the replay client has no idle connection to the upstream.
     let sent = std::time::Instant::now();
     let answer = up
-        .replay_client
+        .replay_client()
         .request(req.method.clone(), url)
         .headers(headers)
         .body(body)
         .send()
         .await;
-    if answer.is_ok() {
-        up.metrics
-            .upstream_duration
-            .record(sent.elapsed().as_secs_f64());
-    }
-    answer.map_err(|e| {
+    let failed = |e: reqwest::Error| {
+        // The client gets only a 502/504: the log says which host and why (for TLS, rustls's
+        // reason, such as UnknownIssuer). Never the URL: its query may carry the token.
+        let e = e.without_url();
+        tracing::warn!(
+            upstream = %up.config.name,
+            host = %format_args!("{}:{}", up.config.host, up.config.port),
+            reason = %sidecar_token::tls::root_cause(&e),
+            "the sidecar's own replay could not reach the upstream"
+        );
         if e.is_timeout() {
             LocalAnswer::timeout(&up.config.name)
         } else {
             LocalAnswer::unreachable(&up.config.name)
         }
-    })
+    };
+    let answer = answer.map_err(failed)?;
+    let took = sent.elapsed();
+    up.metrics.upstream_duration.record(took.as_secs_f64());
+    ctx.answered(answer.status().as_u16(), took);
+    Ok(answer)
 }
 
 async fn write_local(session: &mut Session, ctx: &mut Ctx, answer: LocalAnswer) -> u16 {

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
-use sidecar_config::Config;
+use sidecar_config::{Config, Listen};
+use std::os::unix::fs::PermissionsExt;
 
 use crate::admin::Admin;
 use crate::app::App;
@@ -23,20 +23,6 @@ use crate::shutdown::Signals;
 /// measured on a 1,000-request burst, the connects were most of the sidecar's cost
 /// (bench/PROFILE.md §7).
 pub const UPSTREAM_POOL: usize = 1024;
-
-fn metrics_recorder() -> Option<PrometheusHandle> {
-    let buckets = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        5.0, 10.0, 30.0,
-    ];
-    let recorder = PrometheusBuilder::new()
-        .set_buckets(&buckets)
-        .ok()?
-        .build_recorder();
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).ok()?;
-    Some(handle)
-}
 
 /// Pingora's listener hand-over (SIGQUIT to the old process, `--upgrade` on the new one).
 #[derive(Debug, Clone)]
@@ -64,7 +50,10 @@ pub fn serve_with(
     upgrade: Upgrade,
 ) -> i32 {
     crate::logging::init(&config.log);
-    let metrics = metrics_recorder();
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let metrics = crate::metrics::recorder();
     let token_rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("token-refresh")
@@ -87,8 +76,9 @@ pub fn serve_with(
             }
         });
     }
-    let listen = config.listen.to_string();
+    let listen = config.listen.clone();
     let admin_listen = config.admin_listen.to_string();
+    let probe_listen = config.probe_listen.map(|a| a.to_string());
     let source = config.source.clone();
     let app = match App::new(config, token_rt.handle().clone()) {
         Ok(app) => app,
@@ -122,26 +112,53 @@ pub fn serve_with(
     // (Pingora's own refusal is a bare 405).
     let mut options = HttpServerOptions::default();
     options.allow_connect_method_proxying = true;
+    // HTTP/2 with prior knowledge (h2c) next to HTTP/1.1 on `listen`: gRPC clients speak it.
+    options.h2c = true;
     // HTTP/2 connections (h2c) idle out on Pingora's own timer, read once here; the HTTP/1
     // limits follow reloads (see `connection`).
     options.h2_idle_timeout = Some(app.live.load().config.downstream.idle_timeout);
     let mut proxy = http_proxy(&server.configuration, Sidecar::new(app.clone()));
     proxy.server_options = Some(options);
-    // Client connection limits (SPEC §11) wrap the proxy: see `connection`.
+    // Client connection limits wrap the proxy: see `connection`.
     let mut proxy = Service::new(
         "token-sidecar proxy".to_string(),
         Limited::new(proxy, app.clone()),
     );
-    proxy.add_tcp(&listen);
+    match &listen {
+        Listen::Tcp(addr) => proxy.add_tcp(&addr.to_string()),
+        Listen::Unix(path) => {
+            if let Err(e) = crate::unix::prepare(path, upgrade.upgrade) {
+                eprintln!("{e}");
+                return 1;
+            }
+            proxy.add_uds(
+                &path.to_string_lossy(),
+                Some(std::fs::Permissions::from_mode(crate::unix::SOCKET_MODE)),
+            );
+        }
+    }
     let mut admin = Service::new(
         "token-sidecar admin".to_string(),
-        HttpServer::new_app(Admin::new(app.clone(), metrics)),
+        HttpServer::new_app(Admin::new(app.clone(), metrics.clone())),
     );
     admin.add_tcp(&admin_listen);
     server.add_service(proxy);
     server.add_service(admin);
+    if let Some(probe_listen) = &probe_listen {
+        let mut probes = Service::new(
+            "token-sidecar probes".to_string(),
+            HttpServer::new_app(Admin::probes(app.clone(), metrics)),
+        );
+        probes.add_tcp(probe_listen);
+        server.add_service(probes);
+    }
 
-    tracing::info!(listen = %listen, admin = %admin_listen, "token-sidecar serving");
+    tracing::info!(
+        listen = %listen,
+        admin = %admin_listen,
+        probes = probe_listen.as_deref().unwrap_or("off"),
+        "token-sidecar serving"
+    );
     if let Some(f) = on_ready {
         f(app.clone());
     }
@@ -158,6 +175,11 @@ pub fn serve_with(
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals::new(app.clone(), reload)),
     });
+    if let Listen::Unix(path) = &listen {
+        if !app.upgrading.load(std::sync::atomic::Ordering::Acquire) {
+            crate::unix::remove(path);
+        }
+    }
     for source in app.live.load().providers.values() {
         source.stop();
     }

@@ -15,8 +15,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{ErrorSource, ErrorType};
 use sidecar_filters::{
     absolute_form_authority, after_connect_failure, after_response, client_authorization,
-    replayable, retry_after_of, Admission, Answer, AuthzDecision, BreakerVerdict, ConnectFailure,
-    ErrorClass, Policy, RateRequest, RequestView, Route, Step,
+    replayable, requested_stream, retry_after_of, started_stream, Admission, Answer, AuthzDecision,
+    BreakerVerdict, ConnectFailure, ErrorClass, Policy, RateRequest, RequestView, Route, Step,
 };
 use sidecar_token::SharedAdmission;
 
@@ -24,7 +24,7 @@ use crate::app::App;
 use crate::ctx::{Ctx, ReplayBody, Routed};
 use crate::errors::LocalAnswer;
 use crate::outgoing::{self, EXPECTED_DURATION, REPLAYED};
-use crate::waiting::{next_token, swap_refused_token, token_for};
+use crate::waiting::{next_token, swap_refused_token, token_for, token_for_stream};
 
 /// The proxy service.
 pub struct Sidecar {
@@ -51,6 +51,8 @@ const CHECK_BODY: ErrorType = ErrorType::Custom("sidecar_check_body");
 /// within `wait_for_token` (503, not the 401, which would tell the client its own credentials
 /// are wrong), or the token cannot be sent.
 const LOCAL_ANSWER: ErrorType = ErrorType::Custom("sidecar_local_answer");
+/// The upstream's host name has not resolved yet (or never did): 502 `upstream_unreachable`.
+const UNRESOLVED: ErrorType = ErrorType::Custom("sidecar_unresolved");
 
 fn retry_error(why: &'static str) -> Box<Error> {
     let mut e = Error::explain(RETRY, why);
@@ -97,6 +99,12 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.request_id = Some(request_id(session));
+        if self.app.is_closing() {
+            // Shutting down: this request (already read on a kept-alive connection) is served,
+            // and its connection closed after it.
+            session.set_keepalive(None);
+        }
         let live = self.app.live.load_full();
         let req = session.req_header();
         let h2 = session.as_downstream().is_http2();
@@ -115,7 +123,7 @@ impl ProxyHttp for Sidecar {
             },
             host,
         };
-        // The route, the rate limits and the upstream all see the normalised path (SPEC §11).
+        // The route, the rate limits and the upstream all see the normalised path.
         let (index, path, normalized) = match live.routes.route(&view) {
             Route::Upstream {
                 index,
@@ -194,6 +202,19 @@ impl ProxyHttp for Sidecar {
             }
         }
         let req = session.req_header();
+        // A stream holds its connections for long: bounded in number, counted while it lives.
+        ctx.stream_request = requested_stream(&req.headers);
+        if ctx.stream_request.is_some() {
+            match self.app.streams.slot(live.config.max_streams) {
+                Some(slot) => ctx.stream_slot = Some(slot),
+                None => {
+                    metrics::counter!("sidecar_streams_refused_total").increment(1);
+                    let answer = LocalAnswer::too_many_streams(live.config.max_streams);
+                    return self.answer(session, ctx, answer).await;
+                }
+            }
+        }
+        let req = session.req_header();
         let cfg = &live.config.replay;
         let declared = req
             .headers
@@ -206,7 +227,7 @@ impl ProxyHttp for Sidecar {
         ctx.replay = replayable(&req.method, has_key, declared, up.config.replay, cfg);
         ctx.body = ReplayBody::new(cfg.max_body);
         let expected_header = req.headers.get(EXPECTED_DURATION);
-        // Never forwarded, whatever the route (SPEC §5).
+        // Never forwarded, whatever the route.
         ctx.expected_header = expected_header.is_some();
         if let Some(source) = inject {
             let expected = match expected_header {
@@ -221,7 +242,13 @@ impl ProxyHttp for Sidecar {
                     }
                 },
             };
-            match token_for(&self.app, source, cfg, expected).await {
+            let got = match (expected, ctx.stream_request) {
+                (None, Some(_)) => {
+                    token_for_stream(&self.app, source, cfg, up.config.upgrade_min_ttl).await
+                }
+                _ => token_for(&self.app, source, cfg, expected).await,
+            };
+            match got {
                 Ok(t) => ctx.token = Some(t),
                 Err(answer) => return self.answer(session, ctx, answer).await,
             }
@@ -234,9 +261,10 @@ impl ProxyHttp for Sidecar {
         if let Some(delay) = ctx.next_attempt_after.take() {
             tokio::time::sleep(delay).await;
         }
-        let Some(up) = ctx.up() else {
+        let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
+        let up = route.up();
         // An upstream that answered 429/503 with Retry-After is left alone until then.
         if let Some(until) = self.app.holds.held_until(&up.config.name) {
             tokio::time::sleep_until(until).await;
@@ -248,7 +276,27 @@ impl ProxyHttp for Sidecar {
                 tokio::time::Instant::now() + self.app.live.load().config.retry.max_retry_after;
             tokio::time::sleep_until(until.min(cap)).await;
         }
-        Ok(Box::new(up.peer.clone()))
+        // One set of addresses for all attempts of this request.
+        let (addrs, start) = ctx.addrs.get_or_insert_with(|| up.addresses.pick());
+        let Some(mut peer) = up.peer_at(addrs, *start, ctx.connect_failures) else {
+            ctx.class = Some(ErrorClass::Network);
+            let mut e = Error::explain(
+                UNRESOLVED,
+                format!(
+                    "upstream {}: host {} has not resolved to any address",
+                    up.config.name, up.config.host
+                ),
+            );
+            e.set_retry(false);
+            return Err(e);
+        };
+        if ctx.stream_request.is_some() {
+            // Pingora reads the read timeout from the peer once, before the request goes out,
+            // and no hook can change it after the answer's head: a request that asks for a
+            // stream waits for its head, and then for each read, up to `stream_idle`.
+            peer.options.read_timeout = Some(up.config.stream_idle_timeout);
+        }
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -302,6 +350,10 @@ impl ProxyHttp for Sidecar {
     ) -> Result<()> {
         self.inspect_response(session, upstream_response, ctx)
             .await?;
+        let status = upstream_response.status.as_u16();
+        if let Some(kind) = started_stream(status, &upstream_response.headers) {
+            ctx.stream = ctx.up().map(|up| up.streams.start(kind));
+        }
         // The answer goes to the client. (Done here rather than in `response_filter`: one hook
         // less per request.)
         if let Some(v) = outgoing::replayed_header(ctx) {
@@ -325,9 +377,35 @@ impl ProxyHttp for Sidecar {
     }
 
     /// The sidecar's own replay ends in an answer of its own (often a 200): Pingora's ERROR
-    /// line about the error that handed the request over would be false.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
-        *error.etype() == OWN_REPLAY || *error.etype() == CHECK_BODY
+    /// line about the error that handed the request over would be false. An unresolved upstream
+    /// name is logged once by the lookups (not per request). An upstream that
+    /// cannot be reached or does not answer in time is logged here instead, at WARN, once a
+    /// second per upstream and cause with the count of the failures not logged (a down
+    /// upstream under load would otherwise write a line per request).
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
+        if *error.etype() == OWN_REPLAY
+            || *error.etype() == CHECK_BODY
+            || *error.etype() == UNRESOLVED
+        {
+            return true;
+        }
+        let cause = match ctx.class {
+            Some(c @ (ErrorClass::Network | ErrorClass::Timeout)) => c.as_str(),
+            _ => return false,
+        };
+        let upstream = ctx.up().map_or("", |u| u.config.name.as_str());
+        if let Some(suppressed) =
+            crate::log_throttle::UPSTREAM_DOWN.admit(upstream, cause, Instant::now())
+        {
+            tracing::warn!(
+                upstream,
+                cause,
+                suppressed,
+                error = %error,
+                "upstream failed; requests answered with the sidecar's error (suppressed: the same failures not logged in the last second)"
+            );
+        }
+        true
     }
 
     fn error_while_proxy(
@@ -360,19 +438,40 @@ impl ProxyHttp for Sidecar {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
         let failure = match e.etype() {
             ErrorType::ConnectTimedout => ConnectFailure::Timeout,
-            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert => ConnectFailure::Permanent,
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert => {
+                // Says which host and why (rustls's reason, e.g. UnknownIssuer): the client only
+                // gets 502 upstream_unreachable.
+                tracing::warn!(
+                    upstream = ctx.up().map_or("", |u| u.config.name.as_str()),
+                    host = %peer.sni,
+                    address = %peer._address,
+                    reason = e.context.as_ref().map_or("", |c| c.as_str()),
+                    "TLS handshake with the upstream failed"
+                );
+                ConnectFailure::Permanent
+            }
             _ => ConnectFailure::Other,
         };
         let Some(route) = &ctx.route else {
             e.set_retry(false);
             return e;
         };
+        ctx.connect_failures += 1;
+        let addresses = ctx.addrs.as_ref().map_or(0, |(a, _)| a.len());
+        if crate::dns::try_next_address(ctx.connect_failures, addresses) {
+            // Another address of the upstream is still untried: at once, no backoff. Nothing
+            // was sent, so any request may go there.
+            ctx.class = Some(ErrorClass::Network);
+            ctx.next_attempt_after = None;
+            e.set_retry(true);
+            return e;
+        }
         let retry = &route.live().config.retry;
         let (class, delay) = after_connect_failure(failure, ctx.transient, retry, rand::random());
         ctx.class = Some(class);
@@ -405,12 +504,22 @@ impl ProxyHttp for Sidecar {
             .map_or("", |r| r.up().config.name.as_str());
         let answer = match e.etype() {
             t if *t == LOCAL_ANSWER => ctx.pending_answer.take(),
+            t if *t == UNRESOLVED => Some(LocalAnswer::unreachable(upstream)),
             ErrorType::HTTPStatus(code) => Some(LocalAnswer {
                 status: *code,
                 code: "error",
                 message: "request failed".into(),
                 retry_after: None,
             }),
+            // A stream the upstream kept silent for `stream_idle`: its normal end, not a failure
+            // of the upstream (no error class, no circuit-breaker failure). An event stream that
+            // answered a request that did not ask for one ran under `read`: a timeout like any.
+            ErrorType::ReadTimedout if ctx.stream.is_some() && ctx.stream_request.is_some() => {
+                if let Some(stream) = &ctx.stream {
+                    stream.closed_idle();
+                }
+                None
+            }
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 ctx.class = Some(ErrorClass::Timeout);
                 Some(LocalAnswer::timeout(upstream))
@@ -449,10 +558,9 @@ impl ProxyHttp for Sidecar {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let route = ctx.up();
-        let upstream = route.map_or("", |up| up.config.name.as_str());
         let method = session.req_header().method.as_str();
         let m = route.map_or(&self.app.unrouted, |up| &up.metrics);
-        m.requests(method, status).increment(1);
+        m.requests(method, status, ctx.local.is_some()).increment(1);
         m.duration.record(elapsed.as_secs_f64());
         if let Some(up) = route {
             if ctx.attempts > 0 || ctx.class.is_some() {
@@ -465,25 +573,13 @@ impl ProxyHttp for Sidecar {
                 metrics::counter!("sidecar_upstream_errors_total", "upstream" => up.config.name.clone(), "class" => class.as_str()).increment(1);
             }
         }
-        let access_log = match &ctx.route {
-            Some(r) => r.live().config.log.access_log,
-            None => self.app.live.load().config.log.access_log,
+        let log = match &ctx.route {
+            Some(r) => &r.live().config.log,
+            None => &self.app.live.load().config.log,
         };
-        if access_log {
-            tracing::info!(
-                target: "access",
-                method,
-                path = session.req_header().uri.path(),
-                upstream,
-                status,
-                duration_ms = elapsed.as_micros() as f64 / 1000.0,
-                attempts = ctx.attempts,
-                replayed = ctx.replays,
-                generation = ctx.token.as_ref().map_or(0, |t| t.generation),
-                local = ctx.local.unwrap_or(""),
-                class = ctx.class.map_or("", ErrorClass::as_str),
-                error = e.map(|e| e.etype().as_str()).unwrap_or(""),
-            );
+        if log.access_log {
+            let json = log.format == sidecar_config::LogFormat::Json;
+            crate::access_log::write(session, ctx, e, status, json);
         }
     }
 }
@@ -500,12 +596,14 @@ impl Sidecar {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.class = ErrorClass::of_status(status);
-        if let (Some(sent), Some(up)) = (ctx.sent_at.take(), ctx.up()) {
-            up.metrics
-                .upstream_duration
-                .record(sent.elapsed().as_secs_f64());
+        if let Some(sent) = ctx.sent_at.take() {
+            let took = sent.elapsed();
+            if let Some(up) = ctx.up() {
+                up.metrics.upstream_duration.record(took.as_secs_f64());
+            }
+            ctx.answered(status, took);
         }
-        if status < 400 {
+        if status < 400 && !upstream_response.headers.contains_key("grpc-status") {
             return Ok(());
         }
         let Some(route) = &ctx.route else {
@@ -533,6 +631,7 @@ impl Sidecar {
                 .get(http::header::WWW_AUTHENTICATE)
                 .map(|v| v.as_bytes()),
             retry_after,
+            grpc_status: headers.get("grpc-status").map(|v| v.as_bytes()),
         };
         let state = ctx.attempt(body_whole(session));
         let policy = Policy {
@@ -582,6 +681,28 @@ impl Sidecar {
         }
     }
 }
+
+/// Correlates the request with the upstream's logs: the client's `X-Request-Id` or `traceparent`
+/// (both passed on as they are), or a new random `X-Request-Id`, set on the request so that
+/// every attempt and replay carries it.
+fn request_id(session: &mut Session) -> String {
+    let headers = &session.req_header().headers;
+    for name in [X_REQUEST_ID.as_str(), "traceparent"] {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            if !v.is_empty() {
+                return v.to_string();
+            }
+        }
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    let _ = session
+        .req_header_mut()
+        .insert_header(X_REQUEST_ID.clone(), id.as_str());
+    id
+}
+
+/// The request id header the sidecar adds when the client sent none.
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Pingora can resend the request body from its own retry buffer: all of it was read and it
 /// fit (or there was none).

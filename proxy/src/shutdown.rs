@@ -1,6 +1,8 @@
-//! Signals: SIGTERM drains in-flight requests for at most `shutdown_grace` (and exits at once when
-//! idle), SIGINT stops at once, SIGQUIT hands the listeners to a new process (Pingora's upgrade),
-//! SIGHUP reloads the config.
+//! Signals. SIGTERM: `/readyz` answers 503 at once (the admin listener keeps serving), new
+//! requests are still taken for `shutdown_delay` (for an app that drains after the sidecar got
+//! its SIGTERM), then new connections are closed and in-flight requests get at most
+//! `shutdown_grace` to finish (exit at once when idle). SIGINT stops at once, SIGQUIT hands the
+//! listeners to a new process (Pingora's upgrade), SIGHUP reloads the config.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -55,10 +57,26 @@ impl ShutdownSignalWatch for Signals {
         loop {
             tokio::select! {
                 _ = term.recv() => {
-                    let grace = self.app.live.load().config.shutdown_grace;
+                    let (delay, grace) = {
+                        let live = self.app.live.load();
+                        (live.config.shutdown_delay, live.config.shutdown_grace)
+                    };
+                    self.app.draining.store(true, Ordering::Release);
+                    if !delay.is_zero() {
+                        tracing::info!(delay_ms = delay.as_millis() as u64, "SIGTERM: not ready any more; taking new requests for shutdown_delay");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = int.recv() => return ShutdownSignal::FastShutdown,
+                        }
+                    }
+                    self.app.closing.store(true, Ordering::Release);
                     let inflight = self.app.inflight.load(Ordering::Acquire);
-                    tracing::info!(inflight, grace_ms = grace.as_millis() as u64, "SIGTERM: finishing in-flight requests");
-                    if drain(&self.app, grace).await {
+                    tracing::info!(inflight, grace_ms = grace.as_millis() as u64, "SIGTERM: no new requests; finishing in-flight requests");
+                    let drained = tokio::select! {
+                        d = drain(&self.app, grace) => d,
+                        _ = int.recv() => return ShutdownSignal::FastShutdown,
+                    };
+                    if drained {
                         tracing::info!("all requests finished; exiting");
                     } else {
                         tracing::warn!(inflight = self.app.inflight.load(Ordering::Acquire), "grace period over; exiting with requests in flight");
@@ -66,7 +84,11 @@ impl ShutdownSignalWatch for Signals {
                     return ShutdownSignal::GracefulTerminate;
                 }
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
-                _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+                _ = quit.recv() => {
+                    // The new process serves the listeners now: a Unix socket file stays.
+                    self.app.upgrading.store(true, Ordering::Release);
+                    return ShutdownSignal::GracefulUpgrade;
+                }
                 _ = hup.recv() => (self.reload)(),
             }
         }

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sidecar_filters::SkipReason;
+use sidecar_filters::{fresh_enough, required_ttl, SkipReason};
 use sidecar_token::{Token, TokenSource, Trigger};
+use tokio::time::Instant;
 
 use crate::app::{App, UpstreamRt};
 use crate::ctx::Ctx;
@@ -42,6 +43,39 @@ pub(crate) async fn token_for(
         None => source.wait_usable(cfg.wait_for_token).await,
     }
     .map_err(|e| unavailable(e.to_string()))
+}
+
+/// The token for a request that opens a stream: a usable token that lives at least
+/// `min_ttl` (capped at half its lifetime, see [`required_ttl`]), after one coalesced refresh
+/// (the single flight every refresh joins) if the current one is too close to its end. If no
+/// fresher token comes within `wait_for_token` (the identity provider is down, or its tokens
+/// are that short) the stream opens with the current token while it is usable: the upstream
+/// may close the connection at expiry and the client reconnect, which beats refusing it.
+pub(crate) async fn token_for_stream(
+    app: &Arc<App>,
+    source: &TokenSource,
+    cfg: &sidecar_config::Replay,
+    min_ttl: Duration,
+) -> Result<Arc<Token>, LocalAnswer> {
+    let token = token_for(app, source, cfg, None).await?;
+    if fresh_enough(token.issued_at, token.expires_at, Instant::now(), min_ttl) {
+        return Ok(token);
+    }
+    let need = required_ttl(min_ttl, token.lifetime());
+    let Some(_slot) = app.wait_slot(cfg.max_waiting) else {
+        return Ok(token);
+    };
+    match source.ensure(need, cfg.wait_for_token).await {
+        Ok(fresh) => Ok(fresh),
+        Err(e) => {
+            // Debug, not warn: during an outage this is every stream request, and the failed
+            // refresh behind it is logged (and counted) once by the token source.
+            tracing::debug!(provider = source.name(), error = %e, "no token fresh enough for a stream; opening it with the current one");
+            source
+                .usable()
+                .ok_or_else(|| LocalAnswer::token_unavailable(e.to_string(), source.retry_in()))
+        }
+    }
 }
 
 /// The token that replaces `refused` (refused by an upstream, its replacement in flight):

@@ -22,10 +22,12 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::registry::TokenRegistry;
 use crate::server::{self, DownGate};
+use crate::tls::{ClientAuth, TlsMaterial};
 use crate::util::{final_status, form_decode, json_response, lock, parse_form};
 
 /// Largest token request body the mock reads.
@@ -169,6 +171,7 @@ struct Shared {
 /// Dropping the handle stops the server.
 pub struct MockIdp {
     addr: SocketAddr,
+    scheme: &'static str,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
 }
@@ -186,6 +189,35 @@ impl MockIdp {
 
     /// Like [`MockIdp::start`], but reports bind errors.
     pub async fn try_start(cfg: IdpConfig) -> io::Result<MockIdp> {
+        Self::launch(cfg, "http", |listener, router, rx, down| {
+            server::spawn(listener, router, rx, Some(down))
+        })
+        .await
+    }
+
+    /// Starts the IdP behind TLS on `127.0.0.1:0` (HTTP/2 or HTTP/1.1 by ALPN), with a private
+    /// CA of its own; under [`ClientAuth::Required`] only clients presenting a certificate that CA
+    /// signed get through (RFC 8705 `tls_client_auth`). [`MockIdp::url`] is then
+    /// `https://127.0.0.1:PORT`. [`Failure::Down`] does not apply to it.
+    ///
+    /// # Panics
+    /// If no loopback port can be bound or the certificates cannot be made.
+    pub async fn start_tls(cfg: IdpConfig, auth: ClientAuth) -> (MockIdp, TlsMaterial) {
+        let (acceptor, material) = crate::tls::mint(auth).expect("mock IdP: cannot mint TLS");
+        let handshakes = material.handshakes();
+        let idp = Self::launch(cfg, "https", move |listener, router, rx, _down| {
+            crate::tls::spawn(listener, acceptor, handshakes, router, rx)
+        })
+        .await
+        .expect("mock IdP: cannot bind 127.0.0.1:0");
+        (idp, material)
+    }
+
+    async fn launch(
+        cfg: IdpConfig,
+        scheme: &'static str,
+        serve: impl FnOnce(TcpListener, Router, watch::Receiver<bool>, DownGate),
+    ) -> io::Result<MockIdp> {
         let (listener, addr) = server::bind_loopback().await?;
         let shared = Arc::new(Shared {
             client_id: cfg.client_id,
@@ -215,17 +247,18 @@ impl MockIdp {
         let down: DownGate =
             Arc::new(move || lock(&gate_state.settings).failure == Some(Failure::Down));
         let (shutdown, rx) = watch::channel(false);
-        server::spawn(listener, router, rx, Some(down));
+        serve(listener, router, rx, down);
         Ok(MockIdp {
             addr,
+            scheme,
             shared,
             shutdown,
         })
     }
 
-    /// Base URL, `http://127.0.0.1:PORT`.
+    /// Base URL, `http://127.0.0.1:PORT` (`https://` for a TLS IdP).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The token endpoint, `{url}/oauth2/token`.

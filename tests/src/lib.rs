@@ -5,6 +5,10 @@
 //! * [`MockIdp`] is an OAuth2 token endpoint (`client_credentials` grant).
 //! * [`MockUpstream`] is an API that only accepts tokens the IdP issued; with
 //!   [`MockUpstream::start_tls`] it serves HTTP/2 (and HTTP/1.1) over TLS.
+//! * [`StreamUpstream`] serves Server-Sent Events with chosen pauses and a WebSocket echo
+//!   that records the time left on the token it was opened with.
+//! * [`SignalRHub`] is a SignalR hub (negotiate, JSON hub protocol over WebSockets, SSE and
+//!   long polling) that closes connections when their token expires.
 //! * [`TokenRegistry`] is the shared memory of issued tokens that links the two,
 //!   so tests can expire or revoke credentials from the outside.
 //!
@@ -16,6 +20,8 @@
 pub mod idp;
 mod registry;
 mod server;
+pub mod signalr;
+pub mod streams;
 pub mod tls;
 pub mod upstream;
 mod util;
@@ -25,5 +31,7 @@ mod tests;
 
 pub use idp::{Catcher, Failure, Hostile, IdpConfig, IdpRequest, MockIdp};
 pub use registry::TokenRegistry;
-pub use tls::TlsMaterial;
+pub use signalr::{HubStats, SignalRHub};
+pub use streams::StreamUpstream;
+pub use tls::{unrelated_ca_pem, ClientAuth, TlsMaterial};
 pub use upstream::{MockUpstream, Recorded, Scripted, UpstreamConfig};

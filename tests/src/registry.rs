@@ -60,6 +60,21 @@ impl TokenRegistry {
         }
     }
 
+    /// How long `token` still lives: `None` when it is not valid (unknown, revoked, expired,
+    /// or everything is rejected); `Duration::MAX` for a token that never expires.
+    pub fn ttl_left(&self, token: &str) -> Option<Duration> {
+        let inner = lock(&self.inner);
+        if inner.reject_all {
+            return None;
+        }
+        match inner.tokens.get(token)? {
+            Some(expiry) => expiry
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero()),
+            None => Some(Duration::MAX),
+        }
+    }
+
     /// Invalidates every token issued so far; tokens issued later are valid.
     ///
     /// Use it to simulate an IdP-side revocation or an early expiry.

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,12 +15,16 @@ use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
 use crate::server;
@@ -32,11 +37,33 @@ mod tests;
 /// sidecar as `tls.server_name` when the upstream URL uses the IP address.
 pub const SERVER_NAME: &str = "localhost";
 
-/// The trust material of a TLS mock: what a client needs to accept its certificate.
+/// Whether a TLS mock asks for a client certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// No client certificate asked for (plain server-side TLS).
+    None,
+    /// A client certificate signed by the mock's CA is required: a client without one never
+    /// gets an answer (the handshake fails, or the connection is closed before any request).
+    Required,
+}
+
+/// What a TLS mock saw of handshakes, shared by every clone of its [`TlsMaterial`].
+#[derive(Debug, Default)]
+pub(crate) struct Handshakes {
+    done: AtomicUsize,
+    with_client_cert: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+/// The trust material of a TLS mock: what a client needs to accept its certificate, a client
+/// certificate its CA signed (for mTLS), and what its handshakes looked like.
 #[derive(Clone, Debug)]
 pub struct TlsMaterial {
     ca_pem: String,
     cert_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+    handshakes: Arc<Handshakes>,
 }
 
 impl TlsMaterial {
@@ -50,10 +77,55 @@ impl TlsMaterial {
         &self.cert_pem
     }
 
+    /// The PEM of a client certificate the same CA signed (`tls.client_cert`).
+    pub fn client_cert_pem(&self) -> &str {
+        &self.client_cert_pem
+    }
+
+    /// The PEM (PKCS#8) private key of [`TlsMaterial::client_cert_pem`] (`tls.client_key`).
+    pub fn client_key_pem(&self) -> &str {
+        &self.client_key_pem
+    }
+
     /// Writes the CA PEM to `path`, for the sidecar's `tls: { ca_file: PATH }`.
     pub fn write_ca(&self, path: impl AsRef<Path>) -> io::Result<()> {
         std::fs::write(path, &self.ca_pem)
     }
+
+    pub(crate) fn handshakes(&self) -> Arc<Handshakes> {
+        Arc::clone(&self.handshakes)
+    }
+
+    /// Handshakes that completed.
+    pub fn completed_handshakes(&self) -> usize {
+        self.handshakes.done.load(Ordering::SeqCst)
+    }
+
+    /// Completed handshakes in which the client presented a certificate the CA signed.
+    pub fn client_cert_handshakes(&self) -> usize {
+        self.handshakes.with_client_cert.load(Ordering::SeqCst)
+    }
+
+    /// Handshakes that failed (a client that did not trust the server, or that the server
+    /// refused).
+    pub fn failed_handshakes(&self) -> usize {
+        self.handshakes.failed.load(Ordering::SeqCst)
+    }
+}
+
+/// The PEM of a fresh CA that signed nothing a mock serves: trusting it instead of a mock's CA
+/// is trusting the wrong CA.
+pub fn unrelated_ca_pem() -> String {
+    // Another name too: a client then finds no issuer at all (`UnknownIssuer`) rather than a
+    // same-named issuer whose signature does not match.
+    let (ca, _) = mint_ca("unrelated test CA").expect("rcgen: cannot mint a CA");
+    ca.pem()
+}
+
+/// Fresh certificates (a CA, a server and a client certificate it signed) without a server:
+/// for tests that only need files to point a config at.
+pub fn mint_material() -> Result<TlsMaterial, Box<dyn std::error::Error + Send + Sync>> {
+    mint(ClientAuth::None).map(|(_, material)| material)
 }
 
 impl MockUpstream {
@@ -64,32 +136,58 @@ impl MockUpstream {
     /// # Panics
     /// If no loopback port can be bound; see [`MockUpstream::try_start_tls`].
     pub async fn start_tls(cfg: UpstreamConfig) -> (MockUpstream, TlsMaterial) {
-        Self::try_start_tls(cfg)
+        Self::start_tls_with(cfg, ClientAuth::None).await
+    }
+
+    /// [`MockUpstream::start_tls`] with a choice of client authentication (mTLS).
+    ///
+    /// # Panics
+    /// If no loopback port can be bound.
+    pub async fn start_tls_with(
+        cfg: UpstreamConfig,
+        auth: ClientAuth,
+    ) -> (MockUpstream, TlsMaterial) {
+        Self::try_start_tls_with(cfg, auth)
             .await
             .expect("mock upstream: cannot start TLS on 127.0.0.1:0")
     }
 
     /// Like [`MockUpstream::start_tls`], but reports errors.
     pub async fn try_start_tls(cfg: UpstreamConfig) -> io::Result<(MockUpstream, TlsMaterial)> {
-        let (acceptor, material) = mint().map_err(io::Error::other)?;
+        Self::try_start_tls_with(cfg, ClientAuth::None).await
+    }
+
+    /// Like [`MockUpstream::start_tls_with`], but reports errors.
+    pub async fn try_start_tls_with(
+        cfg: UpstreamConfig,
+        auth: ClientAuth,
+    ) -> io::Result<(MockUpstream, TlsMaterial)> {
+        let (acceptor, material) = mint(auth).map_err(io::Error::other)?;
+        let handshakes = material.handshakes();
         let upstream = Self::launch(cfg, "https", move |listener, router, rx| {
-            tokio::spawn(accept_loop(listener, acceptor, router, rx));
+            spawn(listener, acceptor, handshakes, router, rx);
         })
         .await?;
         Ok((upstream, material))
     }
 }
 
-/// A fresh CA, a server certificate it signed, and an acceptor that offers h2 and http/1.1.
-fn mint() -> Result<(TlsAcceptor, TlsMaterial), Box<dyn std::error::Error + Send + Sync>> {
+type Minted = Result<(TlsAcceptor, TlsMaterial), Box<dyn std::error::Error + Send + Sync>>;
+
+fn mint_ca(name: &str) -> Result<(Certificate, KeyPair), rcgen::Error> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "sidecar-mocks test CA");
+    ca_params.distinguished_name.push(DnType::CommonName, name);
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = ca_params.self_signed(&ca_key)?;
+    Ok((ca, ca_key))
+}
+
+/// A fresh CA, a server certificate and a client certificate it signed, and an acceptor that
+/// offers h2 and http/1.1 (and requires the client certificate under [`ClientAuth::Required`]).
+pub(crate) fn mint(auth: ClientAuth) -> Minted {
+    let (ca, ca_key) = mint_ca("sidecar-mocks test CA")?;
 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned(), "127.0.0.1".to_owned()])?;
@@ -99,24 +197,60 @@ fn mint() -> Result<(TlsAcceptor, TlsMaterial), Box<dyn std::error::Error + Send
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, &ca, &ca_key)?;
 
+    let client_key = KeyPair::generate()?;
+    let mut client_params = CertificateParams::new(Vec::<String>::new())?;
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "token-sidecar test client");
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    client_params.use_authority_key_identifier_extension = true;
+    let client_cert = client_params.signed_by(&client_key, &ca, &ca_key)?;
+
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let chain = vec![CertificateDer::from(cert.der().to_vec())];
     // An explicit provider: the process-wide default may be unset or be another backend.
-    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)?;
+    let provider = Arc::new(ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let builder = match auth {
+        ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Required => {
+            let mut roots = RootCertStore::empty();
+            roots.add(CertificateDer::from(ca.der().to_vec()))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key_der)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let material = TlsMaterial {
         ca_pem: ca.pem(),
         cert_pem: cert.pem(),
+        client_cert_pem: client_cert.pem(),
+        client_key_pem: client_key.serialize_pem(),
+        handshakes: Arc::default(),
     };
     Ok((TlsAcceptor::from(Arc::new(config)), material))
+}
+
+/// Serves `router` over TLS on `listener` from a spawned task until `shutdown`.
+pub(crate) fn spawn(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshakes: Arc<Handshakes>,
+    router: Router,
+    shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(accept_loop(
+        listener, acceptor, handshakes, router, shutdown,
+    ));
 }
 
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    handshakes: Arc<Handshakes>,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -128,6 +262,7 @@ async fn accept_loop(
                     tokio::spawn(serve_connection(
                         stream,
                         acceptor.clone(),
+                        Arc::clone(&handshakes),
                         router.clone(),
                         shutdown.clone(),
                     ));
@@ -144,6 +279,7 @@ async fn accept_loop(
 async fn serve_connection(
     stream: TcpStream,
     acceptor: TlsAcceptor,
+    handshakes: Arc<Handshakes>,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -151,10 +287,22 @@ async fn serve_connection(
     let tls = tokio::select! {
         tls = acceptor.accept(stream) => match tls {
             Ok(tls) => tls,
-            Err(_) => return,
+            Err(_) => {
+                handshakes.failed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
         },
         _ = server::stopped(&mut shutdown) => return,
     };
+    handshakes.done.fetch_add(1, Ordering::SeqCst);
+    if tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|c| !c.is_empty())
+    {
+        handshakes.with_client_cert.fetch_add(1, Ordering::SeqCst);
+    }
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn =
         builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(router));

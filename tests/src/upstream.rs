@@ -165,6 +165,16 @@ impl MockUpstream {
         .await
     }
 
+    /// Starts the upstream on `addr`, a loopback address of the test's choice: several mocks on
+    /// one port at different addresses (127.0.0.2:P, 127.0.0.3:P) stand for the addresses of
+    /// one DNS name.
+    pub async fn start_at(cfg: UpstreamConfig, addr: SocketAddr) -> io::Result<MockUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        Self::serve_on(listener, cfg, "http", |listener, router, rx| {
+            server::spawn(listener, router, rx, None)
+        })
+    }
+
     /// Binds a port and hands the mock's router to `serve`: plain and TLS mocks differ only in
     /// how connections are served, never in what is answered or recorded.
     pub(crate) async fn launch(
@@ -172,7 +182,17 @@ impl MockUpstream {
         scheme: &'static str,
         serve: impl FnOnce(TcpListener, Router, watch::Receiver<bool>),
     ) -> io::Result<MockUpstream> {
-        let (listener, addr) = server::bind_loopback().await?;
+        let (listener, _) = server::bind_loopback().await?;
+        Self::serve_on(listener, cfg, scheme, serve)
+    }
+
+    fn serve_on(
+        listener: TcpListener,
+        cfg: UpstreamConfig,
+        scheme: &'static str,
+        serve: impl FnOnce(TcpListener, Router, watch::Receiver<bool>),
+    ) -> io::Result<MockUpstream> {
+        let addr = listener.local_addr()?;
         let (shutdown, rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             registry: cfg.registry,
@@ -260,7 +280,7 @@ struct Summary<'a> {
     body_sha256: &'a str,
 }
 
-fn bearer_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+pub(crate) fn bearer_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     let from_header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -1,4 +1,4 @@
-//! Client connections (SPEC §11): idle keep-alive connections and half-sent request heads are
+//! Client connections: idle keep-alive connections and half-sent request heads are
 //! closed after their timeouts, connections over `max_connections` get a clear refusal, and
 //! pipelined requests are never dropped in silence — through the real sidecar binary, with raw
 //! sockets so that every byte and every close is seen.

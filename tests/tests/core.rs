@@ -528,6 +528,20 @@ fn demo_runs_its_script_and_every_step_succeeds() {
     assert!(out.contains("50/50 answered 200"), "{out}");
     assert!(out.contains("made 1 identity-provider call(s)"), "{out}");
     assert!(out.contains("got 429 rate_limited"), "{out}");
+    // The number of 401s depends on timing: the demo says how many it saw, not "fifty".
+    let rejected: usize = out
+        .split(" of them reached the API with the revoked token and got 401")
+        .next()
+        .and_then(|before| before.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of 401s: {out}"));
+    assert!((1..=50).contains(&rejected), "{out}");
+    // Under --exit it ends: no "keeps serving … Ctrl-C".
+    assert!(out.contains("--exit: the demo ends here."), "{out}");
+    assert!(
+        !out.contains("keeps serving") && !out.contains("Ctrl-C"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -577,7 +591,7 @@ fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-/// `sidecar_upstream_duration_seconds` (SPEC §9) is a histogram per upstream with one sample
+/// `sidecar_upstream_duration_seconds` is a histogram per upstream with one sample
 /// per attempt that got an answer, measuring the upstream's part: a 503 retried once is two
 /// samples, and an upstream that takes 300 ms to answer adds at least that.
 #[tokio::test]

@@ -190,6 +190,33 @@ fn the_dockerfile_builds_the_way_ci_does_into_a_small_non_root_image() {
         .any(|l| l.trim().trim_end_matches('/') == "target"));
 }
 
+/// Without `tls.ca_file` the sidecar trusts the system store where OpenSSL looks for it
+/// (`/etc/ssl/certs/ca-certificates.crt` on Debian): the runtime image must have that bundle, or
+/// every HTTPS identity provider and upstream fails with `UnknownIssuer`.
+#[test]
+fn the_runtime_image_has_the_ca_bundle_the_sidecar_trusts() {
+    let dockerfile = read("docker/Dockerfile");
+    let ins = instructions(&dockerfile);
+    let runtime_from = ins
+        .iter()
+        .rposition(|i| keyword(i) == "FROM")
+        .expect("a runtime stage");
+    let base = &ins[runtime_from];
+    let debian = (base.contains("RUNTIME_IMAGE")
+        && dockerfile.contains("ARG RUNTIME_IMAGE=debian:"))
+        || base.contains("debian");
+    assert!(
+        debian,
+        "a Debian runtime stage (apt's ca-certificates): {base}"
+    );
+    assert!(
+        ins[runtime_from..].iter().any(|i| keyword(i) == "RUN"
+            && i.contains("apt-get install")
+            && i.contains("ca-certificates")),
+        "the runtime stage installs ca-certificates"
+    );
+}
+
 fn check_env() -> Vec<(&'static str, &'static str)> {
     // The same dummy values .ci/run exports for its check loop.
     vec![
@@ -200,9 +227,14 @@ fn check_env() -> Vec<(&'static str, &'static str)> {
 }
 
 fn assert_checks(path: &Path) {
+    // The samples keep their token store where the image has its directory (docker/Dockerfile
+    // creates /var/lib/token-sidecar); `check` refuses a store whose directory is missing.
+    std::fs::create_dir_all("/var/lib/token-sidecar").expect("create the store directory");
     let (code, out, err) = run_cli(&["check", "-c", path.to_str().unwrap()], &check_env());
     assert_eq!(code, 0, "{} fails check:\n{err}", path.display());
     assert!(!out.contains("ci-dummy-secret"), "check printed a secret");
+    // A sample shows a config without mistakes: nothing for check to warn about.
+    assert!(!err.contains("warning"), "{} warns:\n{err}", path.display());
 }
 
 fn k8s_documents() -> Vec<Value> {
@@ -319,16 +351,21 @@ fn compose_points_the_app_at_the_sidecar_it_shares_a_network_with() {
 }
 
 #[test]
-fn the_kubernetes_example_mounts_the_configmap_as_a_directory_and_probes_the_admin_port() {
+fn the_kubernetes_example_mounts_the_configmap_as_a_directory_and_probes_the_probe_port() {
     let docs = k8s_documents();
     let (cm_name, config_text) = configmap_config(&docs);
-    let admin_port = listen_port(&config_text, "admin_listen");
+    let probe_port = listen_port(&config_text, "probe_listen");
     let config: Value = serde_yaml::from_str(&config_text).unwrap();
-    // Kubelet probes come to the pod IP: the admin API must listen beyond loopback.
-    assert!(config["admin_listen"]
+    // Kubelet probes and Prometheus come to the pod IP: the probe listener (health, readiness,
+    // metrics only) listens beyond loopback; the admin API, with its POST endpoints, does not.
+    assert!(config["probe_listen"]
         .as_str()
         .unwrap()
         .starts_with("0.0.0.0:"));
+    assert!(config["admin_listen"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
     assert!(config["listen"].as_str().unwrap().starts_with("127.0.0.1:"));
 
     let deployments = kind(&docs, "Deployment");
@@ -390,7 +427,7 @@ fn the_kubernetes_example_mounts_the_configmap_as_a_directory_and_probes_the_adm
         }
     }
 
-    // Probes on the admin port: readiness on /readyz, liveness on /healthz.
+    // Probes on the probe port: readiness on /readyz, liveness on /healthz.
     let port_of = |probe: &Value| -> u16 {
         let p = &probe["httpGet"]["port"];
         match p.as_u64() {
@@ -408,8 +445,20 @@ fn the_kubernetes_example_mounts_the_configmap_as_a_directory_and_probes_the_adm
     let liveness = &sidecar["livenessProbe"];
     assert_eq!(readiness["httpGet"]["path"], "/readyz");
     assert_eq!(liveness["httpGet"]["path"], "/healthz");
-    assert_eq!(port_of(readiness), admin_port);
-    assert_eq!(port_of(liveness), admin_port);
+    assert_eq!(port_of(readiness), probe_port);
+    assert_eq!(port_of(liveness), probe_port);
+    let startup = &sidecar["startupProbe"];
+    if !startup.is_null() {
+        assert_eq!(port_of(startup), probe_port);
+    }
+    let annotations = &deployments[0]["spec"]["template"]["metadata"]["annotations"];
+    if let Some(port) = annotations["prometheus.io/port"].as_str() {
+        assert_eq!(
+            port,
+            probe_port.to_string(),
+            "Prometheus scrapes the probe port"
+        );
+    }
 
     // The app's base URL is the sidecar on the pod's loopback.
     let data_port = listen_port(&config_text, "listen");

@@ -1,5 +1,5 @@
-//! TLS upstreams (SPEC §4 `tls`): trust from `ca_file`, SNI from `server_name`, HTTP/2 by ALPN,
-//! and the expired-token flow of SPEC §6 over that connection, through the real sidecar binary.
+//! TLS upstreams (`tls`): trust from `ca_file`, SNI from `server_name`, HTTP/2 by ALPN,
+//! and the expired-token flow over that connection, through the real sidecar binary.
 
 mod support;
 
@@ -13,7 +13,8 @@ use support::{Scratch, Sidecar};
 enum Trust {
     /// `tls: { ca_file: <the mock's CA>, server_name: localhost }`.
     MockCa,
-    /// `tls: { server_name: localhost }`: the built-in roots, which do not know the mock's CA.
+    /// `tls: { server_name: localhost }`: the system trust store, which does not know the mock's
+    /// CA.
     BuiltIn,
 }
 

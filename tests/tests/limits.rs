@@ -1,5 +1,5 @@
 //! Client-side rate limits, upstream back-pressure, transient retries and the circuit breaker
-//! (SPEC §7, §8), through the real sidecar binary.
+//!, through the real sidecar binary.
 
 mod support;
 

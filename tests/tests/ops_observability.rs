@@ -1,4 +1,4 @@
-//! What the sidecar tells its operators (SPEC §9), through the real binary: Prometheus text on
+//! What the sidecar tells its operators, through the real binary: Prometheus text on
 //! `/metrics` that moves with traffic and refreshes and carries no path, ID or secret in a label;
 //! JSON logs with one access line per request and no token; `log.access_log` on and off.
 

@@ -1,4 +1,4 @@
-//! What a hot reload (SPEC §4) changes and what it keeps, through the real binary: no request
+//! What a hot reload changes and what it keeps, through the real binary: no request
 //! fails across twenty reloads under load, a changed rate limit applies from the reload on while
 //! unchanged rules keep their state, unchanged providers keep their tokens, in-flight requests
 //! finish under their config, and a listen change asks for a restart.

@@ -1,4 +1,4 @@
-//! How a reload (SPEC §4) is triggered and refused, through the real binary: the file watcher
+//! How a reload is triggered and refused, through the real binary: the file watcher
 //! (also while the config directory is busy), SIGHUP and `POST /v1/reload`; an invalid edit keeps
 //! the running config serving, is counted and located.
 

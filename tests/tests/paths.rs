@@ -1,4 +1,4 @@
-//! Hostile paths (SPEC §11): dot segments, encoded or not, are normalised once before routing,
+//! Hostile paths: dot segments, encoded or not, are normalised once before routing,
 //! rate limiting and forwarding; a path that climbs above its route is refused with 400.
 //! Requests go out as raw bytes: HTTP clients would normalise the paths themselves.
 

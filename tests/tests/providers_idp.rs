@@ -1,5 +1,5 @@
 //! The provider types that log in at an identity provider, end to end through the real binary
-//! (SPEC §5): OAuth2 client credentials (client_secret_post, private_key_jwt with RSA and EC),
+//!: OAuth2 client credentials (client_secret_post, private_key_jwt with RSA and EC),
 //! password grant, refresh token with rotation and login fallback, JSON login with renew.
 
 mod support;

@@ -1,5 +1,5 @@
 //! The provider types that get their token on the machine, end to end through the real binary
-//! (SPEC §5): `exec` (every output format, failures, a hanging command), `file` (replaced by
+//!: `exec` (every output format, failures, a hanging command), `file` (replaced by
 //! rename, Kubernetes symlink swap) and `static`.
 
 mod support;

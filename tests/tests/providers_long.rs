@@ -1,4 +1,4 @@
-//! Long operations through the real binary (SPEC §5, §6): `X-Sidecar-Expected-Duration` and
+//! Long operations through the real binary: `X-Sidecar-Expected-Duration` and
 //! `POST /v1/token/ensure` need a token that outlives the operation, and never storm the IdP.
 
 mod support;

@@ -1,4 +1,4 @@
-//! Many providers in one sidecar, through the real binary (SPEC §5, §9): each upstream uses its
+//! Many providers in one sidecar, through the real binary: each upstream uses its
 //! own provider and a failing IdP blocks only its own; no secret or token of any provider type
 //! reaches the debug logs, the status or the metrics.
 

@@ -1,4 +1,4 @@
-//! The encrypted token store through the real binary (SPEC §5): restarts served from it without
+//! The encrypted token store through the real binary: restarts served from it without
 //! an IdP call (key or passphrase), corrupt, truncated, wrong-key and foreign files ignored with a
 //! warning, kill -9 right after a rotation, and a refused stored refresh token.
 

@@ -1,4 +1,4 @@
-//! Expired-token answers: one coalesced refresh, then a safe replay (SPEC §6), through the real
+//! Expired-token answers: one coalesced refresh, then a safe replay, through the real
 //! sidecar binary.
 
 mod support;
@@ -73,7 +73,7 @@ async fn revocation_under_200_concurrent_gets_costs_one_idp_call() {
         sc.logs()
     );
     assert_eq!(idp.calls() - before, 1, "exactly one extra token request");
-    // Every request succeeded: nothing for an operator to look at (SPEC §16).
+    // Every request succeeded: nothing for an operator to look at.
     let logs = sc.logs();
     assert!(
         !logs.contains(" WARN ") && !logs.contains(" ERROR "),

@@ -1,4 +1,4 @@
-//! Refresh storms and hostile request headers (SPEC §5, §6, §11): whatever clients, upstreams
+//! Refresh storms and hostile request headers: whatever clients, upstreams
 //! and identity providers do, the identity provider is called at most once per `min_interval`
 //! (and never inside the failure backoff), and no input panics the proxy.
 

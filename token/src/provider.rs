@@ -15,7 +15,7 @@ use std::fmt;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sidecar_config::ProviderKind;
+use sidecar_config::{ProviderKind, Tls};
 
 pub use assertion::AssertionSigner;
 use http::http_client;
@@ -131,15 +131,17 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
-/// Builds the provider a config entry describes.
-pub fn build_provider(kind: &ProviderKind) -> Box<dyn Provider> {
-    match kind {
+/// Builds the provider a config entry describes; identity-provider calls use `tls`'s trust and
+/// client certificate. Fails when the HTTP client cannot be built with them.
+pub fn build_provider(kind: &ProviderKind, tls: &Tls) -> Result<Box<dyn Provider>, ProviderError> {
+    let http = || http_client(tls);
+    Ok(match kind {
         ProviderKind::ClientCredentials {
             client,
             scopes,
             params,
         } => Box::new(oauth::OAuth::client_credentials(
-            http_client(),
+            http()?,
             client,
             scopes,
             params,
@@ -151,7 +153,7 @@ pub fn build_provider(kind: &ProviderKind) -> Box<dyn Provider> {
             params,
             fallback,
         } => Box::new(oauth::OAuth::refresh_token(
-            http_client(),
+            http()?,
             client,
             refresh_token,
             scopes,
@@ -165,7 +167,7 @@ pub fn build_provider(kind: &ProviderKind) -> Box<dyn Provider> {
             scopes,
             params,
         } => Box::new(oauth::OAuth::password(
-            http_client(),
+            http()?,
             client,
             username,
             password,
@@ -173,7 +175,7 @@ pub fn build_provider(kind: &ProviderKind) -> Box<dyn Provider> {
             params,
         )),
         ProviderKind::JsonLogin { login, renew } => Box::new(json_login::JsonLogin::new(
-            http_client(),
+            http()?,
             (**login).clone(),
             renew.as_deref().cloned(),
         )),
@@ -186,7 +188,7 @@ pub fn build_provider(kind: &ProviderKind) -> Box<dyn Provider> {
         ProviderKind::Static { token } => Box::new(StaticToken {
             token: token.clone(),
         }),
-    }
+    })
 }
 
 /// Checks what config validation cannot without this crate (today: that a `private_key_jwt`

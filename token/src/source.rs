@@ -39,9 +39,14 @@ pub struct TokenSource {
 }
 
 impl TokenSource {
-    /// A source for a configured provider. Identity-provider calls run on `handle`.
-    pub fn new(config: &ProviderConfig, handle: tokio::runtime::Handle) -> TokenSource {
-        TokenSource::with_provider(config, build_provider(&config.kind), handle)
+    /// A source for a configured provider. Identity-provider calls run on `handle`. Fails when
+    /// the provider cannot be built (its HTTP client with the configured TLS).
+    pub fn new(
+        config: &ProviderConfig,
+        handle: tokio::runtime::Handle,
+    ) -> Result<TokenSource, crate::ProviderError> {
+        let provider = build_provider(&config.kind, &config.tls_config)?;
+        Ok(TokenSource::with_provider(config, provider, handle))
     }
 
     /// A source with a provider built elsewhere (tests, embedders). The config's `store`, if
@@ -85,7 +90,7 @@ impl TokenSource {
                 kill_after_store: Mutex::new(None),
             }),
         };
-        source.inner.publish_state();
+        source.inner.publish_metrics();
         source
     }
 
@@ -260,6 +265,13 @@ impl TokenSource {
             waited,
             last_error: lock(&self.inner.book).last_error.clone(),
         }
+    }
+
+    /// Sets `sidecar_token_state`, `sidecar_token_ttl_seconds` and
+    /// `sidecar_token_expiry_timestamp_seconds` to what holds now. `/metrics` calls it before
+    /// rendering: refreshes alone would leave the TTL at its value of the last refresh.
+    pub fn publish_metrics(&self) {
+        self.inner.publish_metrics();
     }
 
     /// The state machine's current state.

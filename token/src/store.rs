@@ -1,4 +1,4 @@
-//! The encrypted token store of SPEC §5: one file per provider holding its access token, refresh
+//! The encrypted token store: one file per provider holding its access token, refresh
 //! token and generation, sealed with AES-256-GCM.
 //!
 //! File layout (all of it before the ciphertext is authenticated as associated data, so a

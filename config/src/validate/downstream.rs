@@ -1,28 +1,32 @@
-//! The sidecar's own listening side: listen addresses and client-connection limits (SPEC §11).
+//! The sidecar's own listening side: listen addresses and client-connection limits.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use crate::schema::RawDownstream;
-use crate::Downstream;
+use crate::{Downstream, Listen};
+
+/// Longest Unix socket path: `sun_path` holds 108 bytes on Linux, the last one a NUL.
+pub(crate) const MAX_UNIX_PATH: usize = 107;
 
 /// A zero timeout would close every connection at once, a zero cap would refuse every client:
 /// both are mistakes, not settings. On error: the key to point at, and the message.
 pub(super) fn downstream(d: &RawDownstream) -> Result<Downstream, (&'static str, String)> {
     if d.header_timeout.0.is_zero() {
         return Err((
-            "header_timeout:",
+            "header_timeout",
             "downstream.header_timeout must be more than 0".into(),
         ));
     }
     if d.idle_timeout.0.is_zero() {
         return Err((
-            "idle_timeout:",
+            "idle_timeout",
             "downstream.idle_timeout must be more than 0".into(),
         ));
     }
     if d.max_connections == 0 {
         return Err((
-            "max_connections:",
+            "max_connections",
             "downstream.max_connections must be at least 1".into(),
         ));
     }
@@ -41,4 +45,26 @@ pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     t.parse().map_err(|_| {
         format!("invalid listen address {s:?}; write it like 127.0.0.1:8080 or [::1]:8080")
     })
+}
+
+/// `listen`: a TCP address, or `unix:` and an absolute socket path that fits in `sun_path`.
+pub(super) fn parse_listen(s: &str) -> Result<Listen, String> {
+    let Some(path) = s.trim().strip_prefix("unix:") else {
+        return parse_addr(s).map(Listen::Tcp);
+    };
+    if !path.starts_with('/') {
+        return Err(format!(
+            "listen {s:?}: a Unix socket path must be absolute, like unix:/run/token-sidecar/sock"
+        ));
+    }
+    if path.len() > MAX_UNIX_PATH {
+        return Err(format!(
+            "listen {s:?}: a Unix socket path is at most {MAX_UNIX_PATH} bytes; this one has {}",
+            path.len()
+        ));
+    }
+    if path.ends_with('/') || path.contains('\0') {
+        return Err(format!("listen {s:?}: not a socket file path"));
+    }
+    Ok(Listen::Unix(PathBuf::from(path)))
 }

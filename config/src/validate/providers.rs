@@ -1,4 +1,4 @@
-//! Providers (SPEC §5): the keys each type takes, OAuth2 clients, fallback logins, JSON calls.
+//! Providers: the keys each type takes, OAuth2 clients, fallback logins, JSON calls.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,13 +7,14 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use super::urls::http_url;
+use super::{bad, Bad};
 use crate::schema::{ClientAuth, ProviderType, RawLogin, RawProvider};
 use crate::{
     ClientCredential, JsonCall, LoginFallback, OAuthClient, Provider, ProviderKind, RefreshPolicy,
     Secret, SecretJson, Store,
 };
 
-pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> {
+pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, Bad> {
     let err = |m: String| format!("provider {name:?}: {m}");
     let type_name = type_name(p.kind);
     let given = [
@@ -35,6 +36,7 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
         ("timeout", p.timeout.is_some()),
         ("env", !p.env.is_empty()),
         ("path", p.path.is_some()),
+        ("tls", p.tls.is_some()),
     ];
     const OAUTH: [&str; 8] = [
         "token_url",
@@ -47,10 +49,10 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
         "params",
     ];
     let extra: &[&str] = match p.kind {
-        ProviderType::Oauth2ClientCredentials => &[],
-        ProviderType::Oauth2RefreshToken => &["refresh_token", "login"],
-        ProviderType::Oauth2Password => &["username", "password"],
-        ProviderType::JsonLogin => &["login", "renew"],
+        ProviderType::Oauth2ClientCredentials => &["tls"],
+        ProviderType::Oauth2RefreshToken => &["refresh_token", "login", "tls"],
+        ProviderType::Oauth2Password => &["username", "password", "tls"],
+        ProviderType::JsonLogin => &["login", "renew", "tls"],
         ProviderType::Exec => &["command", "timeout", "env"],
         ProviderType::File => &["path"],
         ProviderType::Static => &["token"],
@@ -63,7 +65,10 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
     );
     for (key, set) in given {
         if set && !extra.contains(&key) && !(oauth && OAUTH.contains(&key)) {
-            return Err(err(format!("`{key}` does not apply to type {type_name}")));
+            return Err(bad(
+                key,
+                err(format!("`{key}` does not apply to type {type_name}")),
+            ));
         }
     }
     let kind = match p.kind {
@@ -72,7 +77,8 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
             if client.credential == ClientCredential::None {
                 return Err(err(
                     "type oauth2_client_credentials needs `client_secret` or `private_key`".into(),
-                ));
+                )
+                .into());
             }
             ProviderKind::ClientCredentials {
                 client,
@@ -84,7 +90,7 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
             let client = oauth_client(name, p)?;
             let fallback = match &p.login {
                 None => None,
-                Some(l) => Some(fallback_login(l, &client).map_err(&err)?),
+                Some(l) => Some(fallback_login(l, &client).map_err(|m| bad("login", err(m)))?),
             };
             ProviderKind::RefreshToken {
                 client,
@@ -109,9 +115,9 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
                 ("password", l.password.is_some()),
             ] {
                 if set {
-                    return Err(err(format!(
+                    return Err(bad(&format!("login.{key}"), err(format!(
                         "`login.{key}` does not apply to type json_login; put credentials in login.body"
-                    )));
+                    ))));
                 }
             }
             let login = json_call(
@@ -128,7 +134,7 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
                     &l.error_pointer,
                 ],
             )
-            .map_err(&err)?;
+            .map_err(|b| bad(&b.at, err(b.message)))?;
             let renew = match &p.renew {
                 None => None,
                 Some(r) => Some(
@@ -146,7 +152,7 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
                             &r.error_pointer,
                         ],
                     )
-                    .map_err(&err)?,
+                    .map_err(|b| bad(&b.at, err(b.message)))?,
                 ),
             };
             ProviderKind::JsonLogin {
@@ -156,20 +162,21 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
         }
         ProviderType::Exec => {
             if p.command.is_empty() || p.command[0].trim().is_empty() {
-                return Err(err(
+                return Err(bad("command", err(
                     "type exec needs `command`, a list like [\"/usr/local/bin/get-token\", \"--json\"]"
                         .into(),
-                ));
+                )));
             }
             let timeout = p.timeout.map_or(Duration::from_secs(10), |d| d.0);
             if timeout.is_zero() {
-                return Err(err("`timeout` must be more than 0".into()));
+                return Err(bad("timeout", err("`timeout` must be more than 0".into())));
             }
             for key in p.env.keys() {
                 if key.is_empty() || key.contains(['=', '\0']) {
-                    return Err(err(format!(
-                        "env name {key:?} is not a valid variable name"
-                    )));
+                    return Err(bad(
+                        "env",
+                        err(format!("env name {key:?} is not a valid variable name")),
+                    ));
                 }
             }
             ProviderKind::Exec {
@@ -181,7 +188,7 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
         ProviderType::File => {
             let path = required(name, "path", p.path.as_ref())?;
             if path.trim().is_empty() {
-                return Err(err("`path` is empty".into()));
+                return Err(bad("path", err("`path` is empty".into())));
             }
             ProviderKind::File {
                 path: PathBuf::from(path),
@@ -192,26 +199,31 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
         },
     };
     if p.refresh.backoff.is_empty() {
-        return Err(format!(
-            "provider {name:?}: refresh.backoff needs at least one delay"
+        return Err(bad(
+            "refresh.backoff",
+            err("refresh.backoff needs at least one delay".into()),
         ));
     }
     if p.refresh.escalate_after == 0 {
-        return Err(err("refresh.escalate_after must be at least 1".into()));
+        return Err(bad(
+            "refresh.escalate_after",
+            err("refresh.escalate_after must be at least 1".into()),
+        ));
     }
     if p.default_ttl.0.is_zero() {
-        return Err(format!(
-            "provider {name:?}: default_ttl must be more than 0"
+        return Err(bad(
+            "default_ttl",
+            err("default_ttl must be more than 0".into()),
         ));
     }
     let store = match &p.store {
         None => None,
         Some(s) => {
             if s.path.trim().is_empty() {
-                return Err(err("store.path is empty".into()));
+                return Err(bad("store.path", err("store.path is empty".into())));
             }
             if s.key.expose().is_empty() {
-                return Err(err("store.key is empty".into()));
+                return Err(bad("store.key", err("store.key is empty".into())));
             }
             Some(Store {
                 path: PathBuf::from(&s.path),
@@ -234,6 +246,8 @@ pub(super) fn provider(name: &str, p: &RawProvider) -> Result<Provider, String> 
         store,
         // Decided with the whole config in view (`shared:` is a top-level section).
         shared: false,
+        // Read by the caller, which can point at the failing key.
+        tls_config: crate::Tls::default(),
     })
 }
 
@@ -249,23 +263,24 @@ fn type_name(t: ProviderType) -> &'static str {
     }
 }
 
-fn oauth_client(name: &str, p: &RawProvider) -> Result<OAuthClient, String> {
+fn oauth_client(name: &str, p: &RawProvider) -> Result<OAuthClient, Bad> {
     let token_url = required(name, "token_url", p.token_url.as_ref())?;
-    http_url("token_url", token_url).map_err(|m| format!("provider {name:?}: {m}"))?;
+    http_url("token_url", token_url)
+        .map_err(|m| bad("token_url", format!("provider {name:?}: {m}")))?;
     let client_id = required(name, "client_id", p.client_id.as_ref())?;
     let credential = match p.client_auth {
         ClientAuth::PrivateKeyJwt => {
             if p.client_secret.is_some() {
-                return Err(format!(
+                return Err(bad("client_secret", format!(
                     "provider {name:?}: `client_secret` does not apply to client_auth private_key_jwt"
-                ));
+                )));
             }
             let key = required(name, "private_key", p.private_key.as_ref())?;
             let pem = key.expose();
             if !(pem.contains("-----BEGIN") && pem.contains("PRIVATE KEY-----")) {
-                return Err(format!(
+                return Err(bad("private_key", format!(
                     "provider {name:?}: private_key is not a PEM private key (-----BEGIN PRIVATE KEY-----)"
-                ));
+                )));
             }
             ClientCredential::PrivateKeyJwt {
                 key: key.clone(),
@@ -278,8 +293,9 @@ fn oauth_client(name: &str, p: &RawProvider) -> Result<OAuthClient, String> {
                 ("key_id", p.key_id.is_some()),
             ] {
                 if set {
-                    return Err(format!(
-                        "provider {name:?}: `{key}` needs client_auth: private_key_jwt"
+                    return Err(bad(
+                        key,
+                        format!("provider {name:?}: `{key}` needs client_auth: private_key_jwt"),
                     ));
                 }
             }
@@ -356,18 +372,28 @@ fn json_call(
     body: Option<&SecretJson>,
     token_pointer: &str,
     pointers: [&Option<String>; 4],
-) -> Result<JsonCall, String> {
-    http_url(&format!("{what}.url"), url)?;
+) -> Result<JsonCall, Bad> {
+    http_url(&format!("{what}.url"), url).map_err(|m| bad(&format!("{what}.url"), m))?;
     let method = Method::from_bytes(method.unwrap_or("POST").to_ascii_uppercase().as_bytes())
-        .map_err(|_| format!("{what}.method is not an HTTP method"))?;
+        .map_err(|_| {
+            bad(
+                &format!("{what}.method"),
+                format!("{what}.method is not an HTTP method"),
+            )
+        })?;
     let mut parsed = Vec::with_capacity(headers.len());
     for (k, v) in headers {
-        let h = HeaderName::try_from(k.as_str())
-            .map_err(|_| format!("{what}.headers: {k:?} is not a header name"))?;
+        let h = HeaderName::try_from(k.as_str()).map_err(|_| {
+            bad(
+                &format!("{what}.headers"),
+                format!("{what}.headers: {k:?} is not a header name"),
+            )
+        })?;
         if http::HeaderValue::from_str(v.expose()).is_err() {
             // The value may be a secret: name the header only.
-            return Err(format!(
-                "{what}.headers: the value of {k} is not a valid header value"
+            return Err(bad(
+                &format!("{what}.headers"),
+                format!("{what}.headers: the value of {k} is not a valid header value"),
             ));
         }
         parsed.push((h, v.clone()));
@@ -382,9 +408,9 @@ fn json_call(
     ] {
         if let Some(ptr) = ptr {
             if !ptr.is_empty() && !ptr.starts_with('/') {
-                return Err(format!(
+                return Err(bad(&format!("{what}.{key}"), format!(
                     "{what}.{key} {ptr:?} is not a JSON pointer; write it like /token or /data/token"
-                ));
+                )));
             }
         }
     }

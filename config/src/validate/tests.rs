@@ -1,4 +1,4 @@
-//! Provider validation: the keys of SPEC §5 per type, and the errors for what does not fit.
+//! Provider validation: the keys of each provider type, and the errors for what does not fit.
 
 use crate::*;
 
@@ -98,7 +98,7 @@ fn store_and_escalate_after_parse() {
     std::env::set_var("SIDECAR_CFG_TEST_STORE_KEY", "a passphrase");
     let c = parse(
         "{ type: static, token: t, refresh: { escalate_after: 5 }, \
-         store: { path: /var/lib/ts/p.tok, key: '${env:SIDECAR_CFG_TEST_STORE_KEY}' } }",
+         store: { path: /tmp/p.tok, key: '${env:SIDECAR_CFG_TEST_STORE_KEY}' } }",
     )
     .unwrap();
     let p = &c.providers["p"];

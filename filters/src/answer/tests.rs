@@ -35,6 +35,7 @@ fn answer(status: u16) -> Answer<'static> {
         status,
         www_authenticate: None,
         retry_after: None,
+        grpc_status: None,
     }
 }
 
@@ -86,6 +87,16 @@ fn after_response_table() {
         ("403: not replayable, nothing counted", answer(403), Attempt { replay: Err(SkipReason::BodyTooLarge), ..first() }, 0.5, Step::Pass),
         ("403 without a token", answer(403), no_token, 0.5, Step::Pass),
         ("404 passes", answer(404), first(), 0.5, Step::Pass),
+        ("gRPC UNAUTHENTICATED in a 200: refresh and replay", Answer { grpc_status: Some(b"16"), ..answer(200) }, first(), 0.5, Step::Replay { refresh: true }),
+        ("gRPC 16, padded", Answer { grpc_status: Some(b" 16 "), ..answer(200) }, first(), 0.5, Step::Replay { refresh: true }),
+        ("gRPC 16: a newer token is held", Answer { grpc_status: Some(b"16"), ..answer(200) }, Attempt { token: Some(Generations { sent: 5, current: 6 }), ..first() }, 0.5, Step::Replay { refresh: false }),
+        ("gRPC 16: not replayable", Answer { grpc_status: Some(b"16"), ..answer(200) }, Attempt { replay: Err(SkipReason::NonIdempotent), ..first() }, 0.5, Step::Skip(SkipReason::NonIdempotent)),
+        ("gRPC 16: attempts used up", Answer { grpc_status: Some(b"16"), ..answer(200) }, Attempt { attempts: 3, ..first() }, 0.5, Step::Skip(SkipReason::AttemptsExhausted)),
+        ("gRPC 16 without a token is the client's", Answer { grpc_status: Some(b"16"), ..answer(200) }, no_token, 0.5, Step::Pass),
+        ("gRPC 16: body beyond Pingora's buffer, no own replay (no trailers there)", Answer { grpc_status: Some(b"16"), ..answer(200) }, Attempt { body_whole: false, ..first() }, 0.5, Step::Skip(SkipReason::BodyTooLarge)),
+        ("gRPC OK passes", Answer { grpc_status: Some(b"0"), ..answer(200) }, first(), 0.5, Step::Pass),
+        ("gRPC PERMISSION_DENIED passes", Answer { grpc_status: Some(b"7"), ..answer(200) }, first(), 0.5, Step::Pass),
+        ("gRPC 160 is not 16", Answer { grpc_status: Some(b"160"), ..answer(200) }, first(), 0.5, Step::Pass),
     ];
     for (name, a, state, jitter, want) in table {
         assert_eq!(after_response(&a, &state, &policy, jitter), want, "{name}");
@@ -242,6 +253,7 @@ proptest! {
             status,
             www_authenticate: www.as_deref(),
             retry_after: retry_after_of(status, retry_after.as_deref(), SystemTime::now()),
+            grpc_status: None,
         };
         let state = Attempt {
             attempts,

@@ -1,5 +1,5 @@
 //! Upstream back-pressure: after a 429 or 503 with `Retry-After`, further requests to that
-//! upstream wait until then (SPEC §7), and the header's two forms.
+//! upstream wait until then, and the header's two forms.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,4 +1,4 @@
-//! Client-side rate limits (SPEC §7) and upstream back-pressure, as decisions the proxy awaits:
+//! Client-side rate limits and upstream back-pressure, as decisions the proxy awaits:
 //! [`RateLimiter::admit`] once per request, [`UpstreamHolds`] around upstream 429/503 answers.
 
 mod bucket;

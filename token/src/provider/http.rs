@@ -3,25 +3,39 @@
 
 use std::time::Duration;
 
+use sidecar_config::Tls;
+
 use super::redact::{truncate, Redactor};
 use super::ProviderError;
 
 /// The HTTP client of the identity-provider calls. It never follows a redirect: every such call
 /// carries credentials (a client secret, a password, an API key, a refresh token) meant for the
 /// configured URL only, and a 307/308 would re-send them to wherever `Location` points. The
-/// overall timeout is the time cap of every exchange, body included.
-pub(super) fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
+/// overall timeout is the time cap of every exchange, body included. Trust and client
+/// certificate come from the provider's `tls` (else the system store); `HTTPS_PROXY`,
+/// `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` are honoured as curl does (corporate egress).
+///
+/// A client that cannot be built is an error: a default client would silently drop the trust
+/// and client certificate configured for this identity provider.
+pub(super) fn http_client(tls: &Tls) -> Result<reqwest::Client, ProviderError> {
+    let builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .pool_idle_timeout(Duration::from_secs(60))
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")));
+    crate::tls::configure(builder, tls)
+        .map_err(ProviderError::Setup)?
         .build()
-        .unwrap_or_default()
+        .map_err(|e| {
+            ProviderError::Setup(format!(
+                "cannot build the identity-provider HTTP client: {}",
+                crate::tls::root_cause(&e)
+            ))
+        })
 }
 
-/// Largest identity-provider or `json_login` answer read (SPEC §11); a token answer is a few
+/// Largest identity-provider or `json_login` answer read; a token answer is a few
 /// hundred bytes.
 pub(crate) const MAX_ANSWER: usize = 1 << 20;
 
@@ -68,8 +82,9 @@ pub(super) async fn answer(
     Ok((status, read_answer(resp).await?))
 }
 
-/// Describes a transport error without the URL's query (which never holds secrets here, but
-/// errors should stay short and stable).
+/// Describes a transport error with the host it concerns and its innermost cause (for TLS,
+/// rustls's reason, such as `invalid peer certificate: UnknownIssuer`), without the URL's path
+/// or query (which never hold secrets here, but errors should stay short and stable).
 pub(super) fn network_error(e: reqwest::Error) -> ProviderError {
     let kind = if e.is_timeout() {
         "timed out"
@@ -78,15 +93,23 @@ pub(super) fn network_error(e: reqwest::Error) -> ProviderError {
     } else {
         "request failed"
     };
-    let mut detail = String::new();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail = s.to_string();
-        source = s.source();
-    }
+    let host = e
+        .url()
+        .and_then(|u| {
+            let host = u.host_str()?;
+            Some(match u.port_or_known_default() {
+                Some(port) => format!(" to {host}:{port}"),
+                None => format!(" to {host}"),
+            })
+        })
+        .unwrap_or_default();
+    let detail = match std::error::Error::source(&e) {
+        Some(source) => crate::tls::root_cause(source),
+        None => String::new(),
+    };
     if detail.is_empty() {
-        ProviderError::Network(kind.to_string())
+        ProviderError::Network(format!("{kind}{host}"))
     } else {
-        ProviderError::Network(format!("{kind}: {}", truncate(&detail)))
+        ProviderError::Network(format!("{kind}{host}: {}", truncate(&detail)))
     }
 }

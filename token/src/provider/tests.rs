@@ -1,5 +1,5 @@
 //! Every provider type against the mock IdP (or a tiny in-test server / a real command), built
-//! from YAML through the config crate so the keys of SPEC §5 are exercised too.
+//! from YAML through the config crate so the providers' config keys are exercised too.
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,7 +33,7 @@ fn config(body: &str) -> ProviderConfig {
 }
 
 fn build(body: &str) -> Box<dyn Provider> {
-    build_provider(&config(body).kind)
+    build_provider(&config(body).kind, &sidecar_config::Tls::default()).unwrap()
 }
 
 async fn idp() -> MockIdp {
@@ -1010,5 +1010,34 @@ mod props {
             prop_assert!(!clean.contains(echoed.trim_end_matches('=')), "{echoed:?} left in {clean:?}");
             prop_assert!(!clean.contains(&secret), "{clean:?}");
         }
+    }
+}
+
+/// An identity-provider client that cannot take its TLS settings is an error naming them; before,
+/// a failed builder fell back to a default client that silently trusted other roots and
+/// presented no client certificate.
+#[test]
+fn an_http_client_without_its_tls_settings_is_an_error_not_a_default_client() {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let tls = sidecar_config::Tls {
+        ca: None,
+        identity: Some(sidecar_config::Identity {
+            chain: Arc::from(vec![CertificateDer::from(vec![0x30, 0x00])]),
+            key: Arc::new(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(vec![
+                0u8;
+                16
+            ]))),
+        }),
+    };
+    let kind = config(
+        "{ type: oauth2_client_credentials, token_url: \"https://idp.example/t\", client_id: c, client_secret: s }",
+    )
+    .kind;
+    match build_provider(&kind, &tls) {
+        Err(ProviderError::Setup(m)) => assert!(m.contains("tls.client_cert"), "{m}"),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a provider was built without its client certificate"),
     }
 }

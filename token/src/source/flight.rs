@@ -78,7 +78,7 @@ pub(super) async fn refresh(
             }
         }
     };
-    shared.publish_state();
+    shared.publish_metrics();
     flight.await
 }
 
@@ -374,10 +374,6 @@ fn settle(
 /// After every refresh attempt: state gauge, TTL gauge, and a wake-up for waiters and the
 /// refresher.
 fn finish(inner: &Arc<Inner>) {
-    if let Some(token) = inner.current.load_full() {
-        metrics::gauge!("sidecar_token_ttl_seconds", "provider" => inner.name.clone())
-            .set(token.lifetime().as_secs_f64());
-    }
-    inner.publish_state();
+    inner.publish_metrics();
     inner.changed.send_modify(|n| *n += 1);
 }

@@ -101,12 +101,31 @@ impl Inner {
         }
     }
 
-    pub(super) fn publish_state(&self) {
+    /// Sets the provider's gauges to what holds now: the state, the current token's remaining
+    /// lifetime (negative once expired) and its expiry as a Unix time. Called after every refresh
+    /// attempt and before every scrape, so that a scrape never shows a value from the last event.
+    pub(super) fn publish_metrics(&self) {
         let state = self.state();
         for s in State::ALL {
             metrics::gauge!("sidecar_token_state", "provider" => self.name.clone(), "state" => s.as_str())
                 .set(if s == state { 1.0 } else { 0.0 });
         }
+        let Some(token) = self.current.load_full() else {
+            return;
+        };
+        let now = Instant::now();
+        let ttl = if token.expires_at >= now {
+            token.expires_at.duration_since(now).as_secs_f64()
+        } else {
+            -now.duration_since(token.expires_at).as_secs_f64()
+        };
+        metrics::gauge!("sidecar_token_ttl_seconds", "provider" => self.name.clone()).set(ttl);
+        let expiry = token
+            .expires_at_wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!("sidecar_token_expiry_timestamp_seconds", "provider" => self.name.clone())
+            .set(expiry);
     }
 }
 

@@ -27,10 +27,14 @@ pub(super) async fn restore(inner: &Arc<Inner>) -> Option<Arc<Token>> {
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
+            count_store_error(inner, "load");
             tracing::warn!(provider = %inner.name, error = %e, "token store ignored; logging in afresh");
             return None;
         }
-        Err(_) => return None,
+        Err(_) => {
+            count_store_error(inner, "load");
+            return None;
+        }
     };
     let now = SystemTime::now();
     let mut book = lock(&inner.book);
@@ -74,9 +78,13 @@ pub(super) async fn persist(inner: &Arc<Inner>, token: &Token, refresh_token: Op
     match tokio::task::spawn_blocking(move || store.save(&record)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
+            count_store_error(inner, "save");
             tracing::error!(provider = %inner.name, error = %e, "cannot write the token store; the new token is kept in memory only")
         }
-        Err(_) => tracing::error!(provider = %inner.name, "token store write was cancelled"),
+        Err(_) => {
+            count_store_error(inner, "save");
+            tracing::error!(provider = %inner.name, "token store write was cancelled")
+        }
     }
 }
 
@@ -94,4 +102,11 @@ pub(super) fn record_of(token: &Token, refresh_token: Option<String>) -> Record 
         ),
         expires_at_ms: Record::unix_ms(token.expires_at_wall),
     }
+}
+
+/// `sidecar_store_errors_total{provider,op}`: a store that cannot be read (`load`) or written
+/// (`save`).
+fn count_store_error(inner: &Inner, op: &'static str) {
+    metrics::counter!("sidecar_store_errors_total", "provider" => inner.name.clone(), "op" => op)
+        .increment(1);
 }

@@ -1,4 +1,4 @@
-//! What a source reports about itself: its state (SPEC §5), why a refresh started, and the
+//! What a source reports about itself: its state, why a refresh started, and the
 //! status `/v1/token/status` shows.
 
 use serde::Serialize;
@@ -34,7 +34,7 @@ impl Trigger {
     }
 }
 
-/// Token state of SPEC §5.
+/// Token state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {

@@ -77,6 +77,7 @@ fn rig(ttl: Duration, latency: Duration) -> Rig {
         },
         store: None,
         shared: false,
+        tls_config: Default::default(),
     };
     let panic_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let panic_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -317,6 +318,7 @@ fn stored_config(path: &std::path::Path, kind: sidecar_config::ProviderKind) -> 
             backoff: vec![Duration::from_secs(30)],
             escalate_after: 2,
         },
+        tls_config: Default::default(),
         store: Some(sidecar_config::Store {
             path: path.to_path_buf(),
             key: sidecar_config::Secret::new(STORE_KEY),
@@ -468,7 +470,7 @@ async fn killed_after_rotation_still_has_a_usable_refresh_token() {
     };
     let config = stored_config(&path, kind);
     let handle = tokio::runtime::Handle::current();
-    let first = TokenSource::new(&config, handle.clone());
+    let first = TokenSource::new(&config, handle.clone()).unwrap();
     let t1 = first.wait_usable(Duration::from_secs(5)).await.unwrap();
     let stored1 = Store::new(&path, STORE_KEY, "p").load().unwrap().unwrap();
     let rt1 = stored1.refresh_token.clone().unwrap();
@@ -490,7 +492,7 @@ async fn killed_after_rotation_still_has_a_usable_refresh_token() {
     drop(first);
 
     let calls_before = idp.calls();
-    let second = TokenSource::new(&config, handle);
+    let second = TokenSource::new(&config, handle).unwrap();
     let restored = second.wait_usable(Duration::from_secs(5)).await.unwrap();
     assert_eq!(idp.calls(), calls_before, "restart needed no IdP call");
     assert_eq!(restored.generation, t1.generation + 1);
@@ -661,7 +663,7 @@ async fn the_refresher_picks_up_a_replaced_token_file() {
         sidecar_config::ProviderKind::File { path: path.clone() },
     );
     config.store = None;
-    let source = TokenSource::new(&config, tokio::runtime::Handle::current());
+    let source = TokenSource::new(&config, tokio::runtime::Handle::current()).unwrap();
     source.start();
     let first = source.wait_usable(Duration::from_secs(1)).await.unwrap();
     assert_eq!(first.expose(), "first-token");
