@@ -16,7 +16,7 @@ pub(super) fn dns(d: &RawDns) -> Result<Dns, (&'static str, String)> {
     for ns in &d.nameservers {
         let addr: SocketAddr = ns.trim().parse().map_err(|_| {
             (
-                "nameservers:",
+                "nameservers",
                 format!(
                     "dns.nameservers: {ns:?} is not an ip:port address; write it like 127.0.0.1:53 or [::1]:53"
                 ),
@@ -24,7 +24,7 @@ pub(super) fn dns(d: &RawDns) -> Result<Dns, (&'static str, String)> {
         })?;
         if addr.port() == 0 {
             return Err((
-                "nameservers:",
+                "nameservers",
                 format!("dns.nameservers: {ns:?} has port 0"),
             ));
         }
@@ -32,11 +32,11 @@ pub(super) fn dns(d: &RawDns) -> Result<Dns, (&'static str, String)> {
     }
     let (min_ttl, max_ttl) = (d.min_ttl.0, d.max_ttl.0);
     if min_ttl < MIN_DNS_TTL {
-        return Err(("min_ttl:", "dns.min_ttl must be at least 1s".into()));
+        return Err(("min_ttl", "dns.min_ttl must be at least 1s".into()));
     }
     if min_ttl > max_ttl {
         return Err((
-            "min_ttl:",
+            "min_ttl",
             format!(
                 "dns.min_ttl ({}) is more than dns.max_ttl ({})",
                 humantime::format_duration(min_ttl),

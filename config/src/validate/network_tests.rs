@@ -120,7 +120,7 @@ fn upstream_protocol_h2c_needs_plain_http() {
     .unwrap();
     assert_eq!(c.upstreams[0].protocol, UpstreamProtocol::Auto);
     let e = err("upstreams:\n  - name: g\n    url: \"https://api\"\n    protocol: h2c\n");
-    assert!(e.starts_with("bad.yaml:2:"), "{e}");
+    assert!(e.starts_with("bad.yaml:4:"), "{e}");
     assert!(e.contains("protocol h2c") && e.contains("http://"), "{e}");
     let e = err("upstreams:\n  - name: g\n    url: \"http://api\"\n    protocol: h3\n");
     assert!(e.starts_with("bad.yaml:4:"), "{e}");

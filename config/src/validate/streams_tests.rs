@@ -46,7 +46,7 @@ fn zero_streams_and_zero_stream_idle_are_located_errors() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("t.yaml:2:") && e.contains("timeouts.stream_idle must be more than 0"),
+        e.contains("t.yaml:4:17:") && e.contains("timeouts.stream_idle must be more than 0"),
         "{e}"
     );
     let e = parse(&format!("{UP}upgrade: {{ min_tll: 1m }}\n"))
