@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use http::{HeaderName, Method};
 
-use self::downstream::{downstream, parse_addr};
+use self::downstream::{downstream, parse_addr, threads};
 use self::locate::Locator;
 use self::providers::provider;
 use self::rate_limits::rate_limit;
@@ -25,6 +25,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
     let listen = parse_addr(&raw.listen).map_err(|m| at.error(&["listen:"], m))?;
     let admin_listen =
         parse_addr(&raw.admin_listen).map_err(|m| at.error(&["admin_listen:"], m))?;
+    let threads = threads(raw.threads).map_err(|m| at.error(&["threads:"], m))?;
 
     let mut providers = BTreeMap::new();
     for (name, p) in &raw.providers {
@@ -129,6 +130,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, file: &str) -> Result<Config,
         listen,
         admin_listen,
         shutdown_grace: raw.shutdown_grace.0,
+        threads,
         providers,
         upstreams,
         replay,

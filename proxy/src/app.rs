@@ -371,6 +371,13 @@ impl App {
         if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
             tracing::warn!("listen addresses changed; that takes effect only after a restart");
         }
+        if config.threads != old.config.threads
+            || config.downstream.read_buffer != old.config.downstream.read_buffer
+        {
+            tracing::warn!(
+                "threads or downstream.read_buffer changed; that takes effect only after a restart"
+            );
+        }
         let next = Live::build(Arc::new(config), Some(&old), &self.token_runtime)
             .map_err(|e| e.to_string())?;
         self.holds.set_max(next.config.retry.max_retry_after);
