@@ -36,7 +36,12 @@ async fn threads_sets_the_proxy_worker_threads_and_defaults_to_one() {
         wait_until(
             Duration::from_secs(10),
             || async move { proxy_threads(pid) == want },
-            || format!("{extra:?}: {} proxy threads, want {want}", proxy_threads(pid)),
+            || {
+                format!(
+                    "{extra:?}: {} proxy threads, want {want}",
+                    proxy_threads(pid)
+                )
+            },
         )
         .await;
         serves(&sc, 20).await;
