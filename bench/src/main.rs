@@ -36,7 +36,7 @@ pub struct Args {
     /// Load generator for the throughput scenario.
     #[arg(long, value_enum, default_value_t = Loadgen::Auto)]
     pub loadgen: Loadgen,
-    /// Instead of the scenarios: profile this target (sidecar, bare, nginx) with `perf record`
+    /// Instead of the scenarios: profile this target (sidecar, bare, nginx, haproxy) with `perf record`
     /// under 16 connections for `--profile-secs` and print the flat profile.
     #[arg(long)]
     pub profile: Option<String>,
@@ -351,11 +351,17 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
     } else {
         None
     };
+    let haproxy = if needs_tools {
+        Some(tools::haproxy()?)
+    } else {
+        None
+    };
     let env = scenarios::Env {
         plan: plan.clone(),
         sidecar_bin,
         bare_bin,
         nginx_bin: nginx.clone(),
+        haproxy_bin: haproxy.clone(),
         wrk: wrk.clone(),
         fd_limit,
     };
@@ -400,9 +406,10 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
         let header = format!(
             "# token-sidecar benchmark results\n\n\
              Run: `cargo run --release -p sidecar-bench --{}` on {} ({} mode, {:.0} s).\n\n\
-             {machine_line} Load generator: {}. nginx: {}. Open-file limit: {}.\n\n\
+             {machine_line} Load generator: {}. nginx: {}. HAProxy: {}. Open-file limit: {}.\n\n\
              Everything on 127.0.0.1: load generator, upstream (hyper, 1 thread), mock IdP, and \
-             the proxies (1 worker/thread each). Keep-alive everywhere, `GET /bench`.\n",
+             the proxies (1 worker/thread each unless a table says otherwise). Keep-alive \
+             everywhere, `GET /bench`.\n",
             match plan.mode {
                 "full" => String::new(),
                 m => format!(" --{m}"),
@@ -418,6 +425,9 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
                 None => "in-repo (bench/src/load.rs)".into(),
             },
             nginx
+                .as_deref()
+                .map_or_else(|| "not used".into(), |n| tool_version(n, "-v")),
+            haproxy
                 .as_deref()
                 .map_or_else(|| "not used".into(), |n| tool_version(n, "-v")),
             fd_limit,

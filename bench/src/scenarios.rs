@@ -24,6 +24,8 @@ pub struct Env {
     pub bare_bin: PathBuf,
     /// Only looked up (and installed) when scenario 1 or `--profile` runs.
     pub nginx_bin: Option<PathBuf>,
+    /// Likewise.
+    pub haproxy_bin: Option<PathBuf>,
     pub wrk: Option<PathBuf>,
     pub fd_limit: u64,
 }
@@ -223,6 +225,28 @@ pub(crate) fn sidecar_yaml(
     replay: &str,
     extra: &str,
 ) -> String {
+    sidecar_yaml_url(
+        w,
+        listen,
+        admin,
+        &format!("\"http://{upstream}\""),
+        refresh,
+        replay,
+        extra,
+    )
+}
+
+/// [`sidecar_yaml`] with the upstream's `url:` value given as YAML text, which may go on with
+/// more keys of the upstream (`tls:`).
+fn sidecar_yaml_url(
+    w: &World,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    url: &str,
+    refresh: &str,
+    replay: &str,
+    extra: &str,
+) -> String {
     let refresh = if refresh.is_empty() {
         String::new()
     } else {
@@ -240,7 +264,7 @@ providers:
     client_secret: demo-secret{refresh}
 upstreams:
   - name: api
-    url: "http://{upstream}"
+    url: {url}
     provider: bench
 replay: {replay}
 log: {{ level: warn, format: text, access_log: false }}
@@ -250,12 +274,24 @@ log: {{ level: warn, format: text, access_log: false }}
 }
 
 async fn start_sidecar(env: &Env, w: &World, tag: &str, extra: &str) -> Result<Sidecar, String> {
+    let url = format!("\"http://{}\"", w.upstream.addr);
+    start_sidecar_url(env, w, tag, &url, extra).await
+}
+
+/// [`start_sidecar`] in front of the upstream `url` (YAML text, see [`sidecar_yaml_url`]).
+async fn start_sidecar_url(
+    env: &Env,
+    w: &World,
+    tag: &str,
+    url: &str,
+    extra: &str,
+) -> Result<Sidecar, String> {
     let (listen, admin) = (procs::free_port()?, procs::free_port()?);
-    let yaml = sidecar_yaml(
+    let yaml = sidecar_yaml_url(
         w,
         listen,
         admin,
-        w.upstream.addr,
+        url,
         "",
         "{ debug_header: true, max_waiting: 20000 }",
         extra,
@@ -389,6 +425,7 @@ pub async fn run_all(env: &Env, selected: &[Scenario]) -> (Report, Vec<String>) 
 enum Target {
     Direct,
     Nginx,
+    Haproxy,
     Bare,
     Sidecar,
 }
@@ -398,9 +435,37 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Nginx => "nginx",
+            Target::Haproxy => "HAProxy",
             Target::Bare => "bare Pingora",
             Target::Sidecar => "sidecar",
         }
+    }
+}
+
+/// One line-up of the throughput scenario: worker threads of every proxy (nginx workers,
+/// HAProxy `nbthread`, Pingora `threads`) and whether the upstream speaks TLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Variant {
+    threads: usize,
+    tls: bool,
+}
+
+impl Variant {
+    const PLAIN: Variant = Variant {
+        threads: 1,
+        tls: false,
+    };
+    const TWO_THREADS: Variant = Variant {
+        threads: 2,
+        tls: false,
+    };
+    const TLS: Variant = Variant {
+        threads: 1,
+        tls: true,
+    };
+
+    fn tag(self) -> String {
+        format!("{}t{}", self.threads, if self.tls { "-tls" } else { "" })
     }
 }
 
@@ -500,23 +565,34 @@ pub(crate) fn ok_mark(ok: bool) -> &'static str {
     }
 }
 
-/// nginx, bare Pingora and the sidecar in front of the upstream, checked and warmed.
+/// The proxies in front of the upstream, checked and warmed: nginx, HAProxy, bare Pingora (not
+/// over TLS: it has no CA setting) and the sidecar, with `direct` first over plain HTTP.
 struct Lineup {
-    nginx: Proc,
-    bare: Proc,
+    variant: Variant,
+    procs: Vec<(Target, Proc)>,
     sidecar: Sidecar,
     targets: Vec<(Target, SocketAddr, Option<String>)>,
+    /// The TLS upstream of a TLS line-up, stopped with it.
+    _tls_upstream: Option<Upstream>,
 }
 
 impl Lineup {
     /// The process serving `t` (none for direct).
     fn pid(&self, t: Target) -> Option<u32> {
-        match t {
-            Target::Direct => None,
-            Target::Nginx => Some(self.nginx.pid),
-            Target::Bare => Some(self.bare.pid),
-            Target::Sidecar => Some(self.sidecar.proc.pid),
+        if t == Target::Sidecar {
+            return Some(self.sidecar.proc.pid);
         }
+        self.procs
+            .iter()
+            .find(|(tt, _)| *tt == t)
+            .map(|(_, p)| p.pid)
+    }
+
+    fn addr(&self, t: Target) -> Option<SocketAddr> {
+        self.targets
+            .iter()
+            .find(|(tt, _, _)| *tt == t)
+            .map(|(_, a, _)| *a)
     }
 
     /// The targets in the order of `round`: A B C D, then D C B A, so that drift cancels out.
@@ -529,26 +605,69 @@ impl Lineup {
     }
 }
 
-async fn lineup(env: &Env, w: &World) -> Result<Lineup, String> {
+async fn lineup(env: &Env, w: &World, variant: Variant) -> Result<Lineup, String> {
     let auth = w.static_authorization();
-    let direct = w.upstream.addr;
+    let tag = variant.tag();
+    let (upstream, ca_file, tls_upstream) = if variant.tls {
+        let (up, ca) = upstream::start_tls(w.registry.clone())?;
+        let path = w.scratch.path("upstream-ca.pem");
+        std::fs::write(&path, ca).map_err(|e| format!("upstream CA: {e}"))?;
+        (up.addr, Some(path), Some(up))
+    } else {
+        (w.upstream.addr, None, None)
+    };
+    let peer = tools::PeerUpstream {
+        tag: tag.clone(),
+        addr: upstream,
+        ca_file: ca_file.clone(),
+        workers: variant.threads,
+    };
+    let mut procs_held = Vec::new();
+    let mut targets = Vec::new();
+    if !variant.tls && variant.threads == 1 {
+        targets.push((Target::Direct, upstream, Some(auth.clone())));
+    }
     let nginx_addr = procs::free_port()?;
     let nginx_bin = env.nginx_bin.as_ref().ok_or("nginx was not looked up")?;
-    let nginx = tools::start_nginx(nginx_bin, &w.scratch, nginx_addr, direct, &auth, 1024)?;
-    let bare_addr = procs::free_port()?;
-    let mut cmd = Command::new(&env.bare_bin);
-    cmd.arg(bare_addr.to_string())
-        .arg(direct.to_string())
-        .arg(&auth);
-    let bare = procs::spawn("bare-pingora", cmd, &w.scratch.path("bare.log"), false)?;
-    procs::wait_port(bare_addr, bare.pid, Duration::from_secs(10))?;
-    let sidecar = start_sidecar(env, w, "throughput", "").await?;
-    let targets = vec![
-        (Target::Direct, direct, Some(auth)),
-        (Target::Nginx, nginx_addr, None),
-        (Target::Bare, bare_addr, None),
-        (Target::Sidecar, sidecar.listen, None),
-    ];
+    let nginx = tools::start_nginx(nginx_bin, &w.scratch, nginx_addr, &peer, &auth, 1024)?;
+    procs_held.push((Target::Nginx, nginx));
+    targets.push((Target::Nginx, nginx_addr, None));
+    let haproxy_addr = procs::free_port()?;
+    let haproxy_bin = env
+        .haproxy_bin
+        .as_ref()
+        .ok_or("haproxy was not looked up")?;
+    let haproxy = tools::start_haproxy(haproxy_bin, &w.scratch, haproxy_addr, &peer, &auth, 4096)?;
+    procs_held.push((Target::Haproxy, haproxy));
+    targets.push((Target::Haproxy, haproxy_addr, None));
+    if !variant.tls {
+        let bare_addr = procs::free_port()?;
+        let mut cmd = Command::new(&env.bare_bin);
+        cmd.arg(bare_addr.to_string())
+            .arg(upstream.to_string())
+            .arg(&auth)
+            .env("BARE_PINGORA_THREADS", variant.threads.to_string());
+        let bare = procs::spawn(
+            "bare-pingora",
+            cmd,
+            &w.scratch.path(&format!("bare-{tag}.log")),
+            false,
+        )?;
+        procs::wait_port(bare_addr, bare.pid, Duration::from_secs(10))?;
+        procs_held.push((Target::Bare, bare));
+        targets.push((Target::Bare, bare_addr, None));
+    }
+    let url = match &ca_file {
+        Some(ca) => format!(
+            "\"https://{upstream}\"\n    tls: {{ ca_file: \"{}\", server_name: {} }}",
+            ca.display(),
+            upstream::TLS_NAME
+        ),
+        None => format!("\"http://{upstream}\""),
+    };
+    let extra = format!("threads: {}\n", variant.threads);
+    let sidecar = start_sidecar_url(env, w, &format!("throughput-{tag}"), &url, &extra).await?;
+    targets.push((Target::Sidecar, sidecar.listen, None));
     for (t, addr, a) in &targets {
         ready(*addr, a.as_deref())
             .await
@@ -560,28 +679,32 @@ async fn lineup(env: &Env, w: &World) -> Result<Lineup, String> {
         let _ = load::closed_loop(*addr, req, 16, env.plan.warm).await;
     }
     Ok(Lineup {
-        nginx,
-        bare,
+        variant,
+        procs: procs_held,
         sidecar,
         targets,
+        _tls_upstream: tls_upstream,
     })
 }
 
-async fn throughput(env: &Env, w: &World) -> Result<String, String> {
-    let plan = &env.plan;
-    let l = lineup(env, w).await?;
-
-    let conn_counts = [1usize, 16, 128];
-    let mut samples: Vec<(usize, Target, Sample)> = Vec::new();
-    for &conns in &conn_counts {
-        for round in 0..plan.rounds {
+/// The closed-loop runs of one line-up: every connection count, rounds alternating.
+async fn closed_loops(
+    env: &Env,
+    w: &World,
+    l: &Lineup,
+    conn_counts: &[usize],
+) -> Result<Vec<(usize, Target, Sample)>, String> {
+    let mut samples = Vec::new();
+    for &conns in conn_counts {
+        for round in 0..env.plan.rounds {
             for (t, addr, a) in l.order(round) {
                 let pid = l.pid(*t);
                 let cpu0 = pid.map(procs::cpu_ns).unwrap_or(0);
-                let mut s = measure(env, w, *addr, a.as_deref(), conns, plan.run).await?;
+                let mut s = measure(env, w, *addr, a.as_deref(), conns, env.plan.run).await?;
                 s.cpu_ns = pid.map(procs::cpu_ns).unwrap_or(0).saturating_sub(cpu0);
                 eprintln!(
-                    "bench:   {conns:>3} conns  {:<13} {:>9.0} req/s  p50 {:>7.1} µs  p99 {:>8.1} µs  cpu {:>5.1} µs/req  errors {}",
+                    "bench:   {} {conns:>3} conns  {:<13} {:>9.0} req/s  p50 {:>7.1} µs  p99 {:>8.1} µs  cpu {:>5.1} µs/req  errors {}",
+                    l.variant.tag(),
                     t.name(),
                     s.requests as f64 / s.seconds.max(1e-9),
                     s.latency.p50,
@@ -596,34 +719,20 @@ async fn throughput(env: &Env, w: &World) -> Result<String, String> {
             }
         }
     }
-    let rss = |pid: u32| {
-        mib(procs::tree(pid)
-            .iter()
-            .filter_map(|p| procs::rss_kib(*p))
-            .sum())
-    };
-    let rss_line = format!(
-        "RSS after the run: nginx (master + worker) {}, bare Pingora {}, sidecar {}.",
-        rss(l.nginx.pid),
-        rss(l.bare.pid),
-        rss(l.sidecar.proc.pid)
-    );
+    Ok(samples)
+}
 
+/// The two tables of one line-up: per target, then the sidecar's ratios.
+fn throughput_tables(
+    l: &Lineup,
+    samples: &[(usize, Target, Sample)],
+    conn_counts: &[usize],
+) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "## 1. Throughput and latency\n\n{} round(s) of {} s per target and connection count, \
-         targets alternating (A B C D, D C B A). Requests/s summed over rounds; latency \
-         percentiles are the median over rounds, in µs. CPU/req: CPU time the proxy process \
-         (all threads; nginx master + worker) used during the runs divided by the requests \
-         served: unlike req/s it hardly moves when other work shares the machine.\n",
-        plan.rounds,
-        plan.run.as_secs()
-    );
     s.push_str("| conns | target | req/s | p50 | p90 | p99 | p99.9 | CPU µs/req | errors |\n");
     s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut aggs = Vec::new();
-    for &conns in &conn_counts {
+    for &conns in conn_counts {
         for (t, _, _) in &l.targets {
             let mine: Vec<Sample> = samples
                 .iter()
@@ -656,36 +765,120 @@ async fn throughput(env: &Env, w: &World) -> Result<String, String> {
             .map(|(_, _, a)| a)
     };
     s.push_str(
-        "\n| conns | sidecar/nginx (≥ 0.9) | sidecar/bare (≥ 0.95) | bare/nginx | \
-         by CPU/req: sidecar/nginx | sidecar/bare | p50 over direct (saturated) | \
-         p99 over direct (saturated) |\n",
+        "\n| conns | sidecar/nginx (≥ 0.9) | sidecar/HAProxy | sidecar/bare (≥ 0.95) | \
+         bare/nginx | by CPU/req: sidecar/nginx | sidecar/HAProxy | sidecar/bare | \
+         p50 over direct (saturated) | p99 over direct (saturated) |\n",
     );
-    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for &conns in &conn_counts {
-        let (Some(d), Some(n), Some(b), Some(sc)) = (
-            get(conns, Target::Direct),
-            get(conns, Target::Nginx),
-            get(conns, Target::Bare),
-            get(conns, Target::Sidecar),
-        ) else {
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let show = |r: Option<f64>, target: Option<f64>| match (r, target) {
+        (Some(r), Some(t)) => format!("{r:.2} {}", ok_mark(r >= t)),
+        (Some(r), None) => format!("{r:.2}"),
+        (None, _) => "–".into(),
+    };
+    for &conns in conn_counts {
+        let Some(sc) = get(conns, Target::Sidecar) else {
             continue;
         };
-        let vs_nginx = sc.rps / n.rps;
-        let vs_bare = sc.rps / b.rps;
-        let add50 = sc.lat.p50 - d.lat.p50;
-        let add99 = sc.lat.p99 - d.lat.p99;
+        let rps = |t| get(conns, t).map(|a| a.rps);
+        // CPU per request: the other's over the sidecar's (higher is better for the sidecar).
+        let cpu = |t| get(conns, t).map(|a| a.cpu_us / sc.cpu_us.max(1e-9));
+        let over_direct = |f: fn(&Percentiles) -> f64| {
+            get(conns, Target::Direct).map_or_else(
+                || "–".into(),
+                |d| format!("{:.0} µs", f(&sc.lat) - f(&d.lat)),
+            )
+        };
         let _ = writeln!(
             s,
-            "| {conns} | {vs_nginx:.2} {} | {vs_bare:.2} {} | {:.2} | {:.2} | {:.2} | {add50:.0} µs | {add99:.0} µs |",
-            ok_mark(vs_nginx >= 0.9),
-            ok_mark(vs_bare >= 0.95),
-            b.rps / n.rps,
-            n.cpu_us / sc.cpu_us.max(1e-9),
-            b.cpu_us / sc.cpu_us.max(1e-9),
+            "| {conns} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            show(ratio(Some(sc.rps), rps(Target::Nginx)), Some(0.9)),
+            show(ratio(Some(sc.rps), rps(Target::Haproxy)), None),
+            show(ratio(Some(sc.rps), rps(Target::Bare)), Some(0.95)),
+            show(ratio(rps(Target::Bare), rps(Target::Nginx)), None),
+            show(cpu(Target::Nginx), None),
+            show(cpu(Target::Haproxy), None),
+            show(cpu(Target::Bare), None),
+            over_direct(|p| p.p50),
+            over_direct(|p| p.p99),
         );
     }
-    let _ = writeln!(s, "\n{rss_line}");
+    let rss = |pid: u32| {
+        mib(procs::tree(pid)
+            .iter()
+            .filter_map(|p| procs::rss_kib(*p))
+            .sum())
+    };
+    let rss_line: Vec<String> = l
+        .targets
+        .iter()
+        .filter_map(|(t, _, _)| l.pid(*t).map(|p| format!("{} {}", t.name(), rss(p))))
+        .collect();
+    let _ = writeln!(
+        s,
+        "\nRSS after the run (all processes of each: nginx master + workers): {}.",
+        rss_line.join(", ")
+    );
+    s
+}
+
+async fn throughput(env: &Env, w: &World) -> Result<String, String> {
+    let plan = &env.plan;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## 1. Throughput and latency\n\n{} round(s) of {} s per target and connection count, \
+         targets alternating (A B C D E, E D C B A). Requests/s summed over rounds; latency \
+         percentiles are the median over rounds, in µs. CPU/req: CPU time the proxy process \
+         (all threads; nginx master + workers) used during the runs divided by the requests \
+         served: unlike req/s it hardly moves when other work shares the machine. The CPU \
+         ratios are the other proxy's CPU/req over the sidecar's. Peers: nginx (`proxy_pass` \
+         to a keep-alive pool, static `Authorization`) and HAProxy (`http-request set-header \
+         Authorization`, `http-reuse always`), each with as many workers (nginx \
+         `worker_processes`, HAProxy `nbthread`) as the Pingora proxies have threads.\n",
+        plan.rounds,
+        plan.run.as_secs()
+    );
+    let conn_counts = [1usize, 16, 128];
+    let l = lineup(env, w, Variant::PLAIN).await?;
+    let samples = closed_loops(env, w, &l, &conn_counts).await?;
+    s.push_str("### One worker/thread each, plain HTTP upstream\n\n");
+    s.push_str(&throughput_tables(&l, &samples, &conn_counts));
     s.push_str(&fixed_rate_latency(env, &l).await?);
+    drop(l);
+
+    // The extra line-ups run fewer connection counts: the smoke only checks that they run.
+    let few: &[usize] = if plan.mode == "smoke" {
+        &[16]
+    } else {
+        &[16, 128]
+    };
+    let l = lineup(env, w, Variant::TWO_THREADS).await?;
+    let samples = closed_loops(env, w, &l, few).await?;
+    s.push_str(
+        "\n### Two workers/threads each (the sidecar's `threads: 2`)\n\nThe machine has as \
+         many cores as it prints above; with 2 cores the load generator and the upstream \
+         compete with the second thread.\n\n",
+    );
+    s.push_str(&throughput_tables(&l, &samples, few));
+    drop(l);
+
+    let l = lineup(env, w, Variant::TLS).await?;
+    let samples = closed_loops(env, w, &l, few).await?;
+    let _ = writeln!(
+        s,
+        "\n### HTTPS upstream\n\nThe same upstream behind TLS (rustls, HTTP/1.1, a certificate \
+         for `{}` signed by a CA minted for the run); every proxy keeps connections alive and \
+         verifies the certificate against that CA: nginx `proxy_ssl_verify on` with \
+         `proxy_ssl_trusted_certificate` and session reuse, HAProxy `ssl verify required \
+         ca-file`, the sidecar `tls: {{ ca_file, server_name }}`. Bare Pingora is left out here \
+         (it takes no CA); one worker/thread each.\n",
+        upstream::TLS_NAME
+    );
+    s.push_str(&throughput_tables(&l, &samples, few));
     Ok(s)
 }
 
@@ -1073,22 +1266,26 @@ async fn memory(env: &Env, w: &World) -> Result<String, String> {
 /// samples it; returns `perf report`'s flat profile.
 pub async fn profile(env: &Env, target: &str, secs: u64, conns: usize) -> Result<String, String> {
     let w = World::start()?;
-    let l = lineup(env, &w).await?;
-    let (pid, addr) = match target {
-        "sidecar" => (l.sidecar.proc.pid, l.targets[3].1),
-        "bare" => (l.bare.pid, l.targets[2].1),
-        // The worker, not the master.
-        "nginx" => (
-            *procs::tree(l.nginx.pid)
-                .last()
-                .ok_or("nginx has no worker")?,
-            l.targets[1].1,
-        ),
+    let l = lineup(env, &w, Variant::PLAIN).await?;
+    let t = match target {
+        "sidecar" => Target::Sidecar,
+        "bare" => Target::Bare,
+        "nginx" => Target::Nginx,
+        "haproxy" => Target::Haproxy,
         other => {
             return Err(format!(
-                "unknown profile target {other} (sidecar, bare, nginx)"
+                "unknown profile target {other} (sidecar, bare, nginx, haproxy)"
             ))
         }
+    };
+    let (Some(pid), Some(addr)) = (l.pid(t), l.addr(t)) else {
+        return Err(format!("{target} is not in the line-up"));
+    };
+    // nginx: the worker, not the master.
+    let pid = if t == Target::Nginx {
+        *procs::tree(pid).last().ok_or("nginx has no worker")?
+    } else {
+        pid
     };
     let data = w.scratch.path("perf.data");
     let mut perf = tokio::process::Command::new("perf");

@@ -1,5 +1,5 @@
-//! External tools: wrk (load generator) and nginx (the baseline proxy), installed from Debian with
-//! apt-get when missing.
+//! External tools: wrk (load generator), nginx and HAProxy (the peer proxies), installed from
+//! Debian with apt-get when missing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,23 +69,51 @@ pub fn nginx() -> Result<PathBuf, String> {
     locate().ok_or_else(|| "nginx is not installed and could not be installed".into())
 }
 
-/// Starts nginx as a plain reverse proxy with a static `Authorization` header: one worker, a
-/// keep-alive upstream pool, no access log, config and temp files in `scratch`.
+/// The upstream a peer proxy (nginx, HAProxy) forwards to, and how many workers it runs.
+pub struct PeerUpstream {
+    /// Names the peer's files in the scratch directory (several lineups may run in one run).
+    pub tag: String,
+    pub addr: SocketAddr,
+    /// `Some(CA file)`: the upstream speaks TLS and the peer verifies it against this CA.
+    pub ca_file: Option<PathBuf>,
+    /// nginx `worker_processes`, HAProxy `nbthread`.
+    pub workers: usize,
+}
+
+/// Starts nginx as a plain reverse proxy with a static `Authorization` header: `up.workers`
+/// workers, a keep-alive upstream pool, no access log, config and temp files in `scratch`.
 pub fn start_nginx(
     binary: &Path,
     scratch: &Scratch,
     listen: SocketAddr,
-    upstream: SocketAddr,
+    up: &PeerUpstream,
     authorization: &str,
     worker_connections: usize,
 ) -> Result<Proc, String> {
-    let dir = scratch.path("nginx");
+    let dir = scratch.path(&format!("nginx-{}", up.tag));
+    let upstream = up.addr;
+    let workers = up.workers;
+    // Over TLS: verify the upstream's certificate against the test CA, with the name it was
+    // issued for, and reuse sessions on the kept-alive connections.
+    let (scheme, tls) = match &up.ca_file {
+        Some(ca) => (
+            "https",
+            format!(
+                "proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {};\n            \
+                 proxy_ssl_name {};\n            proxy_ssl_server_name on;\n            \
+                 proxy_ssl_session_reuse on;",
+                ca.display(),
+                crate::upstream::TLS_NAME
+            ),
+        ),
+        None => ("http", String::new()),
+    };
     for sub in ["", "logs", "tmp"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("nginx dir: {e}"))?;
     }
     let d = dir.display();
     let conf = format!(
-        r#"worker_processes 1;
+        r#"worker_processes {workers};
 daemon off;
 master_process on;
 pid {d}/nginx.pid;
@@ -105,7 +133,8 @@ http {{
     server {{
         listen {listen} backlog=4096;
         location / {{
-            proxy_pass http://bench_upstream;
+            proxy_pass {scheme}://bench_upstream;
+            {tls}
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Authorization "{authorization}";
@@ -213,4 +242,83 @@ pub async fn run_wrk(
             p999: get("p999"),
         },
     })
+}
+
+/// HAProxy (Debian's), installed if missing.
+pub fn haproxy() -> Result<PathBuf, String> {
+    let locate = || find(&["/usr/sbin/haproxy", "/usr/bin/haproxy"]).or_else(|| on_path("haproxy"));
+    if let Some(p) = locate() {
+        return Ok(p);
+    }
+    apt_install(&["haproxy"])?;
+    locate().ok_or_else(|| "haproxy is not installed and could not be installed".into())
+}
+
+/// The HAProxy configuration of a peer: `nbthread` = `up.workers`, a static `Authorization`
+/// header, idle server connections shared between clients (`http-reuse always`), no logs; over
+/// TLS it verifies the upstream's certificate against the test CA and its name.
+pub fn haproxy_config(
+    listen: SocketAddr,
+    up: &PeerUpstream,
+    authorization: &str,
+    maxconn: usize,
+) -> String {
+    let server_tls = match &up.ca_file {
+        Some(ca) => format!(
+            " ssl verify required ca-file {} sni str({name}) verifyhost {name}",
+            ca.display(),
+            name = crate::upstream::TLS_NAME
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"global
+    nbthread {threads}
+    maxconn {maxconn}
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    http-reuse always
+
+frontend bench
+    bind {listen}
+    default_backend upstream
+
+backend upstream
+    http-request set-header Authorization "{authorization}"
+    server up {upstream}{server_tls} pool-max-conn {pool}
+"#,
+        threads = up.workers,
+        upstream = up.addr,
+        pool = token_sidecar::cli::UPSTREAM_POOL,
+    )
+}
+
+/// Starts HAProxy in the foreground (`-db`) with [`haproxy_config`].
+pub fn start_haproxy(
+    binary: &Path,
+    scratch: &Scratch,
+    listen: SocketAddr,
+    up: &PeerUpstream,
+    authorization: &str,
+    maxconn: usize,
+) -> Result<Proc, String> {
+    let dir = scratch.path(&format!("haproxy-{}", up.tag));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("haproxy dir: {e}"))?;
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, haproxy_config(listen, up, authorization, maxconn))
+        .map_err(|e| format!("haproxy.cfg: {e}"))?;
+    let log = dir.join("haproxy.log");
+    let mut cmd = Command::new(binary);
+    cmd.arg("-db").arg("-f").arg(&path);
+    let proc = procs::spawn("haproxy", cmd, &log, true)?;
+    procs::wait_port(listen, proc.pid, Duration::from_secs(10)).map_err(|e| {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        format!("haproxy: {e}\n{text}")
+    })?;
+    Ok(proc)
 }

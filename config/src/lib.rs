@@ -114,6 +114,8 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// What looked suspicious when it was read (printed by `check`, logged by `run`).
     pub warnings: Vec<Warning>,
+    /// Worker threads of the proxy service (`auto` resolved to the cores available).
+    pub threads: usize,
     /// Providers by name.
     pub providers: BTreeMap<String, Provider>,
     /// Upstream routes in file order.
@@ -222,6 +224,9 @@ pub struct Downstream {
     pub idle_timeout: Duration,
     /// Client connections at once.
     pub max_connections: usize,
+    /// Bytes of read buffer per client connection (0: none). Only read at start: the listener
+    /// is built once.
+    pub read_buffer: usize,
 }
 
 /// One token provider.

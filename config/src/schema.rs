@@ -39,6 +39,9 @@ pub struct RawConfig {
     /// After SIGTERM, how long new requests are still taken (readiness already says 503).
     #[serde(default = "default_delay")]
     pub shutdown_delay: Dur,
+    /// Worker threads of the proxy service: a count, or `auto` for one per core.
+    #[serde(default)]
+    pub threads: Threads,
     /// Token providers by name.
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
@@ -180,6 +183,64 @@ impl Default for RawUpgrade {
     fn default() -> Self {
         RawUpgrade {
             min_ttl: default_min_ttl(),
+        }
+    }
+}
+
+/// `threads:` as written: a count (validated to 1..=[`MAX_THREADS`]) or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// This many threads.
+    Count(u64),
+    /// One per core the process may run on.
+    Auto,
+}
+
+/// The most worker threads `threads:` accepts.
+pub const MAX_THREADS: u64 = 256;
+
+impl Default for Threads {
+    fn default() -> Self {
+        Threads::Count(1)
+    }
+}
+
+impl<'de> Deserialize<'de> for Threads {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Threads;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of threads (1, 2, ...) or auto")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Threads, E> {
+                Ok(Threads::Count(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Threads, E> {
+                u64::try_from(v)
+                    .map(Threads::Count)
+                    .map_err(|_| E::custom(format!("threads must be at least 1, not {v}")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Threads, E> {
+                if v.trim().eq_ignore_ascii_case("auto") {
+                    return Ok(Threads::Auto);
+                }
+                v.trim().parse::<u64>().map(Threads::Count).map_err(|_| {
+                    E::custom(format!(
+                        "threads must be a number of threads or auto, not {v:?}"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for Threads {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Threads::Count(n) => s.serialize_u64(*n),
+            Threads::Auto => s.serialize_str("auto"),
         }
     }
 }
@@ -888,6 +949,10 @@ pub struct RawDownstream {
     /// Client connections held at once; more are answered 503 `too_many_connections` and closed.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Read buffer each client connection gets in front of its socket; 0: none (reads go
+    /// straight to the socket). Read once at start.
+    #[serde(default = "no_read_buffer")]
+    pub read_buffer: Size,
 }
 
 fn default_header_timeout() -> Dur {
@@ -895,6 +960,9 @@ fn default_header_timeout() -> Dur {
 }
 fn default_idle_timeout() -> Dur {
     secs(60)
+}
+fn no_read_buffer() -> Size {
+    Size(0)
 }
 fn default_max_connections() -> usize {
     10_000
@@ -906,6 +974,7 @@ impl Default for RawDownstream {
             header_timeout: default_header_timeout(),
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
+            read_buffer: no_read_buffer(),
         }
     }
 }

@@ -411,6 +411,67 @@ fn bad_downstream_settings_are_located() {
     }
 }
 
+#[test]
+fn threads_default_to_one_and_auto_is_the_cores() {
+    let c = Config::parse("upstreams: []\n", "x.yaml").unwrap();
+    assert_eq!(c.threads, 1);
+    assert_eq!(c.downstream.read_buffer, 0);
+    let c = Config::parse("threads: 3\n", "x.yaml").unwrap();
+    assert_eq!(c.threads, 3);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for auto in ["threads: auto\n", "threads: \"auto\"\n", "threads: AUTO\n"] {
+        let c = Config::parse(auto, "x.yaml").unwrap();
+        assert_eq!(c.threads, cores.min(256), "{auto}");
+        // `check` prints `auto`, not this machine's count.
+        assert!(
+            c.redacted_yaml().contains("threads: auto"),
+            "{}",
+            c.redacted_yaml()
+        );
+        let again = Config::parse(&c.redacted_yaml(), "again.yaml").unwrap();
+        assert_eq!(again.threads, c.threads);
+    }
+}
+
+#[test]
+fn read_buffer_parses_and_prints_back() {
+    let c = Config::parse("downstream: { read_buffer: 16KiB }\n", "x.yaml").unwrap();
+    assert_eq!(c.downstream.read_buffer, 16 * 1024);
+    let again = Config::parse(&c.redacted_yaml(), "again.yaml").unwrap();
+    assert_eq!(again.downstream, c.downstream);
+    let c = Config::parse("downstream: { read_buffer: 1MiB }\n", "x.yaml").unwrap();
+    assert_eq!(c.downstream.read_buffer, 1 << 20);
+}
+
+#[test]
+fn bad_threads_and_read_buffers_are_located() {
+    for (body, line, want) in [
+        (
+            "listen: \"127.0.0.1:1\"\nthreads: 0\n",
+            2,
+            "between 1 and 256",
+        ),
+        ("threads: 257\n", 1, "between 1 and 256"),
+        ("threads: -2\n", 1, "at least 1"),
+        ("threads: many\n", 1, "a number of threads or auto"),
+        (
+            "threads: 1.5\n",
+            1,
+            "a number of threads (1, 2, ...) or auto",
+        ),
+        (
+            "downstream:\n  read_buffer: 2MiB\n",
+            2,
+            "read_buffer must be at most 1MiB",
+        ),
+        ("downstream:\n  read_buffer: lots\n", 2, "read_buffer"),
+    ] {
+        let e = err(body);
+        assert!(e.starts_with(&format!("bad.yaml:{line}:")), "{body}: {e}");
+        assert!(e.contains(want), "{body}: {e}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hostile and odd input (issue 11).
 
@@ -721,6 +782,26 @@ mod properties {
         fn config_like_text_never_panics_and_errors_name_the_file(text in yamlish()) {
             if let Err(e) = Config::parse(&text, "p.yaml") {
                 check_error(&text, &e)?;
+            }
+        }
+
+        #[test]
+        fn any_threads_value_is_a_count_in_range_or_a_located_error(
+            value in prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                (0u64..400).prop_map(|n| n.to_string()),
+                prop::collection::vec(0x20u8..0x7f, 0..8)
+                    .prop_map(|b| format!("{:?}", String::from_utf8_lossy(&b))),
+                Just("auto".to_string()),
+            ]
+        ) {
+            let text = format!("threads: {value}\n");
+            match Config::parse(&text, "p.yaml") {
+                Ok(c) => prop_assert!((1..=256).contains(&c.threads), "{}: {}", value, c.threads),
+                Err(e) => {
+                    check_error(&text, &e)?;
+                    prop_assert!(e.to_string().contains("threads"), "{}", e);
+                }
             }
         }
 

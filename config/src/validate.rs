@@ -17,7 +17,7 @@ use std::path::Path;
 use http::{HeaderName, Method};
 
 use self::dns::dns;
-use self::downstream::{downstream, parse_addr, parse_listen};
+use self::downstream::{downstream, parse_addr, parse_listen, threads};
 use self::locate::{KeyPath, Locator};
 use self::providers::provider;
 use self::rate_limits::rate_limit;
@@ -114,6 +114,7 @@ pub(crate) fn validate(
             )
         })?),
     };
+    let threads = threads(raw.threads).map_err(|m| at.error(&top("threads"), m))?;
 
     let mut providers = BTreeMap::new();
     for (name, p) in &raw.providers {
@@ -285,6 +286,7 @@ pub(crate) fn validate(
         shutdown_grace: raw.shutdown_grace.0,
         shutdown_delay: raw.shutdown_delay.0,
         warnings,
+        threads,
         providers,
         upstreams,
         replay,

@@ -523,6 +523,13 @@ impl App {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
+        if config.threads != old.config.threads
+            || config.downstream.read_buffer != old.config.downstream.read_buffer
+        {
+            tracing::warn!(
+                "threads or downstream.read_buffer changed; that takes effect only after a restart"
+            );
+        }
         let next = Live::build(Arc::new(config), Some(&old), &self.token_runtime)
             .map_err(|e| e.to_string())?;
         self.holds.set_max(next.config.retry.max_retry_after);

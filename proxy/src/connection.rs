@@ -99,10 +99,23 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
         let limits = self.sidecar.live.load().config.downstream;
         let Some(_slot) = self.slot(limits.max_connections) else {
             self.refused.increment(1);
-            refuse(stream, limits.max_connections).await;
+            // Boxed: its 4 KiB drain buffer would otherwise be part of every connection's
+            // future, refused or not.
+            Box::pin(refuse(stream, limits.max_connections)).await;
             return None;
         };
-        let mut next = Some(Box::new(Guarded::new(stream, limits)) as Stream);
+        let mut guarded = Box::new(Guarded::new(stream, limits));
+        // Pingora builds the whole request path's future (tens of KB, bench/PROFILE.md §8.3) as
+        // soon as it gets the stream: a client that connects and sends nothing would hold that
+        // for up to `header_timeout`. Wait for its first byte here, holding only the stream (the
+        // byte is peeked, not consumed; the head deadline applies from the accept, as before).
+        if Peek::try_peek(guarded.as_mut(), &mut [0u8; 1])
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        let mut next = Some(guarded as Stream);
         // HTTP applications keep a connection to themselves; a stream handed back is served
         // here too, so that it keeps its place and its guard.
         while let Some(stream) = next {

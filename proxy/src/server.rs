@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -77,6 +78,8 @@ pub fn serve_with(
         });
     }
     let listen = config.listen.clone();
+    let threads = config.threads;
+    let read_buffer = config.downstream.read_buffer;
     let admin_listen = config.admin_listen.to_string();
     let probe_listen = config.probe_listen.map(|a| a.to_string());
     let source = config.source.clone();
@@ -89,6 +92,7 @@ pub fn serve_with(
     };
 
     let conf = ServerConf {
+        // Pingora's default for services that set none (the admin API): the proxy sets its own.
         threads: 1,
         // One current-thread runtime per thread: measured 24-36 % less CPU per request than
         // Pingora's work-stealing runtime here (bench/PROFILE.md).
@@ -125,7 +129,13 @@ pub fn serve_with(
         Limited::new(proxy, app.clone()),
     );
     match &listen {
-        Listen::Tcp(addr) => proxy.add_tcp(&addr.to_string()),
+        // Pingora's default is a 64 KiB read buffer per accepted connection: up to 64 KB more per
+        // idle keep-alive client (bench/PROFILE.md §8.3). Its HTTP/1 reader reads heads and bodies
+        // into buffers of its own, so on a plain-TCP listener the buffer saves no syscall.
+        Listen::Tcp(addr) => proxy.add_listener(
+            ListenerConfig::tcp(&addr.to_string())
+                .l4_buffer(L4BufferSettings::default().read(read_buffer)),
+        ),
         Listen::Unix(path) => {
             if let Err(e) = crate::unix::prepare(path, upgrade.upgrade) {
                 eprintln!("{e}");
@@ -137,6 +147,7 @@ pub fn serve_with(
             );
         }
     }
+    proxy.threads = Some(threads);
     let mut admin = Service::new(
         "token-sidecar admin".to_string(),
         HttpServer::new_app(Admin::new(app.clone(), metrics.clone())),
@@ -157,6 +168,7 @@ pub fn serve_with(
         listen = %listen,
         admin = %admin_listen,
         probes = probe_listen.as_deref().unwrap_or("off"),
+        threads,
         "token-sidecar serving"
     );
     if let Some(f) = on_ready {

@@ -244,6 +244,28 @@ async fn half_sent_request_heads_get_408_and_are_closed() {
     assert!(rest.starts_with("HTTP/1.1 408 "), "{rest:?}");
 }
 
+/// Until its first byte the connection waits outside Pingora (the sidecar peeks that byte):
+/// a silent client is still closed at `header_timeout`, and a head whose first byte comes
+/// alone is read whole.
+#[tokio::test]
+async fn a_silent_connection_closes_at_header_timeout_and_a_lone_first_byte_is_kept() {
+    let (_api, sc) = open_stack("downstream: { header_timeout: 1s, idle_timeout: 60s }\n").await;
+    let mut silent = Conn::open(sc.listen).await;
+    let rest = silent.until_closed().await;
+    assert!(rest.is_empty(), "sent to a silent client: {rest:?}");
+
+    let mut conn = Conn::open(sc.listen).await;
+    let head = get("/lone");
+    conn.send(&head[..1]).await;
+    conn.send(&head[1..]).await;
+    let a = conn.answer().await;
+    assert_eq!(a.status, 200, "{}", a.body_text());
+    assert_eq!(a.body_json()["path"], "/lone");
+    // And the connection goes on serving.
+    conn.send(&get("/next")).await;
+    assert_eq!(conn.answer().await.body_json()["path"], "/next");
+}
+
 #[tokio::test]
 async fn connections_over_the_cap_get_503_and_a_freed_place_is_reused() {
     let (_api, sc) = open_stack("downstream: { max_connections: 5 }\n").await;

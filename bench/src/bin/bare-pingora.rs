@@ -8,9 +8,13 @@
 //! Usage: `bare-pingora LISTEN UPSTREAM AUTHORIZATION`, e.g.
 //! `bare-pingora 127.0.0.1:7001 127.0.0.1:7000 "Bearer tok_..."`.
 //!
-//! For experiments (not used by the scenarios), `BARE_PINGORA_WORK_STEALING=true|false` and
-//! `BARE_PINGORA_POOL=N` override `ServerConf::work_stealing` and `upstream_keepalive_pool_size`;
-//! built with `--no-default-features` it allocates with glibc malloc instead of mimalloc.
+//! `BARE_PINGORA_THREADS=N` sets the proxy service's threads (the sidecar's `threads:`; the
+//! 2-thread row of the throughput scenario uses it). For experiments,
+//! `BARE_PINGORA_WORK_STEALING=true|false`, `BARE_PINGORA_POOL=N` and
+//! `BARE_PINGORA_READ_BUFFER=BYTES` override `ServerConf::work_stealing`,
+//! `upstream_keepalive_pool_size` and the listener's read buffer (0, the sidecar's default
+//! `downstream.read_buffer`); built with `--no-default-features` it allocates with glibc malloc
+//! instead of mimalloc.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,6 +23,7 @@ use async_trait::async_trait;
 use http::header::AUTHORIZATION;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, ProxyServiceBuilder, Session};
 use pingora::server::configuration::ServerConf;
@@ -115,7 +120,11 @@ fn main() {
     )
     .name("bare-pingora")
     .build();
-    proxy.add_tcp(listen);
+    let read_buffer = knob("BARE_PINGORA_READ_BUFFER").unwrap_or(0);
+    proxy.add_listener(
+        ListenerConfig::tcp(listen).l4_buffer(L4BufferSettings::default().read(read_buffer)),
+    );
+    proxy.threads = Some(knob("BARE_PINGORA_THREADS").unwrap_or(1));
     server.add_service(proxy);
     server.run_forever();
 }

@@ -23,10 +23,7 @@ pub(super) fn dns(d: &RawDns) -> Result<Dns, (&'static str, String)> {
             )
         })?;
         if addr.port() == 0 {
-            return Err((
-                "nameservers",
-                format!("dns.nameservers: {ns:?} has port 0"),
-            ));
+            return Err(("nameservers", format!("dns.nameservers: {ns:?} has port 0")));
         }
         nameservers.push(addr);
     }

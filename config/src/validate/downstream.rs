@@ -3,11 +3,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::schema::RawDownstream;
+use crate::schema::{RawDownstream, Threads, MAX_THREADS};
 use crate::{Downstream, Listen};
 
 /// Longest Unix socket path: `sun_path` holds 108 bytes on Linux, the last one a NUL.
 pub(crate) const MAX_UNIX_PATH: usize = 107;
+
+/// The largest `downstream.read_buffer`.
+const MAX_READ_BUFFER: usize = 1 << 20;
 
 /// A zero timeout would close every connection at once, a zero cap would refuse every client:
 /// both are mistakes, not settings. On error: the key to point at, and the message.
@@ -30,10 +33,19 @@ pub(super) fn downstream(d: &RawDownstream) -> Result<Downstream, (&'static str,
             "downstream.max_connections must be at least 1".into(),
         ));
     }
+    // Every client connection holds this much: a large value multiplies by the connections.
+    let read_buffer = usize::try_from(d.read_buffer.0)
+        .ok()
+        .filter(|n| *n <= MAX_READ_BUFFER)
+        .ok_or((
+            "read_buffer:",
+            "downstream.read_buffer must be at most 1MiB (0 turns it off)".into(),
+        ))?;
     Ok(Downstream {
         header_timeout: d.header_timeout.0,
         idle_timeout: d.idle_timeout.0,
         max_connections: d.max_connections,
+        read_buffer,
     })
 }
 
@@ -67,4 +79,18 @@ pub(super) fn parse_listen(s: &str) -> Result<Listen, String> {
         return Err(format!("listen {s:?}: not a socket file path"));
     }
     Ok(Listen::Unix(PathBuf::from(path)))
+}
+
+/// `threads:` resolved: a count within 1..=[`MAX_THREADS`], `auto` the cores this process may
+/// run on (1 if that cannot be told).
+pub(super) fn threads(t: Threads) -> Result<usize, String> {
+    match t {
+        Threads::Auto => Ok(std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(MAX_THREADS as usize)),
+        Threads::Count(n) if (1..=MAX_THREADS).contains(&n) => Ok(n as usize),
+        Threads::Count(n) => Err(format!(
+            "threads must be between 1 and {MAX_THREADS} (or auto), not {n}"
+        )),
+    }
 }

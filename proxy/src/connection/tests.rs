@@ -17,6 +17,7 @@ fn guarded() -> (Guarded, DuplexStream) {
         header_timeout: HEADER,
         idle_timeout: IDLE,
         max_connections: 1,
+        read_buffer: 0,
     };
     (Guarded::new(Box::new(server), limits), client)
 }
