@@ -133,7 +133,7 @@ pub fn serve_with(
         // idle keep-alive client (bench/PROFILE.md §8.3). Its HTTP/1 reader reads heads and bodies
         // into buffers of its own, so on a plain-TCP listener the buffer saves no syscall.
         Listen::Tcp(addr) => proxy.add_listener(
-            ListenerConfig::tcp(&addr.to_string())
+            ListenerConfig::tcp(addr.to_string())
                 .l4_buffer(L4BufferSettings::default().read(read_buffer)),
         ),
         Listen::Unix(path) => {
