@@ -6,7 +6,6 @@
 use std::fmt;
 
 use pingora::proxy::Session;
-use pingora::upstreams::peer::Peer;
 use pingora::Error;
 use sidecar_filters::{loggable_target, ErrorClass};
 
@@ -74,8 +73,8 @@ pub(crate) fn write(session: &Session, ctx: &Ctx, e: Option<&Error>, status: u16
     };
     let up = ctx.up();
     let upstream = up.map_or("", |u| u.config.name.as_str());
-    let upstream_addr = match up {
-        Some(u) if ctx.attempts > 0 => u.peer.address().to_string(),
+    let upstream_addr = match ctx.upstream_addr() {
+        Some(a) if ctx.attempts > 0 => a.to_string(),
         _ => String::new(),
     };
     let upstream_status = ctx

@@ -137,6 +137,14 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The address the request's latest Pingora attempt went to (the own replay's client picks
+    /// from the same set).
+    pub(crate) fn upstream_addr(&self) -> Option<SocketAddr> {
+        let (addrs, start) = self.addrs.as_ref()?;
+        let i = crate::dns::address_index(*start, self.connect_failures, addrs.len())?;
+        addrs.get(i).copied()
+    }
+
     /// A request that just came in.
     pub(crate) fn new(inflight: InflightGuard) -> Ctx {
         Ctx {
