@@ -107,12 +107,10 @@ pub(crate) fn validate(
 
     let shared = match &raw.shared {
         None => None,
-        Some(s) => Some(shared::shared(s).map_err(|(key, m)| {
-            at.error(
-                &top("shared").key("redis").key(key.trim_end_matches(':')),
-                m,
-            )
-        })?),
+        Some(s) => Some(
+            shared::shared(s)
+                .map_err(|(key, m)| at.error(&top("shared").key("redis").key(key), m))?,
+        ),
     };
     let threads = threads(raw.threads).map_err(|m| at.error(&top("threads"), m))?;
 

@@ -38,7 +38,7 @@ pub(super) fn downstream(d: &RawDownstream) -> Result<Downstream, (&'static str,
         .ok()
         .filter(|n| *n <= MAX_READ_BUFFER)
         .ok_or((
-            "read_buffer:",
+            "read_buffer",
             "downstream.read_buffer must be at most 1MiB (0 turns it off)".into(),
         ))?;
     Ok(Downstream {

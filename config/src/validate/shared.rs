@@ -12,16 +12,16 @@ const MAX_PREFIX: usize = 256;
 pub(super) fn shared(raw: &RawShared) -> Result<Shared, (&'static str, String)> {
     let url = raw.redis.url.expose();
     // A URL that does not parse is never echoed: where its password ends is anyone's guess.
-    let parsed = url::Url::parse(url)
-        .map_err(|e| ("url:", format!("shared.redis.url is not a URL: {e}")))?;
+    let parsed =
+        url::Url::parse(url).map_err(|e| ("url", format!("shared.redis.url is not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "redis" | "rediss") {
         return Err((
-            "url:",
+            "url",
             "shared.redis.url must be redis://host[:port][/db] or rediss://...".into(),
         ));
     }
     let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) else {
-        return Err(("url:", "shared.redis.url has no host".into()));
+        return Err(("url", "shared.redis.url has no host".into()));
     };
     let credentials = !parsed.username().is_empty() || parsed.password().is_some();
     let shown = format!(
@@ -34,31 +34,28 @@ pub(super) fn shared(raw: &RawShared) -> Result<Shared, (&'static str, String)> 
     let db = parsed.path().trim_start_matches('/');
     if !db.is_empty() && db.parse::<u16>().is_err() {
         return Err((
-            "url:",
+            "url",
             format!("shared.redis.url {shown:?}: the path must be a database number, like /0"),
         ));
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err((
-            "url:",
+            "url",
             format!("shared.redis.url {shown:?} takes no query or fragment"),
         ));
     }
     let prefix = &raw.redis.key_prefix;
     if prefix.is_empty() || prefix.len() > MAX_PREFIX || prefix.chars().any(char::is_control) {
         return Err((
-            "key_prefix:",
+            "key_prefix",
             format!("shared.redis.key_prefix must be 1 to {MAX_PREFIX} printable characters"),
         ));
     }
     if raw.redis.timeout.0.is_zero() {
-        return Err((
-            "timeout:",
-            "shared.redis.timeout must be more than 0".into(),
-        ));
+        return Err(("timeout", "shared.redis.timeout must be more than 0".into()));
     }
     if raw.redis.lease.0 < std::time::Duration::from_millis(100) {
-        return Err(("lease:", "shared.redis.lease must be at least 100ms".into()));
+        return Err(("lease", "shared.redis.lease must be at least 100ms".into()));
     }
     Ok(Shared {
         url: raw.redis.url.clone(),
