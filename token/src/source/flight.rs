@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use super::error::RefreshError;
 use super::inner::{lock, Book, Inner};
-use super::persist::{persist, record_of, restore};
+use super::persist::{persist, record_of, restore, usable_token};
 use super::state::Trigger;
 use crate::provider::{Fetched, Held, ProviderError};
 use crate::shared::{Commit, Outcome};
@@ -261,20 +261,10 @@ async fn adopt(
     trigger: Trigger,
     record: Record,
 ) -> Result<Arc<Token>, RefreshError> {
-    let now = SystemTime::now();
-    let mut token = Token::restored(
-        record.access_token.clone(),
-        record.generation,
-        record.age(now),
-        record.ttl_left(now),
-    );
-    token.usable_until = inner
-        .schedule
-        .usable_until(token.issued_at, token.expires_at);
-    if !token.is_header_safe() || Instant::now() >= token.usable_until {
+    let Some(token) = usable_token(inner, &record, SystemTime::now()) else {
         let error = ProviderError::Shared("the token another replica shared is unusable".into());
         return settle(inner, trigger, Err(error), None, Duration::ZERO);
-    }
+    };
     let token = Arc::new(token);
     persist(inner, &token, record.refresh_token.clone()).await;
     tracing::info!(provider = %inner.name, generation = token.generation, fingerprint = %token.fingerprint, "token adopted from another replica");

@@ -43,19 +43,7 @@ pub(super) async fn restore(inner: &Arc<Inner>) -> Option<Arc<Token>> {
     if inner.current.load().is_some() {
         return None;
     }
-    let mut token = Token::restored(
-        record.access_token.clone(),
-        record.generation,
-        record.age(now),
-        record.ttl_left(now),
-    );
-    token.usable_until = inner
-        .schedule
-        .usable_until(token.issued_at, token.expires_at);
-    if Instant::now() >= token.usable_until || !token.is_header_safe() {
-        return None;
-    }
-    let token = Arc::new(token);
+    let token = Arc::new(usable_token(inner, &record, now)?);
     inner.current.store(Some(token.clone()));
     book.last_refresh_at = Some(now);
     tracing::info!(
@@ -66,6 +54,21 @@ pub(super) async fn restore(inner: &Arc<Inner>) -> Option<Arc<Token>> {
         "token restored from the store"
     );
     Some(token)
+}
+
+/// The token of a record (the store's, or one another replica shared), if it can still be sent:
+/// a header-safe value with time left before it stops being usable.
+pub(super) fn usable_token(inner: &Inner, record: &Record, now: SystemTime) -> Option<Token> {
+    let mut token = Token::restored(
+        record.access_token.clone(),
+        record.generation,
+        record.age(now),
+        record.ttl_left(now),
+    );
+    token.usable_until = inner
+        .schedule
+        .usable_until(token.issued_at, token.expires_at);
+    (token.is_header_safe() && Instant::now() < token.usable_until).then_some(token)
 }
 
 /// Persists a new token and refresh token; `Ok` means durable. Runs before the token is
