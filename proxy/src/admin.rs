@@ -228,10 +228,19 @@ impl ServeHttp for Admin {
                 }
             }
             (Method::GET, "/v1/token/status") => {
-                let shared = self.app.live.load().shared.as_ref().map(|b| b.state());
+                let shared = self
+                    .app
+                    .live
+                    .load()
+                    .shared
+                    .as_ref()
+                    .map(|b| (b.state(), b.replicas_seen()));
                 let mut body = serde_json::json!({ "providers": self.statuses() });
-                if let Some(state) = shared {
+                if let Some((state, replicas)) = shared {
                     body["shared"] = state.into();
+                    // The replicas at the last ping (kept while Redis is down): a shared rate
+                    // limit is divided by it while Redis is down.
+                    body["shared_replicas_seen"] = replicas.into();
                 }
                 json(StatusCode::OK, body)
             }

@@ -558,6 +558,31 @@ async fn redis_stopped_and_started_under_traffic_fail_closed() {
     }
 }
 
+/// Sends GETs to `url` at `per_second`, paced and without waiting for answers, until stopped;
+/// how many it sent.
+fn offer(
+    url: String,
+    per_second: u64,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second as u32);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent = 0u64;
+        while !*stopped.borrow_and_update() {
+            tick.tick().await;
+            let c = client.clone();
+            let u = url.clone();
+            tokio::spawn(async move {
+                let _ = c.get(u).send().await;
+            });
+            sent += 1;
+        }
+        sent
+    })
+}
+
 #[tokio::test]
 async fn a_shared_rate_limit_holds_for_three_replicas_together() {
     let mut fleet = Fleet::new(Duration::from_secs(3600)).await;
@@ -570,27 +595,11 @@ async fn a_shared_rate_limit_holds_for_three_replicas_together() {
     }
     // Each replica is offered 3x the rule (150/s), paced.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut load = Vec::new();
-    for sc in &fleet.sidecars {
-        let url = sc.url("/limited");
-        let mut stopped = stopped.clone();
-        load.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let mut tick = tokio::time::interval(Duration::from_micros(6_667));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut sent = 0u64;
-            while !*stopped.borrow_and_update() {
-                tick.tick().await;
-                let c = client.clone();
-                let u = url.clone();
-                tokio::spawn(async move {
-                    let _ = c.get(u).send().await;
-                });
-                sent += 1;
-            }
-            sent
-        }));
-    }
+    let load: Vec<_> = fleet
+        .sidecars
+        .iter()
+        .map(|sc| offer(sc.url("/limited"), 150, stopped.clone()))
+        .collect();
     // Past the initial burst, count what the upstream saw over a 20 s window.
     let warm = std::time::Instant::now();
     wait_until(
@@ -625,6 +634,81 @@ async fn a_shared_rate_limit_holds_for_three_replicas_together() {
     assert!(
         (rate - 50.0).abs() <= 1.0,
         "combined rate {rate:.2}/s is not within 2 % of 50/s"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_down_two_replicas_share_the_rule_between_them() {
+    let mut fleet = Fleet::new(Duration::from_secs(3600)).await;
+    let rule = "rate_limits:\n  - { name: shared50, upstream: api, rate: 50/1s, burst: 4, mode: reject }\n";
+    for i in 0..2 {
+        let yaml = format!("{}{rule}", fleet.yaml(i, &Settings::default()));
+        let sc = Sidecar::start_with_env(&yaml, &[]).await;
+        wait_valid(&sc).await;
+        fleet.sidecars.push(sc);
+    }
+    // Each replica learns from its pings that there are two of them.
+    for sc in &fleet.sidecars {
+        sc.wait_status(Duration::from_secs(10), |v| v["shared_replicas_seen"] == 2)
+            .await;
+    }
+    fleet.redis.stop();
+    for sc in &fleet.sidecars {
+        sc.wait_status(Duration::from_secs(10), |v| {
+            v["shared"] == "down" && v["shared_replicas_seen"] == 2
+        })
+        .await;
+    }
+    // Each replica is offered 3x the rule (150/s) while Redis is down.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let started = std::time::Instant::now();
+    let load: Vec<_> = fleet
+        .sidecars
+        .iter()
+        .map(|sc| offer(sc.url("/alone"), 150, stopped.clone()))
+        .collect();
+    // Past the initial bursts, count what the upstream saw over a 10 s window.
+    let before = fleet.api.count();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let n = fleet.api.count();
+            async move { n >= before + 50 }
+        },
+        || format!("no traffic reached the upstream\n{}", fleet.logs()),
+    )
+    .await;
+    let start = (std::time::Instant::now(), fleet.api.count());
+    let window = Duration::from_secs(10);
+    while start.0.elapsed() < window {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let end = (std::time::Instant::now(), fleet.api.count());
+    let _ = stop.send(true);
+    let mut offered = 0;
+    for l in load {
+        offered += l.await.unwrap();
+    }
+    let seconds = end.0.duration_since(start.0).as_secs_f64();
+    let rate = (end.1 - start.1) as f64 / seconds;
+    let offered_rate = offered as f64 / started.elapsed().as_secs_f64() / 2.0;
+    eprintln!("redis down, shared rule 50/s over {seconds:.1} s: upstream saw {rate:.2}/s; offered {offered_rate:.1}/s per replica");
+    assert!(
+        offered_rate > 100.0,
+        "the load was too light to test the limit: {offered_rate:.1}/s per replica"
+    );
+    // Each replica holds 25/s with a burst of 2: over the window at most 50/s plus 4 burst
+    // cells (0.4/s over 10 s); 1/s (2 %) leaves room for requests in flight at the window's
+    // edges. Without the division each replica would send the whole rule: ~100/s.
+    assert!(
+        rate <= 51.0,
+        "combined rate {rate:.2}/s exceeds the 50/s rule\n{}",
+        fleet.logs()
+    );
+    // And the replicas do use their shares (not divided by more replicas than there are).
+    assert!(
+        rate >= 48.0,
+        "combined rate {rate:.2}/s is well below the rule"
     );
 }
 

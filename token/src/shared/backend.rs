@@ -6,11 +6,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
+use rand::Rng as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sidecar_config::{OnRedisDown, Shared};
 use tokio::sync::watch;
@@ -19,6 +20,25 @@ use tokio::time::Instant;
 
 /// How often the health task pings, and the longest pause between connection attempts.
 const PING_EVERY: Duration = Duration::from_millis(500);
+/// A replica not heard of for this long (six pings missed) no longer counts as one.
+const PRESENCE_TTL: Duration = Duration::from_secs(3);
+
+/// The health ping: marks this replica present (scored by the Redis server's clock, so the
+/// replicas' own clocks do not matter), forgets replicas silent for longer than the TTL and
+/// counts the rest. KEYS[1]: the sorted set. ARGV: replica id, TTL (ms).
+static PRESENCE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return redis.call('ZCARD', KEYS[1])
+",
+    )
+});
 
 /// Why a shared call did not answer. Never carries the URL's password.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -53,6 +73,10 @@ struct BackendInner {
     /// Upstream holds (429/503 `Retry-After`) other replicas published, by upstream.
     remote_holds: Mutex<HashMap<String, Instant>>,
     any_hold: AtomicBool,
+    /// This replica's name in the presence set (random per backend).
+    id: String,
+    /// Replicas (this one included) present at the last successful ping; 0 before the first.
+    replicas_seen: AtomicU32,
 }
 
 /// The longest hold a publication can impose (the proxy caps it further by
@@ -114,6 +138,8 @@ impl SharedBackend {
                 tasks: Mutex::new(Vec::new()),
                 remote_holds: Mutex::new(HashMap::new()),
                 any_hold: AtomicBool::new(false),
+                id: format!("{:016x}", rand::rng().random::<u64>()),
+                replicas_seen: AtomicU32::new(0),
             }),
         };
         backend.set_up(false);
@@ -137,6 +163,12 @@ impl SharedBackend {
         } else {
             "down"
         }
+    }
+
+    /// How many replicas (this one included) shared the Redis at the last ping that reached it;
+    /// 0 before the first. Kept while Redis is down: the last count seen.
+    pub fn replicas_seen(&self) -> u32 {
+        self.inner.replicas_seen.load(Ordering::Relaxed)
     }
 
     /// Whether both handles are one backend (a reload kept it).
@@ -315,6 +347,10 @@ fn describe() {
         "sidecar_shared_backend_up",
         "1 while the Redis that replicas share answers, 0 while on_redis_down applies"
     );
+    metrics::describe_gauge!(
+        "sidecar_shared_replicas",
+        "Replicas sharing the Redis at the last ping (kept while it is down: the last count seen)"
+    );
     metrics::describe_counter!(
         "sidecar_shared_ops_total",
         "Calls to the shared Redis by operation and result (ok, error, down, timeout)"
@@ -368,11 +404,24 @@ async fn health(weak: Weak<BackendInner>) {
             let backend = SharedBackend {
                 inner: inner.clone(),
             };
-            let _ = backend
+            let key = backend.key(&["replicas"]);
+            let id = inner.id.clone();
+            let ttl = PRESENCE_TTL.as_millis() as u64;
+            let seen = backend
                 .call("ping", |mut c| async move {
-                    redis::cmd("PING").query_async::<String>(&mut c).await
+                    PRESENCE
+                        .key(key)
+                        .arg(id)
+                        .arg(ttl)
+                        .invoke_async::<u64>(&mut c)
+                        .await
                 })
                 .await;
+            if let Ok(n) = seen {
+                let n = u32::try_from(n).unwrap_or(u32::MAX).max(1);
+                inner.replicas_seen.store(n, Ordering::Relaxed);
+                metrics::gauge!("sidecar_shared_replicas").set(f64::from(n));
+            }
         }
         drop(inner);
         tokio::time::sleep(PING_EVERY).await;

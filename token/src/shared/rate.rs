@@ -4,9 +4,13 @@
 //! request; a leased cell not spent within its share of the emission schedule is dropped, so
 //! no replica can hoard capacity and release it later as a burst: the combined rate the
 //! upstream sees stays within the rule.
+//!
+//! While Redis is down, each replica applies its share of the rule instead: the rate and the
+//! burst divided by the number of replicas it last saw in Redis, so the replicas together still
+//! stay within the rule.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use redis::Script;
@@ -61,6 +65,34 @@ struct SharedRule {
     backend: SharedBackend,
     /// Leased cells and until when they may be spent; one refill at a time, in arrival order.
     pool: tokio::sync::Mutex<Pool>,
+    /// The rule as written: `count` per `per`, `burst`.
+    count: u32,
+    per: Duration,
+    burst: u32,
+    /// The theoretical arrival time of this replica's share while Redis is down.
+    fallback: Mutex<Option<Instant>>,
+}
+
+/// This replica's share of a shared rule while Redis is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Share {
+    /// One cell every `interval`.
+    pub(crate) interval: Duration,
+    /// Cells that may go at once.
+    pub(crate) burst: u32,
+}
+
+/// The share of a rule of `count` per `per` with `burst`, for one of `replicas` replicas (the
+/// number last seen in Redis; 0, never seen, counts as 1): the rate divided by the replicas and
+/// the burst too, rounded down but at least 1, so the replicas together never exceed the rule
+/// (beyond a burst of one each when the burst is smaller than the number of replicas).
+pub(crate) fn share(count: u32, per: Duration, burst: u32, replicas: u32) -> Share {
+    let replicas = replicas.max(1);
+    let interval = per.saturating_mul(replicas) / count.max(1);
+    Share {
+        interval: interval.max(Duration::from_micros(1)),
+        burst: (burst / replicas).max(1),
+    }
 }
 
 #[derive(Default)]
@@ -82,8 +114,6 @@ pub enum SharedAdmission {
         /// When a cell is expected.
         retry_after: Duration,
     },
-    /// Redis is down: only the replica's own limit applied.
-    Local,
 }
 
 impl SharedRateLimits {
@@ -107,6 +137,10 @@ impl SharedRateLimits {
                     max_wait: r.max_wait,
                     backend: backend.clone(),
                     pool: tokio::sync::Mutex::new(Pool::default()),
+                    count: r.rate.count,
+                    per: r.rate.per,
+                    burst: r.burst,
+                    fallback: Mutex::new(None),
                 };
                 (r.name.clone(), Arc::new(rule))
             })
@@ -179,8 +213,88 @@ impl SharedRule {
                     }
                     tokio::time::sleep_until(at).await;
                 }
-                Err(_) => return SharedAdmission::Local,
+                Err(_) => {
+                    drop(pool);
+                    return self.alone(started, deadline).await;
+                }
             }
+        }
+    }
+
+    /// Redis is down: this replica's share of the rule, from the replicas it last saw.
+    async fn alone(&self, started: Instant, deadline: Instant) -> SharedAdmission {
+        let share = share(
+            self.count,
+            self.per,
+            self.burst,
+            self.backend.replicas_seen(),
+        );
+        let tolerance = share.interval.saturating_mul(share.burst - 1);
+        loop {
+            let now = Instant::now();
+            let wait = {
+                let mut tat = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
+                let at = tat.filter(|t| *t > now).unwrap_or(now);
+                if at <= now + tolerance {
+                    *tat = Some(at + share.interval);
+                    return SharedAdmission::Go {
+                        waited: now - started,
+                    };
+                }
+                at - tolerance - now
+            };
+            if self.mode == RateLimitMode::Reject || now + wait > deadline {
+                return SharedAdmission::Reject { retry_after: wait };
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_share_of_each_replica() {
+        let s = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        // count, per, burst, replicas seen, expected interval, expected burst, why.
+        #[rustfmt::skip]
+        let table: &[(u32, Duration, u32, u32, Duration, u32, &str)] = &[
+            (50, s, 5, 0, ms(20), 5, "never saw Redis: the whole rule"),
+            (50, s, 5, 1, ms(20), 5, "alone: the whole rule"),
+            (50, s, 5, 2, ms(40), 2, "two replicas: half the rate, burst rounded down"),
+            (50, s, 6, 3, ms(60), 2, "three replicas: a third"),
+            (50, s, 1, 3, ms(60), 1, "burst never below 1"),
+            (10, s, 20, 10, s, 2, "ten replicas of 10/s: 1/s each"),
+            (1, Duration::from_secs(60), 1, 4, Duration::from_secs(240), 1, "slow rule"),
+            (0, s, 0, 2, Duration::from_secs(2), 1, "degenerate rule: no division by zero"),
+            (1_000_000, Duration::from_micros(1), 1, 1, Duration::from_micros(1), 1, "interval at least 1 µs"),
+        ];
+        for (count, per, burst, replicas, interval, want_burst, why) in table {
+            assert_eq!(
+                share(*count, *per, *burst, *replicas),
+                Share {
+                    interval: *interval,
+                    burst: *want_burst
+                },
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn replicas_together_stay_within_the_rule() {
+        // N shares over any window allow at most the rule's rate (plus each share's burst).
+        for n in 1..=16u32 {
+            let s = share(50, Duration::from_secs(1), 10, n);
+            let per_replica = 1.0 / s.interval.as_secs_f64();
+            assert!(
+                per_replica * f64::from(n) <= 50.0 + 1e-9,
+                "{n}: {per_replica}"
+            );
+            assert!(s.burst * n <= 10 || s.burst == 1, "{n}: burst {}", s.burst);
         }
     }
 }
