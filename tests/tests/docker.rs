@@ -223,6 +223,7 @@ fn check_env() -> Vec<(&'static str, &'static str)> {
         ("CLIENT_SECRET", "ci-dummy-secret"),
         ("TOKEN_SIDECAR_KEY", "ci-dummy-key"),
         ("API_TOKEN", "ci-dummy-token"),
+        ("REDIS_PASSWORD", "ci-dummy-redis-password"),
     ]
 }
 
@@ -301,18 +302,30 @@ fn listen_port(config_text: &str, key: &str) -> u16 {
     addr.port()
 }
 
-#[test]
-fn compose_points_the_app_at_the_sidecar_it_shares_a_network_with() {
-    let compose: Value = serde_yaml::from_str(&read("docker/compose.yaml")).unwrap();
-    let services = &compose["services"];
-    let sidecar = &services["sidecar"];
-    assert_eq!(sidecar["build"]["dockerfile"], "docker/Dockerfile");
-    assert_eq!(
-        sidecar["build"]["context"], "..",
-        "the context is the workspace"
-    );
-    // The mounted config is a sample that exists (and passes check, above).
-    let mount = sidecar["volumes"]
+/// docker/compose.yaml, with its YAML merge keys (`<<: *sidecar`) applied as compose does.
+fn compose() -> Value {
+    let mut compose: Value = serde_yaml::from_str(&read("docker/compose.yaml")).unwrap();
+    compose
+        .apply_merge()
+        .expect("docker/compose.yaml: merge keys");
+    compose
+}
+
+/// The app replicas of the compose example and the sidecar each one shares a network with.
+fn app_sidecar_pairs(compose: &Value) -> Vec<(String, String)> {
+    let services = compose["services"].as_mapping().expect("services");
+    services
+        .iter()
+        .filter_map(|(name, s)| {
+            let sidecar = s["network_mode"].as_str()?.strip_prefix("service:")?;
+            Some((name.as_str()?.to_string(), sidecar.to_string()))
+        })
+        .collect()
+}
+
+/// The sidecar config `service` mounts (a sample that exists, and passes check above).
+fn mounted_config(service: &Value) -> String {
+    let mount = service["volumes"]
         .as_sequence()
         .unwrap()
         .iter()
@@ -320,34 +333,149 @@ fn compose_points_the_app_at_the_sidecar_it_shares_a_network_with() {
         .find(|v| v.contains(":/etc/token-sidecar/sidecar.yaml"))
         .expect("the config is mounted at /etc/token-sidecar/sidecar.yaml");
     let host = mount.split(':').next().unwrap();
-    let config_text = read(&format!("docker/{}", host.trim_start_matches("./")));
     assert!(
         host.ends_with(".sidecar.yaml"),
         "CI checks docker/*.sidecar.yaml: {host}"
     );
+    read(&format!("docker/{}", host.trim_start_matches("./")))
+}
 
-    let app = &services["app"];
-    let network = app["network_mode"].as_str().unwrap_or_default();
-    let shared = network == "service:sidecar";
-    let port = listen_port(&config_text, "listen");
-    let base = app["environment"]["API_BASE_URL"]
-        .as_str()
-        .expect("the app's API_BASE_URL");
-    let config: Value = serde_yaml::from_str(&config_text).unwrap();
-    let listen = config["listen"].as_str().unwrap();
-    if shared {
+#[test]
+fn compose_points_each_app_replica_at_its_own_sidecar_on_loopback() {
+    let compose = compose();
+    let services = &compose["services"];
+    let pairs = app_sidecar_pairs(&compose);
+    assert!(pairs.len() >= 2, "the app runs as replicas: {pairs:?}");
+    let mut stores = Vec::new();
+    for (app_name, sidecar_name) in &pairs {
+        let sidecar = &services[sidecar_name.as_str()];
+        assert_eq!(sidecar["build"]["dockerfile"], "docker/Dockerfile");
+        assert_eq!(
+            sidecar["build"]["context"], "..",
+            "the context is the workspace"
+        );
+        let config_text = mounted_config(sidecar);
         // One network namespace: loopback reaches the sidecar, and nothing else can.
-        assert_eq!(base, format!("http://127.0.0.1:{port}"));
+        let app = &services[app_name.as_str()];
+        let port = listen_port(&config_text, "listen");
+        let base = app["environment"]["API_BASE_URL"]
+            .as_str()
+            .expect("the app's API_BASE_URL");
+        assert_eq!(base, format!("http://127.0.0.1:{port}"), "{app_name}");
+        let config: Value = serde_yaml::from_str(&config_text).unwrap();
+        let listen = config["listen"].as_str().unwrap();
         assert!(listen.starts_with("127.0.0.1:"), "{listen}");
-    } else {
-        // Reached by service name: the sidecar must deliberately listen beyond loopback.
-        assert_eq!(base, format!("http://sidecar:{port}"));
-        assert!(listen.starts_with("0.0.0.0:"), "{listen}");
+        assert_eq!(
+            app["depends_on"][sidecar_name.as_str()]["condition"],
+            "service_healthy",
+            "{app_name} waits for its sidecar's health check"
+        );
+        // Each sidecar its own token store volume: never two sidecars writing one file.
+        let store = sidecar["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|v| v.ends_with(":/var/lib/token-sidecar"))
+            .expect("a token store volume")
+            .split(':')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(
+            compose["volumes"].get(store.as_str()).is_some(),
+            "{store} is a named volume"
+        );
+        stores.push(store);
     }
+    let sidecars: std::collections::HashSet<_> = pairs.iter().map(|p| &p.1).collect();
+    assert_eq!(sidecars.len(), pairs.len(), "one sidecar per app replica");
+    let distinct: std::collections::HashSet<_> = stores.iter().collect();
     assert_eq!(
-        app["depends_on"]["sidecar"]["condition"], "service_healthy",
-        "the app waits for the sidecar's health check"
+        distinct.len(),
+        stores.len(),
+        "shared token stores: {stores:?}"
     );
+}
+
+#[test]
+fn compose_sidecars_share_the_account_through_a_password_protected_redis() {
+    let compose = compose();
+    let services = &compose["services"];
+    let redis = &services["redis"];
+    let image = redis["image"].as_str().expect("a redis service");
+    assert!(
+        image.starts_with("redis:7") || image.starts_with("valkey/valkey:"),
+        "{image}"
+    );
+    // Nothing to persist (an empty Redis costs one refresh): no snapshot, no append-only file.
+    let command = serde_yaml::to_string(&redis["command"]).unwrap();
+    assert!(
+        command.contains("--save ''") && command.contains("--appendonly no"),
+        "{command}"
+    );
+    // The password comes from the environment (required), read from stdin: no literal, and not
+    // in the server's arguments.
+    assert_eq!(
+        redis["environment"]["REDIS_PASSWORD"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .next(),
+        Some("${REDIS_PASSWORD"),
+        "the password is required from the environment"
+    );
+    assert!(command.contains("redis-server -"), "{command}");
+    assert!(
+        command.contains("requirepass $$REDIS_PASSWORD"),
+        "{command}"
+    );
+    assert!(
+        !command.contains("--requirepass"),
+        "the password would be in the arguments"
+    );
+    let health = serde_yaml::to_string(&redis["healthcheck"]["test"]).unwrap();
+    assert!(
+        health.contains("REDISCLI_AUTH") && health.contains("ping"),
+        "{health}"
+    );
+    assert!(
+        redis.get("ports").is_none(),
+        "the shared Redis is not published to the host"
+    );
+
+    for (_, sidecar_name) in app_sidecar_pairs(&compose) {
+        let sidecar = &services[sidecar_name.as_str()];
+        assert_eq!(
+            sidecar["depends_on"]["redis"]["condition"], "service_healthy",
+            "{sidecar_name} waits for redis"
+        );
+        assert_eq!(
+            sidecar["environment"]["REDIS_PASSWORD"], redis["environment"]["REDIS_PASSWORD"],
+            "{sidecar_name} gets the same password"
+        );
+        // The config reaches the redis service by name, with the password from the environment.
+        let config: Value = serde_yaml::from_str(&mounted_config(sidecar)).unwrap();
+        let url = config["shared"]["redis"]["url"]
+            .as_str()
+            .expect("shared.redis.url");
+        assert_eq!(url, "redis://:${env:REDIS_PASSWORD}@redis:6379/0");
+        assert!(
+            config["shared"]["redis"]["key_prefix"].is_string(),
+            "a key prefix names the account"
+        );
+        assert_eq!(config["shared"]["on_redis_down"], "local");
+        // The provider and the rate limit are shared (the default), not opted out.
+        for p in config["providers"].as_mapping().unwrap().values() {
+            assert_ne!(p["shared"], Value::Bool(false));
+            assert!(p["store"]["key"].is_string(), "the shared token is sealed");
+        }
+        let limits = config["rate_limits"].as_sequence().unwrap();
+        assert!(!limits.is_empty());
+        for r in limits {
+            assert_ne!(r["shared"], Value::Bool(false));
+        }
+    }
 }
 
 #[test]
