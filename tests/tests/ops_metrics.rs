@@ -25,6 +25,21 @@ async fn scrape(sc: &Sidecar) -> (Scrape, String) {
     (parsed, text)
 }
 
+/// Scrapes once `answered` requests are counted: the sidecar counts a request in its logging
+/// phase, which may run just after the client has read its answer.
+async fn scrape_after(sc: &Sidecar, answered: f64) -> (Scrape, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, text) = scrape(sc).await;
+        if sum(&s, "sidecar_requests_total", &[]) >= answered
+            || std::time::Instant::now() >= deadline
+        {
+            return (s, text);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn value(s: &Sample) -> f64 {
     match &s.value {
         Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
@@ -114,7 +129,7 @@ async fn every_family_has_help_and_the_operating_families_are_there() {
     let client = reqwest::Client::new();
     assert_eq!(support::get_status(&client, sc.url("/items")).await, 200);
     assert_eq!(support::get_status(&client, sc.url("/down/x")).await, 502);
-    let (s, text) = scrape(&sc).await;
+    let (s, text) = scrape_after(&sc, 2.0).await;
 
     for family in families(&s) {
         assert!(
@@ -255,7 +270,7 @@ async fn origin_tells_the_sidecars_answers_from_the_upstreams() {
     api.push_script(Scripted::status(502));
     assert_eq!(get("/bad-gateway").await, 502);
     assert_eq!(get("/down/x").await, 502);
-    let (s, text) = scrape(&sc).await;
+    let (s, text) = scrape_after(&sc, 4.0).await;
     let count = |upstream: &str, status: &str, origin: &str| {
         sum(
             &s,
@@ -301,7 +316,7 @@ async fn an_own_replay_that_ended_200_is_no_error() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", sc.logs());
     assert_eq!(api.count(), 2, "the 401 and the replay");
-    let (s, text) = scrape(&sc).await;
+    let (s, text) = scrape_after(&sc, 1.0).await;
     assert_eq!(
         sum(&s, "sidecar_replays_total", &[("upstream", "api")]),
         1.0,
@@ -397,7 +412,7 @@ async fn alerts_and_dashboard_use_only_exported_metrics() {
     let r = sc.admin_post("/v1/token/refresh?provider=main").await;
     assert_ne!(r.status(), 200);
     idp.set_failure(None);
-    let (s, text) = scrape(&sc).await;
+    let (s, text) = scrape_after(&sc, 7.0).await;
     let exported = families(&s);
 
     let mut used = BTreeSet::new();
