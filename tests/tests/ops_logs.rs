@@ -9,28 +9,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
-use sidecar_mocks::{IdpConfig, MockIdp, MockUpstream, Scripted, UpstreamConfig};
+use sidecar_mocks::{MockIdp, MockUpstream, Scripted};
 use support::logs::{access_lines, json_lines};
-use support::providers::cc_provider;
+use support::providers::token_stack;
 use support::{free_port, wait_until, Sidecar};
-
-/// A mock IdP, an upstream that accepts only its tokens, and a sidecar with provider `main` in
-/// front of it as upstream `api`, plus `extra` YAML; the first token is held.
-async fn token_stack(extra: &str) -> (MockIdp, MockUpstream, Sidecar) {
-    let idp = MockIdp::start(IdpConfig {
-        ttl: Duration::from_secs(3600),
-        ..IdpConfig::default()
-    })
-    .await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "providers:\n{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\n{extra}",
-        cc_provider("main", &idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start_with_first_token(&yaml).await;
-    (idp, api, sc)
-}
 
 /// The level of every JSON line, with the line, for those above INFO.
 fn above_info(lines: &[Map<String, Value>]) -> Vec<&Map<String, Value>> {

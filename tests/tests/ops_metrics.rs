@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_parse::{Sample, Scrape, Value};
 use sidecar_mocks::{Failure, IdpConfig, MockIdp, MockUpstream, Scripted, UpstreamConfig};
-use support::providers::{cc_provider, keygen};
+use support::providers::{cc_provider, keygen, token_stack};
 use support::tools::require;
 use support::{free_port, wait_until, Scratch, Sidecar};
 
@@ -204,18 +204,7 @@ async fn every_family_has_help_and_the_operating_families_are_there() {
 /// it falls between two scrapes with no refresh in between, while the expiry stays put.
 #[tokio::test]
 async fn ttl_falls_between_scrapes_without_a_refresh() {
-    let idp = MockIdp::start(IdpConfig {
-        ttl: Duration::from_secs(3600),
-        ..IdpConfig::default()
-    })
-    .await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "providers:\n{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\n",
-        cc_provider("main", &idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start_with_first_token(&yaml).await;
+    let (idp, _api, sc) = token_stack("").await;
     let (first, _) = scrape(&sc).await;
     let ttl = |s: &Scrape| one(s, "sidecar_token_ttl_seconds", &[("provider", "main")]);
     let refreshes = |s: &Scrape| sum(s, "sidecar_token_refresh_total", &[("provider", "main")]);
@@ -527,18 +516,7 @@ impl Drop for Prometheus {
 /// shipped rules loaded; its HTTP API answers the token expiry and TTL series.
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_token_series() {
-    let idp = MockIdp::start(IdpConfig {
-        ttl: Duration::from_secs(3600),
-        ..IdpConfig::default()
-    })
-    .await;
-    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
-    let yaml = format!(
-        "providers:\n{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\n",
-        cc_provider("main", &idp, ""),
-        api.url()
-    );
-    let sc = Sidecar::start_with_first_token(&yaml).await;
+    let (_idp, _api, sc) = token_stack("").await;
     let prom = Prometheus::start(sc.admin);
     let found = std::cell::RefCell::new(Vec::new());
     wait_until(

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sidecar_mocks::{IdpConfig, MockIdp, MockUpstream, Recorded};
+use sidecar_mocks::{IdpConfig, MockIdp, MockUpstream, Recorded, UpstreamConfig};
 
 use super::{run_cli, Sidecar};
 
@@ -114,4 +114,22 @@ pub async fn healthy(sc: &Sidecar) {
     assert_eq!(r.status(), 200);
     let logs = sc.logs();
     assert!(!logs.contains("panicked"), "{logs}");
+}
+
+/// A mock IdP with hour-long tokens, an upstream that accepts only its tokens, and a sidecar with
+/// provider `main` in front of it as upstream `api`, plus `extra` YAML; the first token is held.
+pub async fn token_stack(extra: &str) -> (MockIdp, MockUpstream, Sidecar) {
+    let idp = MockIdp::start(IdpConfig {
+        ttl: HOUR,
+        ..IdpConfig::default()
+    })
+    .await;
+    let api = MockUpstream::start(UpstreamConfig::checking(idp.registry())).await;
+    let yaml = format!(
+        "providers:\n{}upstreams:\n  - {{ name: api, url: \"{}\", provider: main }}\n{extra}",
+        cc_provider("main", &idp, ""),
+        api.url()
+    );
+    let sc = Sidecar::start_with_first_token(&yaml).await;
+    (idp, api, sc)
 }
