@@ -7,7 +7,6 @@ mod support;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sidecar_mocks::{
@@ -46,29 +45,6 @@ async fn get(sc: &Sidecar, path: &str) -> (u16, serde_json::Value) {
     let status = r.status().as_u16();
     let body = r.json().await.unwrap_or(serde_json::Value::Null);
     (status, body)
-}
-
-/// Waits (bounded) until the sidecar's log holds every one of `needles` on one line.
-async fn wait_log_line(sc: &Sidecar, needles: &[&str]) -> String {
-    let mut found = String::new();
-    support::wait_until(
-        Duration::from_secs(10),
-        || {
-            let line = sc
-                .logs()
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-                .map(str::to_owned);
-            let hit = line.is_some();
-            if let Some(l) = line {
-                found = l;
-            }
-            async move { hit }
-        },
-        || format!("no log line with {needles:?}:\n{}", sc.logs()),
-    )
-    .await;
-    found
 }
 
 #[tokio::test]
@@ -253,15 +229,13 @@ async fn wrong_ca_for_an_upstream_is_a_logged_502_before_any_http() {
         assert_eq!(status, 502, "{body}\n{}", sc.logs());
         assert_eq!(body["error"], "upstream_unreachable", "{body}");
     }
-    let line = wait_log_line(
-        &sc,
-        &[
+    let line = sc
+        .wait_log_line(&[
             "TLS handshake with the upstream failed",
             "localhost",
             "UnknownIssuer",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(
         line.contains("upstream=api") || line.contains("\"api\""),
         "{line}"
@@ -333,7 +307,7 @@ async fn wrong_ca_for_the_idp_is_a_logged_503() {
     assert_eq!(status, 503, "{body}\n{}", sc.logs());
     assert_eq!(body["error"], "token_unavailable", "{body}");
     let host = format!("127.0.0.1:{}", idp.addr().port());
-    wait_log_line(&sc, &[&host, "UnknownIssuer"]).await;
+    sc.wait_log_line(&[&host, "UnknownIssuer"]).await;
     assert_eq!(
         idp.calls(),
         0,

@@ -179,6 +179,30 @@ impl Sidecar {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (bounded) until the log holds every one of `needles` on one line, and returns it.
+    /// Access lines are written after the client has its answer, so a test reads them this way.
+    pub async fn wait_log_line(&self, needles: &[&str]) -> String {
+        let mut found = String::new();
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                let line = self
+                    .logs()
+                    .lines()
+                    .find(|l| needles.iter().all(|n| l.contains(n)))
+                    .map(str::to_owned);
+                let hit = line.is_some();
+                if let Some(l) = line {
+                    found = l;
+                }
+                async move { hit }
+            },
+            || format!("no log line with {needles:?}:\n{}", self.logs()),
+        )
+        .await;
+        found
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
