@@ -1,5 +1,6 @@
 //! Client connections: a cap on how many are held at once, a time limit on reading a
-//! request head, and an idle limit between keep-alive requests.
+//! request head, an idle limit between keep-alive requests, and as little memory as possible
+//! held by a connection that waits.
 //!
 //! Pingora 0.9 has none of these as settings: its keep-alive timer is hard-coded to 60 s for a
 //! connection's first request and becomes unlimited once a request has been read (an HTTP/1.1
@@ -10,17 +11,23 @@
 //! with a 503, and every accepted stream is wrapped in a [`Guarded`] stream whose reads carry
 //! a deadline while a request head or the next request is awaited. The proxy service tells the
 //! stream where the connection stands ([`head_received`], [`request_done`]).
+//!
+//! Pingora also builds its whole request path's future (tens of KB) when it gets a stream and
+//! keeps it while a keep-alive connection waits for its next request. [`Limited`] runs the
+//! HTTP/1 keep-alive loop itself, so that a connection waiting for its first or next request
+//! holds only its stream (bench/PROFILE.md §8.3).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::SslDigest;
 use pingora::protocols::{
@@ -85,7 +92,7 @@ impl<A> Drop for Slot<'_, A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -107,25 +114,60 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
         let mut guarded = Box::new(Guarded::new(stream, limits));
         // Pingora builds the whole request path's future (tens of KB, bench/PROFILE.md §8.3) as
         // soon as it gets the stream: a client that connects and sends nothing would hold that
-        // for up to `header_timeout`. Wait for its first byte here, holding only the stream (the
-        // byte is peeked, not consumed; the head deadline applies from the accept, as before).
-        if Peek::try_peek(guarded.as_mut(), &mut [0u8; 1])
-            .await
-            .is_err()
+        // for up to `header_timeout`. Wait for its first bytes here, holding only the stream
+        // (peeked, not consumed; the head deadline applies from the accept, as before), and see
+        // whether they are HTTP/2's preface.
+        let h2c = self.app.server_options().is_some_and(|o| o.h2c);
+        let mut first = [0u8; H2_PREFACE.len()];
+        if Peek::try_peek(
+            guarded.as_mut(),
+            &mut first[..if h2c { H2_PREFACE.len() } else { 1 }],
+        )
+        .await
+        .is_err()
         {
             return None;
         }
-        let mut next = Some(guarded as Stream);
-        // HTTP applications keep a connection to themselves; a stream handed back is served
-        // here too, so that it keeps its place and its guard.
-        while let Some(stream) = next {
-            next = A::process_new(&self.app, stream, shutdown).await;
+        let http1 = !(h2c && first == *H2_PREFACE)
+            && guarded.get_ssl_digest().is_none()
+            && guarded.selected_alpn_proto().is_none();
+        if !http1 {
+            // HTTP/2 (and anything but plain HTTP/1): Pingora's own connection handling.
+            let mut next = Some(guarded as Stream);
+            while let Some(stream) = next {
+                next = A::process_new(&self.app, stream, shutdown).await;
+            }
+            return None;
         }
-        None
+        // HTTP/1: Pingora's keep-alive loop (`ServerApp for HttpServerApp`), except that between
+        // two requests only the stream waits for the next one's first bytes; Pingora's request
+        // future exists while a request is read and served.
+        let mut session = ServerSession::new_http1(guarded);
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        session.set_keepalive_reuses_remaining(
+            self.app
+                .server_options()
+                .and_then(|o| o.keepalive_request_limit),
+        );
+        loop {
+            let (stream, settings) = self
+                .app
+                .process_new_http(session, shutdown)
+                .await?
+                .consume();
+            let mut guarded: Box<Guarded> = stream.into_any().downcast().ok()?;
+            if !guarded.next_request(shutdown).await {
+                return None;
+            }
+            session = ServerSession::new_http1(guarded);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+        }
     }
 
     async fn cleanup(&self) {
-        self.app.cleanup().await;
+        self.app.http_cleanup().await;
     }
 }
 
@@ -201,9 +243,21 @@ pub struct Guarded {
     /// Bytes of the current head have arrived (a timeout then deserves a 408).
     head_started: bool,
     timed_out: bool,
-    /// Bytes read while looking for the HTTP/2 preface, served again by the next reads.
+    /// Bytes read ahead (the HTTP/2 preface check, the next keep-alive request's first bytes),
+    /// served again by the next reads.
     rewound: Vec<u8>,
+    /// Bytes handed to Pingora so far.
+    delivered: u64,
+    /// Bytes of the requests Pingora has served, as far as [`request_done`] could count them;
+    /// [`UNCOUNTED`] once a request's size on the wire is not known.
+    served: AtomicU64,
 }
+
+/// [`Guarded::served`] once it cannot be known: Pingora is then left to read every next request.
+const UNCOUNTED: u64 = u64::MAX;
+/// How much of the next keep-alive request is read ahead at once (Pingora reads a head into
+/// 4 KiB first too).
+const READ_AHEAD: usize = 4096;
 
 impl Guarded {
     fn new(inner: Stream, limits: Downstream) -> Guarded {
@@ -217,7 +271,76 @@ impl Guarded {
             head_started: false,
             timed_out: false,
             rewound: Vec::new(),
+            delivered: 0,
+            served: AtomicU64::new(0),
         }
+    }
+
+    /// Waits for the next keep-alive request's first bytes, at most `idle_timeout`, holding only
+    /// this stream; the bytes are kept for Pingora's next read. False when the connection should
+    /// close instead: the client closed it or stayed silent, the read failed, or the sidecar is
+    /// shutting down.
+    ///
+    /// Pipelining: if Pingora was handed more bytes than the requests it served, it may hold the
+    /// start of the next request already (and the client may send nothing more until it is
+    /// answered), so there is nothing to wait for here: Pingora reads on by itself.
+    async fn next_request(&mut self, shutdown: &ShutdownWatch) -> bool {
+        if !self.rewound.is_empty() || self.delivered != self.served.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut shutdown = shutdown.clone();
+        if *shutdown.borrow() {
+            return false;
+        }
+        let Some(deadline) = self.deadline(Phase::Idle) else {
+            return true;
+        };
+        let read = std::future::poll_fn(|cx| self.poll_read_ahead(cx));
+        tokio::select! {
+            biased;
+            read = tokio::time::timeout_at(deadline, read) => match read {
+                Ok(Ok(n)) => n > 0,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    tracing::debug!("client connection idle too long; closing it");
+                    false
+                }
+            },
+            _ = shutdown.changed() => false,
+        }
+    }
+
+    /// One read of the next request's first bytes into `rewound`. The buffer exists only while
+    /// bytes are there to be read: an idle connection holds none.
+    fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut ahead = vec![0u8; READ_AHEAD];
+        let mut buf = ReadBuf::new(&mut ahead);
+        match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                if n > 0 {
+                    ahead.truncate(n);
+                    self.rewound = ahead;
+                    // The next request has started: its head gets its own deadline.
+                    self.set_phase(Phase::Head);
+                    self.deadline(Phase::Head);
+                    self.head_started = true;
+                }
+                Poll::Ready(Ok(n))
+            }
+        }
+    }
+
+    /// Counts a served request's bytes on the wire (`None`: not known).
+    fn count_served(&self, bytes: Option<u64>) {
+        let before = self.served.load(Ordering::Acquire);
+        let after = match bytes {
+            Some(n) if before != UNCOUNTED => before + n,
+            _ => UNCOUNTED,
+        };
+        self.served.store(after, Ordering::Release);
     }
 
     fn set_phase(&self, phase: Phase) {
@@ -289,43 +412,59 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.rewound.is_empty() {
-            let n = this.rewound.len().min(buf.remaining());
-            buf.put_slice(&this.rewound[..n]);
-            this.rewound.drain(..n);
-            this.head_started = true;
+        let before = buf.filled().len();
+        let read = this.read_guarded(cx, buf);
+        this.delivered += (buf.filled().len() - before) as u64;
+        read
+    }
+}
+
+impl Guarded {
+    fn read_guarded(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.rewound.is_empty() {
+            let n = self.rewound.len().min(buf.remaining());
+            buf.put_slice(&self.rewound[..n]);
+            self.rewound.drain(..n);
+            if self.rewound.is_empty() {
+                // Its read-ahead buffer is not kept for the whole connection.
+                self.rewound = Vec::new();
+            }
+            self.head_started = true;
             return Poll::Ready(Ok(()));
         }
-        if this.timed_out {
+        if self.timed_out {
             return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
-        let phase = this.phase();
-        let Some(deadline) = this.deadline(phase) else {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        let phase = self.phase();
+        let Some(deadline) = self.deadline(phase) else {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
         };
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let data = &buf.filled()[before..];
-                if !data.is_empty() {
+                if buf.filled().len() > before {
                     if phase == Phase::Idle {
                         // The next request has started: its head gets its own deadline.
-                        this.set_phase(Phase::Head);
-                        this.deadline(Phase::Head);
+                        self.set_phase(Phase::Head);
+                        self.deadline(Phase::Head);
                     }
-                    this.head_started = true;
+                    self.head_started = true;
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                if !this.expired(deadline, cx) {
+                if !self.expired(deadline, cx) {
                     return Poll::Pending;
                 }
-                this.timed_out = true;
-                if phase == Phase::Head && this.head_started {
+                self.timed_out = true;
+                if phase == Phase::Head && self.head_started {
                     tracing::debug!("request head not complete in time; answering 408");
-                    this.answer_timeout(cx);
+                    self.answer_timeout(cx);
                 } else {
                     tracing::debug!(?phase, "client connection idle too long; closing it");
                 }
@@ -489,7 +628,21 @@ pub fn head_received(session: &mut Session) {
 pub fn request_done(session: &Session) {
     if let Some(g) = guarded(session) {
         g.set_phase(Phase::Idle);
+        g.count_served(wire_size(session));
     }
+}
+
+/// The request's size on the wire as far as Pingora has read it (head and body), never more:
+/// `None` when Pingora's copy of the head may be longer than what the client sent (it
+/// percent-escapes a request line it could not parse otherwise). A chunked body counts its
+/// data only, and a body Pingora drains after this point not at all: both count less, which
+/// only means the connection is left to Pingora's own keep-alive wait.
+fn wire_size(session: &Session) -> Option<u64> {
+    let down = session.as_downstream();
+    if down.req_header().raw_path().contains(&b'%') {
+        return None;
+    }
+    Some((down.to_h1_raw().len() + down.body_bytes_read()) as u64)
 }
 
 #[cfg(test)]

@@ -365,3 +365,59 @@ async fn pipelined_requests_are_all_answered_in_order_or_cut_off_explicitly() {
         "the upstream saw unanswered requests"
     );
 }
+
+/// Between keep-alive requests the sidecar waits for the next request's first bytes itself and
+/// leaves reading to Pingora when Pingora may hold them already: requests sent one at a time,
+/// two in one write, a request line Pingora has to escape with another behind it, and one more
+/// after that are all answered, in order, on one connection.
+#[tokio::test]
+async fn keep_alive_requests_alone_pipelined_and_escaped_are_all_answered_in_order() {
+    let (api, sc) = open_stack("").await;
+    let mut conn = Conn::open(sc.listen).await;
+    let mut paths = Vec::new();
+    let mut expect = |conn_paths: &[&str]| {
+        paths.extend(conn_paths.iter().map(|p| p.to_string()));
+    };
+    // One at a time.
+    for path in ["/k/1", "/k/2"] {
+        conn.send(&get(path)).await;
+        let a = conn.answer().await;
+        assert_eq!(a.status, 200, "{}", a.body_text());
+        assert_eq!(a.body_json()["path"], path);
+        expect(&[path]);
+    }
+    // Two in one write: the second is in Pingora's hands when the first is answered.
+    let mut two = get("/k/3");
+    two.extend_from_slice(&get("/k/4"));
+    conn.send(&two).await;
+    for path in ["/k/3", "/k/4"] {
+        let a = conn.answer().await;
+        assert_eq!(a.body_json()["path"], path);
+        expect(&[path]);
+    }
+    // A request line with spaces in its target, which Pingora percent-escapes before parsing
+    // (its copy of the head is then two bytes longer per space than what was sent), with a
+    // whole request behind it in the same write — as long as the escaping added: counting the
+    // copy's length as the bytes served would take that request for the next request's absence.
+    let next = get("/k/66");
+    assert_eq!(next.len() % 2, 0);
+    let spaces = " ".repeat(next.len() / 2);
+    let mut escaped =
+        format!("GET /k/5{spaces}5 HTTP/1.1\r\nHost: sidecar.test\r\n\r\n").into_bytes();
+    escaped.extend_from_slice(&next);
+    conn.send(&escaped).await;
+    let a = conn.answer().await;
+    assert_eq!(a.status, 200, "{}", a.body_text());
+    let target = format!("/k/5{}5", "%20".repeat(spaces.len()));
+    assert_eq!(a.body_json()["path"], target.as_str());
+    let a = conn.answer().await;
+    assert_eq!(a.body_json()["path"], "/k/66");
+    expect(&[&target, "/k/66"]);
+    // And one more, alone.
+    conn.send(&get("/k/7")).await;
+    let a = conn.answer().await;
+    assert_eq!(a.body_json()["path"], "/k/7");
+    expect(&["/k/7"]);
+    let seen: Vec<String> = api.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(seen, paths);
+}

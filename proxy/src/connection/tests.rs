@@ -204,3 +204,118 @@ async fn after_the_http2_preface_the_head_deadline_is_off() {
     assert_eq!(&frame, b"frame");
     drop(sender.await.unwrap());
 }
+
+/// A served request of `request`'s size: read by "Pingora", counted by `request_done`.
+async fn serve(g: &mut Guarded, client: &mut DuplexStream, request: &[u8]) {
+    client.write_all(request).await.unwrap();
+    let mut got = vec![0u8; request.len()];
+    g.read_exact(&mut got).await.unwrap();
+    g.set_phase(Phase::Request);
+    g.set_phase(Phase::Idle);
+    g.count_served(Some(request.len() as u64));
+}
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// Between keep-alive requests only the stream waits: the next request's first bytes end the
+/// wait, are read again by the next session, and start that head's own deadline.
+#[tokio::test(start_paused = true)]
+async fn the_wait_for_the_next_request_ends_at_its_first_bytes_and_keeps_them() {
+    let (mut g, mut client) = guarded();
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    serve(&mut g, &mut client, GET).await;
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        client.write_all(b"GET /next").await.unwrap();
+        client
+    });
+    assert!(g.next_request(&shutdown).await);
+    assert_eq!(start.elapsed(), Duration::from_secs(8));
+    assert!(g.rewound.capacity() > 0);
+    let (kind, got) = read_until_error(&mut g).await;
+    assert_eq!(got, b"GET /next");
+    assert_eq!(kind, io::ErrorKind::TimedOut);
+    assert_eq!(start.elapsed(), Duration::from_secs(8) + HEADER);
+    let client = sender.await.unwrap();
+    assert!(written(g, client).await.starts_with("HTTP/1.1 408 "));
+}
+
+/// The read-ahead buffer exists only while the bytes in it wait to be read.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_connection_holds_no_read_ahead_buffer() {
+    let (mut g, mut client) = guarded();
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    serve(&mut g, &mut client, GET).await;
+    let waited = timeout(Duration::from_secs(1), g.next_request(&shutdown)).await;
+    assert!(waited.is_err(), "the wait ended: {waited:?}");
+    assert_eq!(g.rewound.capacity(), 0);
+    client.write_all(GET).await.unwrap();
+    assert!(g.next_request(&shutdown).await);
+    let mut got = vec![0u8; GET.len()];
+    g.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, GET);
+    assert_eq!(g.rewound.capacity(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown() {
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    // Silent: closed at the idle timeout, with nothing written.
+    let (mut g, mut client) = guarded();
+    serve(&mut g, &mut client, GET).await;
+    let start = Instant::now();
+    assert!(!g.next_request(&shutdown).await);
+    assert_eq!(start.elapsed(), IDLE);
+    assert_eq!(written(g, client).await, "");
+    // The client closed its end.
+    let (mut g, mut client) = guarded();
+    serve(&mut g, &mut client, GET).await;
+    drop(client);
+    let start = Instant::now();
+    assert!(!g.next_request(&shutdown).await);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    // The sidecar shuts down while the connection waits.
+    let (tx, shutdown) = tokio::sync::watch::channel(false);
+    let (mut g, mut client) = guarded();
+    serve(&mut g, &mut client, GET).await;
+    let start = Instant::now();
+    let stop = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tx.send(true).unwrap();
+        tx
+    });
+    assert!(!g.next_request(&shutdown).await);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    // Already shutting down: no wait at all.
+    assert!(!g.next_request(&stop.await.unwrap().subscribe()).await);
+}
+
+/// Pipelining: when Pingora was handed more bytes than the requests it served, it may hold the
+/// next request already, and the client may send nothing more until that one is answered:
+/// the wait ends at once and leaves the reading to Pingora. The same once a request's size on
+/// the wire could not be counted.
+#[tokio::test(start_paused = true)]
+async fn bytes_pingora_may_already_hold_are_never_waited_for() {
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    let (mut g, mut client) = guarded();
+    let mut two = GET.to_vec();
+    two.extend_from_slice(b"GET /second HTTP/1.1\r\n\r\n");
+    client.write_all(&two).await.unwrap();
+    let mut got = vec![0u8; two.len()];
+    g.read_exact(&mut got).await.unwrap();
+    g.set_phase(Phase::Idle);
+    g.count_served(Some(GET.len() as u64));
+    let start = Instant::now();
+    assert!(g.next_request(&shutdown).await);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert!(g.rewound.is_empty());
+
+    let (mut g, mut client) = guarded();
+    serve(&mut g, &mut client, GET).await;
+    g.count_served(None);
+    g.count_served(Some(GET.len() as u64));
+    assert!(g.next_request(&shutdown).await);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(g.served.load(Ordering::Acquire), UNCOUNTED);
+}
