@@ -68,9 +68,33 @@ enum Segment {
 /// The normalised form of `path` (the request path without the query); see the module docs for
 /// the rule. Borrowed and unchanged when the path is already normal; the empty path stays empty.
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
-    if path.is_empty() {
+    if path.is_empty() || plainly_normal(path.as_bytes()) {
         return Ok(Cow::Borrowed(path));
     }
+    by_segments(path)
+}
+
+/// Whether `path` starts with `/` and has nothing the rule could change or refuse: no `%`, `.`,
+/// `\`, `;` and no `//`. Most request paths; one pass over the bytes, where going segment by
+/// segment costs a few hundred instructions more per request.
+fn plainly_normal(path: &[u8]) -> bool {
+    let [b'/', rest @ ..] = path else {
+        return false;
+    };
+    let mut slash = true;
+    for &b in rest {
+        match b {
+            b'%' | b'.' | b'\\' | b';' => return false,
+            b'/' if slash => return false,
+            _ => {}
+        }
+        slash = b == b'/';
+    }
+    true
+}
+
+/// [`normalize`] the long way, segment by segment.
+fn by_segments(path: &str) -> Result<Cow<'_, str>, PathError> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(PathError::NotAbsolute);
     };
@@ -392,6 +416,18 @@ mod tests {
                 prop_assert!(
                     matches!(&again, Ok(Cow::Borrowed(q)) if *q == out.as_ref()),
                     "{p} gave {out}, then {again:?}"
+                );
+            }
+        }
+
+        /// The one-pass check only ever answers "unchanged" where the full rule does.
+        #[test]
+        fn the_fast_path_agrees_with_the_full_rule(p in any_path()) {
+            if plainly_normal(p.as_bytes()) {
+                let full = by_segments(&p);
+                prop_assert!(
+                    matches!(&full, Ok(Cow::Borrowed(q)) if *q == p),
+                    "{p}: {full:?}"
                 );
             }
         }
