@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::SslDigest;
@@ -141,34 +141,52 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
         }
         // HTTP/1: Pingora's keep-alive loop (`ServerApp for HttpServerApp`), except that between
         // two requests only the stream waits for the next one's first bytes; Pingora's request
-        // future exists while a request is read and served.
-        let mut session = ServerSession::new_http1(guarded);
+        // future exists while a request is read and served. (Each session is built in the
+        // call's arguments: kept in a variable it would be part of this future, 680 bytes.)
+        let mut reused = self
+            .app
+            .process_new_http(self.first_session(guarded, shutdown), shutdown)
+            .await;
+        while let Some((stream, carried)) = reused.map(ReusedHttpStream::consume) {
+            let mut guarded: Box<Guarded> = stream.into_any().downcast().ok()?;
+            if !guarded.next_request(shutdown).await {
+                return None;
+            }
+            reused = self
+                .app
+                .process_new_http(next_session(guarded, carried), shutdown)
+                .await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.app.http_cleanup().await;
+    }
+}
+
+impl<A: HttpServerApp> Limited<A> {
+    /// The session of a connection's first request, set up as Pingora sets it up.
+    fn first_session(&self, stream: Box<Guarded>, shutdown: &ShutdownWatch) -> ServerSession {
+        let mut session = ServerSession::new_http1(stream);
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
         session.set_keepalive_reuses_remaining(
             self.app
                 .server_options()
                 .and_then(|o| o.keepalive_request_limit),
         );
-        loop {
-            let (stream, settings) = self
-                .app
-                .process_new_http(session, shutdown)
-                .await?
-                .consume();
-            let mut guarded: Box<Guarded> = stream.into_any().downcast().ok()?;
-            if !guarded.next_request(shutdown).await {
-                return None;
-            }
-            session = ServerSession::new_http1(guarded);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
-            }
-        }
+        session
     }
+}
 
-    async fn cleanup(&self) {
-        self.app.http_cleanup().await;
+/// The session of a keep-alive connection's next request, with what Pingora carries over from
+/// the last one (keep-alive limits, pipelined bytes).
+fn next_session(stream: Box<Guarded>, carried: Option<HttpPersistentSettings>) -> ServerSession {
+    let mut session = ServerSession::new_http1(stream);
+    if let Some(carried) = carried {
+        carried.apply_to_session(&mut session);
     }
+    session
 }
 
 /// Answers a connection over the cap: 503 `too_many_connections` with `Connection: close`,
@@ -292,21 +310,28 @@ impl Guarded {
         if *shutdown.borrow() {
             return false;
         }
-        let Some(deadline) = self.deadline(Phase::Idle) else {
-            return true;
-        };
-        let read = std::future::poll_fn(|cx| self.poll_read_ahead(cx));
+        let read = std::future::poll_fn(|cx| self.poll_next_request(cx));
         tokio::select! {
             biased;
-            read = tokio::time::timeout_at(deadline, read) => match read {
-                Ok(Ok(n)) => n > 0,
-                Ok(Err(_)) => false,
-                Err(_) => {
-                    tracing::debug!("client connection idle too long; closing it");
-                    false
-                }
-            },
+            read = read => read,
             _ = shutdown.changed() => false,
+        }
+    }
+
+    /// The next request's first bytes, or false at the idle deadline, at the end of the
+    /// connection or on a read error. The deadline's timer is the stream's own, not one more
+    /// per waiting connection.
+    fn poll_next_request(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let Some(deadline) = self.deadline(Phase::Idle) else {
+            return Poll::Ready(true);
+        };
+        match self.poll_read_ahead(cx) {
+            Poll::Ready(read) => Poll::Ready(matches!(read, Ok(n) if n > 0)),
+            Poll::Pending if self.expired(deadline, cx) => {
+                tracing::debug!("client connection idle too long; closing it");
+                Poll::Ready(false)
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
