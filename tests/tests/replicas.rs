@@ -637,6 +637,53 @@ async fn a_shared_rate_limit_holds_for_three_replicas_together() {
     );
 }
 
+/// Traffic within a shared rule, spread over three replicas, is all admitted: a replica with a
+/// trickle of requests leases one cell at a time instead of 50 ms of the rate, most of which it
+/// would drop unspent while the shared budget paid for them.
+#[tokio::test]
+async fn traffic_within_a_shared_rule_spread_over_three_replicas_is_all_admitted() {
+    let mut fleet = Fleet::new(Duration::from_secs(3600)).await;
+    let rule = "rate_limits:\n  - { name: shared50, upstream: api, rate: 50/1s, burst: 5, mode: reject }\n";
+    for i in 0..3 {
+        let yaml = format!("{}{rule}", fleet.yaml(i, &Settings::default()));
+        let sc = Sidecar::start_with_env(&yaml, &[]).await;
+        wait_valid(&sc).await;
+        fleet.sidecars.push(sc);
+    }
+    // 10 requests a second to each (30/s in all, 60 % of the rule), 30 each.
+    let load: Vec<_> = fleet
+        .sidecars
+        .iter()
+        .map(|sc| {
+            let url = sc.url("/limited");
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                let mut refused = 0;
+                for _ in 0..30 {
+                    tick.tick().await;
+                    let r = client.get(&url).send().await.unwrap();
+                    if r.status() == 429 {
+                        refused += 1;
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for l in load {
+        refused.push(l.await.unwrap());
+    }
+    assert_eq!(
+        refused,
+        [0, 0, 0],
+        "429s per replica at 60 % of a shared rule\n{}",
+        fleet.logs()
+    );
+    assert_eq!(fleet.api.count(), 90);
+}
+
 #[tokio::test]
 async fn with_redis_down_two_replicas_share_the_rule_between_them() {
     let mut fleet = Fleet::new(Duration::from_secs(3600)).await;

@@ -5,6 +5,13 @@
 //! no replica can hoard capacity and release it later as a burst: the combined rate the
 //! upstream sees stays within the rule.
 //!
+//! A dropped cell is still spent from the shared budget, so a lease is sized to the replica's
+//! own traffic ([`next_lease`]): one cell at first, doubled while the replica's requests outrun
+//! their lease, cut to what was spent when cells went unused. A replica with a trickle of
+//! requests then takes one cell per request, and replicas sharing a rule below its rate are all
+//! admitted. When Redis says no cell is free before some instant, the replica remembers it and
+//! answers until then without asking again.
+//!
 //! While Redis is down, each replica applies its share of the rule instead: the rate and the
 //! burst divided by the number of replicas it last saw in Redis, so the replicas together still
 //! stay within the rule.
@@ -97,8 +104,28 @@ pub(crate) fn share(count: u32, per: Duration, burst: u32, replicas: u32) -> Sha
 
 #[derive(Default)]
 struct Pool {
+    /// Leased cells left, spendable until `until`.
     cells: u32,
     until: Option<Instant>,
+    /// The size of the last lease asked for (0: none yet).
+    size: u32,
+    /// Redis said no cell is free before this instant.
+    closed_until: Option<Instant>,
+}
+
+/// The size of the next lease, from the last one (`last` cells; 0 before the first): `left` of
+/// them went unspent, or it ran out `early`, before its cells' time was up. Doubled while the
+/// replica's traffic outruns its leases, cut to what was spent when cells went unused (each one
+/// was taken from the shared budget for nothing), kept otherwise; between 1 and `max`.
+fn next_lease(last: u32, left: u32, early: bool, max: u32) -> u32 {
+    let next = if early {
+        last.saturating_mul(2)
+    } else if left > 0 {
+        last.saturating_sub(left)
+    } else {
+        last
+    };
+    next.clamp(1, max.max(1))
 }
 
 /// What a shared rule says about one request.
@@ -171,17 +198,29 @@ impl SharedRule {
         let mut pool = self.pool.lock().await;
         loop {
             let now = Instant::now();
-            if pool.cells > 0 && pool.until.is_some_and(|u| now < u) {
+            let live = pool.until.is_some_and(|u| now < u);
+            if pool.cells > 0 && live {
                 pool.cells -= 1;
                 return SharedAdmission::Go {
                     waited: now - started,
                 };
             }
-            let (key, interval, tolerance, want) = (
+            if let Some(at) = pool.closed_until.filter(|at| now < *at) {
+                // No cell before `at`, as Redis said: other replicas can only make it later.
+                if self.mode == RateLimitMode::Reject || at > deadline {
+                    return SharedAdmission::Reject {
+                        retry_after: at - now,
+                    };
+                }
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
+            let want = next_lease(pool.size, pool.cells, live, self.lease);
+            pool.size = want;
+            let (key, interval, tolerance) = (
                 self.key.clone(),
                 self.interval.as_micros() as u64,
                 self.tolerance.as_micros() as u64,
-                self.lease,
             );
             let answer: Result<(u64, u64), _> = self
                 .backend
@@ -197,8 +236,10 @@ impl SharedRule {
                 .await;
             match answer {
                 Ok((granted, _)) if granted > 0 => {
-                    let granted = u32::try_from(granted).unwrap_or(1).min(self.lease);
+                    let granted = u32::try_from(granted).unwrap_or(1).min(want);
                     pool.cells = granted - 1;
+                    pool.size = granted;
+                    pool.closed_until = None;
                     // Cells not spent on their own schedule are dropped: no hoarding.
                     pool.until = Some(Instant::now() + self.interval.saturating_mul(granted));
                     return SharedAdmission::Go {
@@ -207,11 +248,8 @@ impl SharedRule {
                 }
                 Ok((_, wait_us)) => {
                     let wait = Duration::from_micros(wait_us.max(1)).min(Duration::from_secs(3600));
-                    let at = Instant::now() + wait;
-                    if self.mode == RateLimitMode::Reject || at > deadline {
-                        return SharedAdmission::Reject { retry_after: wait };
-                    }
-                    tokio::time::sleep_until(at).await;
+                    pool.cells = 0;
+                    pool.closed_until = Some(Instant::now() + wait);
                 }
                 Err(_) => {
                     drop(pool);
@@ -281,6 +319,27 @@ mod tests {
                 },
                 "{why}"
             );
+        }
+    }
+
+    #[test]
+    fn lease_sizes_follow_the_replicas_own_traffic() {
+        // last, left unspent, ran out early, max, expected, why.
+        #[rustfmt::skip]
+        let table: &[(u32, u32, bool, u32, u32, &str)] = &[
+            (0, 0, false, 15, 1, "the first lease is one cell"),
+            (1, 0, true, 15, 2, "outrun: doubled"),
+            (8, 0, true, 15, 15, "doubled up to the most 50 ms of the rate allow"),
+            (15, 0, true, 15, 15, "at the most"),
+            (8, 0, false, 15, 8, "all spent in time: kept"),
+            (8, 5, false, 15, 3, "five went unused: cut to the three spent"),
+            (8, 8, false, 15, 1, "none spent (cells expired): one"),
+            (1, 1, false, 15, 1, "never below one"),
+            (0, 0, true, 0, 1, "a degenerate maximum still leases one"),
+            (u32::MAX, 0, true, 15, 15, "no overflow"),
+        ];
+        for (last, left, early, max, want, why) in table {
+            assert_eq!(next_lease(*last, *left, *early, *max), *want, "{why}");
         }
     }
 
