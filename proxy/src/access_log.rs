@@ -57,6 +57,12 @@ fn logfmt(s: &str) -> tracing::field::DisplayValue<Logfmt<'_>> {
     tracing::field::display(Logfmt(s))
 }
 
+/// Whether access lines are written: on in the config and not filtered out by the log level.
+/// Nothing of an access line is worked out otherwise.
+pub(crate) fn enabled(log: &sidecar_config::Log) -> bool {
+    log.access_log && tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
 /// Writes the access line of a finished request that got `status` (0: no answer written).
 pub(crate) fn write(session: &Session, ctx: &Ctx, e: Option<&Error>, status: u16, json: bool) {
     let req = session.req_header();

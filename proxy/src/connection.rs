@@ -19,6 +19,7 @@
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -335,19 +336,19 @@ impl Guarded {
         }
     }
 
-    /// One read of the next request's first bytes into `rewound`. The buffer exists only while
-    /// bytes are there to be read: an idle connection holds none.
+    /// One read of the next request's first bytes into `rewound`. The bytes are read into this
+    /// call's stack and copied out only when they came: an idle connection holds no buffer, and
+    /// a wait that finds nothing costs no allocation.
     fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let mut ahead = vec![0u8; READ_AHEAD];
-        let mut buf = ReadBuf::new(&mut ahead);
+        let mut ahead = [MaybeUninit::<u8>::uninit(); READ_AHEAD];
+        let mut buf = ReadBuf::uninit(&mut ahead);
         match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(())) => {
                 let n = buf.filled().len();
                 if n > 0 {
-                    ahead.truncate(n);
-                    self.rewound = ahead;
+                    self.rewound = buf.filled().to_vec();
                     // The next request has started: its head gets its own deadline.
                     self.set_phase(Phase::Head);
                     self.deadline(Phase::Head);

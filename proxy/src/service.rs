@@ -99,7 +99,9 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.request_id = Some(request_id(session));
+        if crate::access_log::enabled(&self.app.live.load().config.log) {
+            ctx.request_id = Some(request_id(session));
+        }
         if self.app.is_closing() {
             // Shutting down: this request (already read on a kept-alive connection) is served,
             // and its connection closed after it.
@@ -577,7 +579,7 @@ impl ProxyHttp for Sidecar {
             Some(r) => &r.live().config.log,
             None => &self.app.live.load().config.log,
         };
-        if log.access_log {
+        if crate::access_log::enabled(log) {
             let json = log.format == sidecar_config::LogFormat::Json;
             crate::access_log::write(session, ctx, e, status, json);
         }
@@ -603,7 +605,7 @@ impl Sidecar {
             }
             ctx.answered(status, took);
         }
-        if status < 400 && !upstream_response.headers.contains_key("grpc-status") {
+        if status < 400 && !upstream_response.headers.contains_key(&GRPC_STATUS) {
             return Ok(());
         }
         let Some(route) = &ctx.route else {
@@ -631,7 +633,7 @@ impl Sidecar {
                 .get(http::header::WWW_AUTHENTICATE)
                 .map(|v| v.as_bytes()),
             retry_after,
-            grpc_status: headers.get("grpc-status").map(|v| v.as_bytes()),
+            grpc_status: headers.get(&GRPC_STATUS).map(|v| v.as_bytes()),
         };
         let state = ctx.attempt(body_whole(session));
         let policy = Policy {
@@ -682,12 +684,13 @@ impl Sidecar {
     }
 }
 
-/// Correlates the request with the upstream's logs: the client's `X-Request-Id` or `traceparent`
-/// (both passed on as they are), or a new random `X-Request-Id`, set on the request so that
-/// every attempt and replay carries it.
+/// Correlates the request's access line with the upstream's logs: the client's `X-Request-Id`
+/// or `traceparent` (both passed on as they are), or a new random `X-Request-Id`, set on the
+/// request so that every attempt and replay carries it. Only asked for when access lines are
+/// written: an id that is logged nowhere would cost every request a header for nothing.
 fn request_id(session: &mut Session) -> String {
     let headers = &session.req_header().headers;
-    for name in [X_REQUEST_ID.as_str(), "traceparent"] {
+    for name in [&X_REQUEST_ID, &TRACEPARENT] {
         if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
             if !v.is_empty() {
                 return v.to_string();
@@ -703,6 +706,10 @@ fn request_id(session: &mut Session) -> String {
 
 /// The request id header the sidecar adds when the client sent none.
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+/// W3C trace context: a request id the client already has.
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+/// A gRPC answer's status, which says more than its HTTP status.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// Pingora can resend the request body from its own retry buffer: all of it was read and it
 /// fit (or there was none).

@@ -222,6 +222,20 @@ async fn access_log_false_turns_access_lines_off_and_a_reload_turns_them_on() {
     let access = access_lines(&lines);
     assert_eq!(access.len(), 1, "{lines:#?}");
     assert_eq!(access[0]["path"], "/loud");
+    // A request id is made up only for an access line: none went upstream while they were off,
+    // and the logged one did.
+    let ids: Vec<Option<String>> = api
+        .requests()
+        .iter()
+        .map(|r| r.header("x-request-id").map(str::to_owned))
+        .collect();
+    assert_eq!(ids[..3], [None, None, None], "{ids:?}");
+    assert_eq!(
+        ids[3].as_deref(),
+        access[0]["request_id"].as_str(),
+        "{ids:?}"
+    );
+    assert_eq!(ids[3].as_ref().map(String::len), Some(32), "{ids:?}");
 }
 
 /// `log.access_log: false` should silence every access line, also those of answers the sidecar
