@@ -272,10 +272,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// `GET /bench` with an optional `Authorization` header.
 pub fn bench_request(addr: SocketAddr, authorization: Option<&str>) -> Vec<u8> {
+    get_request(addr, "/bench", authorization)
+}
+
+/// `GET path` with an optional `Authorization` header.
+pub fn get_request(addr: SocketAddr, path: &str, authorization: Option<&str>) -> Vec<u8> {
     let auth = authorization
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
-    format!("GET /bench HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sidecar-bench\r\n{auth}\r\n")
+    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sidecar-bench\r\n{auth}\r\n")
         .into_bytes()
 }
 
@@ -291,16 +296,21 @@ pub struct Outcome {
     pub replayed: Histogram,
     /// Latencies of answers not marked as replayed.
     pub plain: Histogram,
+    /// Latencies of 2xx answers.
+    pub ok_latency: Histogram,
     pub elapsed: Duration,
     pub first_error: Option<String>,
 }
 
 impl Outcome {
-    fn add(&mut self, r: &io::Result<Reply>, took: Duration) {
+    pub(crate) fn add(&mut self, r: &io::Result<Reply>, took: Duration) {
         match r {
             Ok(reply) => {
                 match reply.status {
-                    200..=299 => self.ok += 1,
+                    200..=299 => {
+                        self.ok += 1;
+                        self.ok_latency.record(took);
+                    }
                     401 => self.status_401 += 1,
                     _ => self.other_status += 1,
                 }
@@ -320,7 +330,7 @@ impl Outcome {
         }
     }
 
-    fn merge(&mut self, o: &Outcome) {
+    pub(crate) fn merge(&mut self, o: &Outcome) {
         self.ok += o.ok;
         self.status_401 += o.status_401;
         self.other_status += o.other_status;
@@ -328,6 +338,7 @@ impl Outcome {
         self.latency.merge(&o.latency);
         self.replayed.merge(&o.replayed);
         self.plain.merge(&o.plain);
+        self.ok_latency.merge(&o.ok_latency);
         if self.first_error.is_none() {
             self.first_error.clone_from(&o.first_error);
         }

@@ -4,6 +4,7 @@
 
 mod load;
 mod procs;
+mod replicas;
 mod scenarios;
 mod soak;
 mod tools;
@@ -46,8 +47,8 @@ pub struct Args {
     /// How many connections `--profile` uses.
     #[arg(long, default_value_t = 16)]
     pub profile_conns: usize,
-    /// Run only these scenarios, comma separated: numbers 1-5 or names (throughput, storm,
-    /// replay, rate, memory, soak). The soak runs only when named here, never with --smoke.
+    /// Run only these scenarios, comma separated: numbers 1-6 or names (throughput, storm,
+    /// replay, rate, memory, replicas, soak). The soak runs only when named here, never with --smoke.
     #[arg(long, value_delimiter = ',', value_parser = Scenario::parse)]
     pub only: Vec<Scenario>,
     /// How long the soak runs, in seconds.
@@ -80,6 +81,7 @@ pub struct Plan {
     pub rate_per_s: u32,
     pub memory_conns: Vec<usize>,
     pub soak: Duration,
+    pub replicas: replicas::ReplicasPlan,
     pub watchdog: Duration,
 }
 
@@ -98,6 +100,7 @@ impl Plan {
                 rate_per_s: 500,
                 memory_conns: vec![200, 1000],
                 soak: Duration::from_secs(args.soak_secs),
+                replicas: replicas::ReplicasPlan::smoke(),
                 watchdog: Duration::from_secs(240),
             };
         }
@@ -113,6 +116,7 @@ impl Plan {
             rate_per_s: 1000,
             memory_conns: vec![1000, 10_000],
             soak: Duration::from_secs(args.soak_secs),
+            replicas: replicas::ReplicasPlan::quick(),
             watchdog: Duration::from_secs(30 * 60),
         };
         if args.quick {
@@ -126,6 +130,7 @@ impl Plan {
             warm: Duration::from_secs(2),
             replay_run: Duration::from_secs(20),
             rate_run: Duration::from_secs(60),
+            replicas: replicas::ReplicasPlan::full(),
             watchdog: Duration::from_secs(90 * 60),
             ..quick
         }
@@ -298,7 +303,7 @@ fn main() -> ExitCode {
     code
 }
 
-/// The scenarios to run: those of `--only`, or 1-5. The soak is refused with `--smoke`.
+/// The scenarios to run: those of `--only`, or 1-6. The soak is refused with `--smoke`.
 fn selection(args: &Args) -> Result<Vec<Scenario>, String> {
     if args.only.is_empty() {
         return Ok(Scenario::DEFAULT.to_vec());
@@ -528,7 +533,12 @@ mod tests {
             vec![Scenario::Storm, Scenario::Memory, Scenario::Soak]
         );
         assert!(selection(&args(&["--smoke", "--only", "soak"])).is_err());
-        for bad in ["0", "6", "soakk", ""] {
+        assert_eq!(
+            selection(&args(&["--only", "replicas,6"])).unwrap(),
+            vec![Scenario::Replicas, Scenario::Replicas]
+        );
+        assert!(Scenario::DEFAULT.contains(&Scenario::Replicas));
+        for bad in ["0", "7", "soakk", ""] {
             assert!(
                 Args::try_parse_from(["sidecar-bench", "--only", bad]).is_err(),
                 "{bad:?}"

@@ -1,4 +1,4 @@
-//! The five benchmark scenarios and their Markdown tables.
+//! The six benchmark scenarios and their Markdown tables.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use sidecar_mocks::{IdpConfig, MockIdp, TokenRegistry};
 
 use crate::load::{self, Histogram, Percentiles};
 use crate::procs::{self, Proc, Scratch};
+use crate::replicas;
 use crate::soak;
 use crate::tools;
 use crate::upstream::{self, Upstream};
@@ -39,27 +40,30 @@ pub enum Scenario {
     Replay,
     RateLimit,
     Memory,
+    Replicas,
     Soak,
 }
 
 impl Scenario {
     /// Every scenario, in running order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Throughput,
         Scenario::Storm,
         Scenario::Replay,
         Scenario::RateLimit,
         Scenario::Memory,
+        Scenario::Replicas,
         Scenario::Soak,
     ];
 
     /// What runs without `--only`.
-    pub const DEFAULT: [Scenario; 5] = [
+    pub const DEFAULT: [Scenario; 6] = [
         Scenario::Throughput,
         Scenario::Storm,
         Scenario::Replay,
         Scenario::RateLimit,
         Scenario::Memory,
+        Scenario::Replicas,
     ];
 
     /// The number it has in bench/README.md and the tables (the soak has none).
@@ -70,6 +74,7 @@ impl Scenario {
             Scenario::Replay => Some(3),
             Scenario::RateLimit => Some(4),
             Scenario::Memory => Some(5),
+            Scenario::Replicas => Some(6),
             Scenario::Soak => None,
         }
     }
@@ -82,6 +87,7 @@ impl Scenario {
             Scenario::Replay => "replay",
             Scenario::RateLimit => "rate",
             Scenario::Memory => "memory",
+            Scenario::Replicas => "replicas",
             Scenario::Soak => "soak",
         }
     }
@@ -93,6 +99,7 @@ impl Scenario {
             Scenario::Replay => "replay cost",
             Scenario::RateLimit => "rate-limit accuracy",
             Scenario::Memory => "memory",
+            Scenario::Replicas => "replicas sharing one Redis",
             Scenario::Soak => "soak",
         }
     }
@@ -105,7 +112,7 @@ impl Scenario {
         }
     }
 
-    /// Parses one `--only` item: a number (1-5) or a name (`soak`, `storm`, ...).
+    /// Parses one `--only` item: a number (1-6) or a name (`soak`, `storm`, ...).
     pub fn parse(text: &str) -> Result<Scenario, String> {
         let text = text.trim();
         Scenario::ALL
@@ -117,7 +124,7 @@ impl Scenario {
             .ok_or_else(|| {
                 let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
                 format!(
-                    "unknown scenario {text:?}: use 1-5 or a name ({})",
+                    "unknown scenario {text:?}: use 1-6 or a name ({})",
                     names.join(", ")
                 )
             })
@@ -129,7 +136,7 @@ impl Scenario {
 pub(crate) struct World {
     pub(crate) idp: MockIdp,
     pub(crate) registry: TokenRegistry,
-    upstream: Upstream,
+    pub(crate) upstream: Upstream,
     pub(crate) scratch: Scratch,
     idp_rt: Option<tokio::runtime::Runtime>,
 }
@@ -351,7 +358,7 @@ async fn ready(addr: SocketAddr, authorization: Option<&str>) -> Result<(), Stri
     Err(format!("{addr} is not answering 200: {last}"))
 }
 
-/// What a run produced: the report of scenarios 1-5 (empty if none ran) and the soak's section
+/// What a run produced: the report of scenarios 1-6 (empty if none ran) and the soak's section
 /// (if it ran), which goes to its own file.
 #[derive(Default)]
 pub struct Report {
@@ -386,6 +393,7 @@ pub async fn run_all(env: &Env, selected: &[Scenario]) -> (Report, Vec<String>) 
             Scenario::Replay => Box::pin(replay(env, &world)),
             Scenario::RateLimit => Box::pin(rate_limit(env, &world)),
             Scenario::Memory => Box::pin(memory(env, &world)),
+            Scenario::Replicas => Box::pin(replicas::run(env, &world)),
             Scenario::Soak => Box::pin(soak::run(env, &world)),
         };
         let (label, title) = (scenario.label(), scenario.title());

@@ -391,7 +391,7 @@ fn tally(sent: &[Sent]) -> BTreeMap<Kind, Tally> {
 }
 
 /// `GET path` on `addr`: the body of a 200 answer (bounded in size by [`Conn`] and in time).
-async fn get_text(addr: SocketAddr, path: &str) -> Result<String, String> {
+pub(crate) async fn get_text(addr: SocketAddr, path: &str) -> Result<String, String> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let exchange = async {
         let mut c = Conn::connect(addr).await?;
@@ -414,7 +414,7 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 
 /// The series of counter `metric` in a Prometheus text page, keyed by the values of `labels`
 /// joined with a space.
-fn counters(page: &str, metric: &str, labels: &[&str]) -> BTreeMap<String, f64> {
+pub(crate) fn counters(page: &str, metric: &str, labels: &[&str]) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for line in page.lines() {
         let Some(rest) = line.strip_prefix(metric) else {

@@ -57,6 +57,18 @@ pub fn wrk() -> Option<PathBuf> {
     on_path("wrk")
 }
 
+/// Debian's `redis-server` (scenario 6). Not installed here: `tests/tools/install` installs it
+/// with the other real components (tests/tools/apt.txt); missing, the scenario fails naming it.
+pub fn redis_server() -> Result<PathBuf, String> {
+    find(&["/usr/bin/redis-server"])
+        .or_else(|| on_path("redis-server"))
+        .ok_or_else(|| {
+            "redis-server is missing: install Debian's `redis-server` package \
+             (`tests/tools/install` does)"
+                .into()
+        })
+}
+
 /// nginx, installed (nginx-light, else nginx) if missing.
 pub fn nginx() -> Result<PathBuf, String> {
     let locate = || find(&["/usr/sbin/nginx", "/usr/bin/nginx"]).or_else(|| on_path("nginx"));
