@@ -11,8 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::load::{self, Conn, Histogram, Outcome, Percentiles};
@@ -88,10 +86,7 @@ impl ReplicasPlan {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A real redis-server and a tiny RESP client for PING and INFO.
-
-/// Largest Redis reply read (`INFO all` is ~6 KiB).
-const MAX_REPLY: usize = 1 << 20;
+// A real redis-server, asked for PING and INFO through the `redis` crate.
 
 /// A running `redis-server` (registered with [`procs`], stopped on drop).
 struct RedisServer {
@@ -109,106 +104,26 @@ async fn start_redis(w: &World) -> Result<RedisServer, String> {
     let proc = procs::spawn("redis-server", cmd, &log, false)?;
     procs::wait_port(addr, proc.pid, Duration::from_secs(10))
         .map_err(|e| format!("redis-server: {e}"))?;
-    match command(addr, &["PING"]).await? {
-        Resp::Simple(s) if s == "PONG" => Ok(RedisServer { _proc: proc, addr }),
+    match command::<String>(addr, redis::cmd("PING")).await? {
+        pong if pong == "PONG" => Ok(RedisServer { _proc: proc, addr }),
         other => Err(format!("redis-server answered PING with {other:?}")),
     }
 }
 
-/// One RESP reply, as much as PING and INFO need.
-#[derive(Debug, PartialEq, Eq)]
-enum Resp {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-}
-
-/// Parses the one reply at the start of `buf`: `None` while incomplete; an error for a reply
-/// this client does not read (arrays), a malformed one, or a bulk string over [`MAX_REPLY`].
-fn parse_reply(buf: &[u8]) -> Result<Option<Resp>, String> {
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-        if buf.len() > MAX_REPLY {
-            return Err("reply line too long".into());
-        }
-        return Ok(None);
-    };
-    let (kind, line) = match buf.split_first() {
-        Some((k, _)) => (*k, String::from_utf8_lossy(&buf[1..end]).into_owned()),
-        None => return Ok(None),
-    };
-    match kind {
-        b'+' => Ok(Some(Resp::Simple(line))),
-        b'-' => Ok(Some(Resp::Error(line))),
-        b':' => line
-            .parse()
-            .map(|n| Some(Resp::Int(n)))
-            .map_err(|_| format!("bad integer reply {line:?}")),
-        b'$' => {
-            let len: i64 = line
-                .parse()
-                .map_err(|_| format!("bad bulk length {line:?}"))?;
-            if len < 0 {
-                return Ok(Some(Resp::Bulk(None)));
-            }
-            let len = usize::try_from(len).map_err(|_| "bad bulk length".to_string())?;
-            if len > MAX_REPLY {
-                return Err(format!("bulk reply of {len} bytes is too large"));
-            }
-            let start = end + 2;
-            if buf.len() < start + len + 2 {
-                return Ok(None);
-            }
-            if &buf[start + len..start + len + 2] != b"\r\n" {
-                return Err("bulk reply without its terminator".into());
-            }
-            Ok(Some(Resp::Bulk(Some(buf[start..start + len].to_vec()))))
-        }
-        other => Err(format!("unexpected reply type {:?}", char::from(other))),
-    }
-}
-
-/// `args` as a RESP array of bulk strings.
-fn encode(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
-/// Sends one command on a fresh connection and reads its reply (bounded: 5 s, [`MAX_REPLY`]).
-async fn command(addr: SocketAddr, args: &[&str]) -> Result<Resp, String> {
+/// Sends one command on a fresh connection and reads its reply, within 5 s.
+async fn command<T: redis::FromRedisValue>(addr: SocketAddr, cmd: redis::Cmd) -> Result<T, String> {
     let exchange = async {
-        let mut s = TcpStream::connect(addr)
+        let client = redis::Client::open(format!("redis://{addr}/")).map_err(|e| e.to_string())?;
+        let mut con = client
+            .get_multiplexed_async_connection()
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        s.write_all(&encode(args))
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut buf = Vec::with_capacity(8192);
-        loop {
-            if let Some(reply) = parse_reply(&buf)? {
-                return Ok(reply);
-            }
-            if buf.len() > MAX_REPLY + 64 {
-                return Err("reply too large".to_string());
-            }
-            let n = s
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                return Err("connection closed before the reply".to_string());
-            }
-        }
+            .map_err(|e| e.to_string())?;
+        cmd.query_async(&mut con).await.map_err(|e| e.to_string())
     };
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
-        .map_err(|_| format!("redis {}: timed out", args.join(" ")))?
-        .map_err(|e| format!("redis {}: {e}", args.join(" ")))
+        .map_err(|_| "redis: timed out".to_string())?
+        .map_err(|e| format!("redis: {e}"))
 }
 
 /// What Redis counts: commands processed (those run inside scripts included) and calls per
@@ -281,31 +196,29 @@ impl RedisCounters {
 }
 
 async fn redis_counters(addr: SocketAddr) -> Result<RedisCounters, String> {
-    match command(addr, &["INFO", "all"]).await? {
-        Resp::Bulk(Some(text)) => Ok(parse_info(&String::from_utf8_lossy(&text))),
-        other => Err(format!("redis INFO answered {other:?}")),
-    }
+    let mut info = redis::cmd("INFO");
+    info.arg("all");
+    let text: String = command(addr, info).await?;
+    Ok(parse_info(&text))
 }
 
 // ---------------------------------------------------------------------------------------------
 // The sidecars
 
-/// The value of the first `"key":N` in a JSON text (the admin status has one provider, so one
-/// `generation`).
-fn json_u64(text: &str, key: &str) -> Option<u64> {
-    let pat = format!("\"{key}\":");
-    let at = text.find(&pat)? + pat.len();
-    let rest = text[at..].trim_start();
-    let digits: &str = &rest[..rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len())];
-    digits.parse().ok()
+/// The generation of provider `bench` in an admin status answer.
+fn generation_in(status: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(status).ok()?;
+    v["providers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["provider"] == "bench")?["generation"]
+        .as_u64()
 }
 
 /// The generation of provider `bench` of one sidecar.
 async fn generation(s: &Sidecar) -> Result<u64, String> {
     let text = soak::get_text(s.admin, "/v1/token/status").await?;
-    json_u64(&text, "generation").ok_or_else(|| format!("no generation in the status: {text}"))
+    generation_in(&text).ok_or_else(|| format!("no generation in the status: {text}"))
 }
 
 /// Waits (bounded by `deadline`) until sidecar `s` holds generation `want` or later.
@@ -822,67 +735,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replies_are_parsed_whole_or_not_at_all() {
-        assert_eq!(
-            parse_reply(b"+PONG\r\n").unwrap(),
-            Some(Resp::Simple("PONG".into()))
-        );
-        assert_eq!(
-            parse_reply(b"-ERR nope\r\n").unwrap(),
-            Some(Resp::Error("ERR nope".into()))
-        );
-        assert_eq!(parse_reply(b":42\r\n").unwrap(), Some(Resp::Int(42)));
-        assert_eq!(parse_reply(b"$-1\r\n").unwrap(), Some(Resp::Bulk(None)));
-        assert_eq!(
-            parse_reply(b"$5\r\nhello\r\n").unwrap(),
-            Some(Resp::Bulk(Some(b"hello".to_vec())))
-        );
-        for partial in [
-            &b""[..],
-            b"+PON",
-            b"$5\r\nhel",
-            b"$5\r\nhello",
-            b"$5\r\nhello\r",
-        ] {
-            assert_eq!(parse_reply(partial).unwrap(), None, "{partial:?}");
-        }
-        for bad in [
-            &b"*1\r\n$4\r\nPING\r\n"[..],
-            b":x\r\n",
-            b"$x\r\n",
-            b"$5\r\nhelloXY",
-            b"$99999999999\r\n",
-        ] {
-            assert!(parse_reply(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(
-            encode(&["INFO", "all"]),
-            b"*2\r\n$4\r\nINFO\r\n$3\r\nall\r\n".to_vec()
-        );
-    }
-
-    #[test]
-    fn arbitrary_bytes_never_panic_the_reply_parser() {
-        // A cheap deterministic fuzz (bench has no proptest): every prefix of every mutation
-        // of valid replies.
-        let seeds: [&[u8]; 4] = [b"+PONG\r\n", b"$5\r\nhello\r\n", b":-7\r\n", b"$-1\r\n"];
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..3000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let mut v = seeds[(x % 4) as usize].to_vec();
-            let at = (x >> 8) as usize % v.len();
-            v[at] = (x >> 16) as u8;
-            for end in 0..=v.len() {
-                let _ = parse_reply(&v[..end]);
-            }
-        }
-        // A line that never ends is refused once it outgrows the bound.
-        assert!(parse_reply(&vec![b'+'; MAX_REPLY + 2]).is_err());
-    }
-
-    #[test]
     fn info_counters_and_their_difference() {
         let before = parse_info(
             "# Stats\r\ntotal_connections_received:3\r\ntotal_commands_processed:10\r\n\
@@ -910,10 +762,17 @@ mod tests {
     #[test]
     fn generation_from_the_status() {
         let text = r#"{"providers":[{"provider":"bench","state":"valid","generation": 17,"ttl_seconds":2}]}"#;
-        assert_eq!(json_u64(text, "generation"), Some(17));
-        assert_eq!(json_u64(text, "missing"), None);
-        assert_eq!(json_u64(r#"{"generation":null}"#, "generation"), None);
-        assert_eq!(json_u64(r#"{"generation":"#, "generation"), None);
+        assert_eq!(generation_in(text), Some(17));
+        let other = r#"{"providers":[{"provider":"other","generation":3}]}"#;
+        assert_eq!(generation_in(other), None);
+        assert_eq!(
+            generation_in(r#"{"providers":[{"provider":"bench","generation":null}]}"#),
+            None
+        );
+        assert_eq!(
+            generation_in(r#"{"providers":[{"provider":"bench","generation":"#),
+            None
+        );
     }
 
     #[test]
