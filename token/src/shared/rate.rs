@@ -6,11 +6,11 @@
 //! upstream sees stays within the rule.
 //!
 //! A dropped cell is still spent from the shared budget, so a lease is sized to the replica's
-//! own traffic ([`next_lease`]): one cell at first, doubled while the replica's requests outrun
-//! their lease, cut to what was spent when cells went unused. A replica with a trickle of
-//! requests then takes one cell per request, and replicas sharing a rule below its rate are all
-//! admitted. When Redis says no cell is free before some instant, the replica remembers it and
-//! answers until then without asking again.
+//! own traffic ([`next_lease`]): what it spent of its last lease, scaled to 50 ms, at least one
+//! cell and at most 50 ms worth of the rule. Cells are spendable for 50 ms from the lease. A
+//! replica with a trickle of requests then takes a cell or two at a time, and replicas sharing
+//! a rule below its rate are all admitted. When Redis says no cell is free before some instant,
+//! the replica remembers it and answers until then without asking again.
 //!
 //! While Redis is down, each replica applies its share of the rule instead: the rate and the
 //! burst divided by the number of replicas it last saw in Redis, so the replicas together still
@@ -107,25 +107,21 @@ struct Pool {
     /// Leased cells left, spendable until `until`.
     cells: u32,
     until: Option<Instant>,
-    /// The size of the last lease asked for (0: none yet).
-    size: u32,
+    /// The last lease: when it was granted and how many cells.
+    leased_at: Option<Instant>,
+    granted: u32,
     /// Redis said no cell is free before this instant.
     closed_until: Option<Instant>,
 }
 
-/// The size of the next lease, from the last one (`last` cells; 0 before the first): `left` of
-/// them went unspent, or it ran out `early`, before its cells' time was up. Doubled while the
-/// replica's traffic outruns its leases, cut to what was spent when cells went unused (each one
-/// was taken from the shared budget for nothing), kept otherwise; between 1 and `max`.
-fn next_lease(last: u32, left: u32, early: bool, max: u32) -> u32 {
-    let next = if early {
-        last.saturating_mul(2)
-    } else if left > 0 {
-        last.saturating_sub(left)
-    } else {
-        last
-    };
-    next.clamp(1, max.max(1))
+/// The size of the next lease: the rate at which the replica spent its last lease (`spent`
+/// cells in `elapsed`) over [`LEASE_SPAN`], at least 1 and at most `max`. A cell leased and not
+/// spent was taken from the shared budget for nothing: the lease follows this replica's own
+/// traffic, not the rule's rate.
+fn next_lease(spent: u32, elapsed: Duration, max: u32) -> u32 {
+    let elapsed = elapsed.as_micros().max(1000);
+    let want = (u128::from(spent) * LEASE_SPAN.as_micros()).div_ceil(elapsed);
+    want.clamp(1, u128::from(max.max(1))) as u32
 }
 
 /// What a shared rule says about one request.
@@ -215,8 +211,14 @@ impl SharedRule {
                 tokio::time::sleep_until(at).await;
                 continue;
             }
-            let want = next_lease(pool.size, pool.cells, live, self.lease);
-            pool.size = want;
+            let want = match pool.leased_at {
+                Some(at) => next_lease(
+                    pool.granted.saturating_sub(pool.cells),
+                    now - at,
+                    self.lease,
+                ),
+                None => 1,
+            };
             let (key, interval, tolerance) = (
                 self.key.clone(),
                 self.interval.as_micros() as u64,
@@ -237,11 +239,13 @@ impl SharedRule {
             match answer {
                 Ok((granted, _)) if granted > 0 => {
                     let granted = u32::try_from(granted).unwrap_or(1).min(want);
+                    let now = Instant::now();
                     pool.cells = granted - 1;
-                    pool.size = granted;
+                    pool.granted = granted;
+                    pool.leased_at = Some(now);
                     pool.closed_until = None;
-                    // Cells not spent on their own schedule are dropped: no hoarding.
-                    pool.until = Some(Instant::now() + self.interval.saturating_mul(granted));
+                    // Cells not spent within the lease's span are dropped: no hoarding.
+                    pool.until = Some(now + LEASE_SPAN);
                     return SharedAdmission::Go {
                         waited: Instant::now() - started,
                     };
@@ -249,6 +253,7 @@ impl SharedRule {
                 Ok((_, wait_us)) => {
                     let wait = Duration::from_micros(wait_us.max(1)).min(Duration::from_secs(3600));
                     pool.cells = 0;
+                    pool.granted = 0;
                     pool.closed_until = Some(Instant::now() + wait);
                 }
                 Err(_) => {
@@ -324,22 +329,22 @@ mod tests {
 
     #[test]
     fn lease_sizes_follow_the_replicas_own_traffic() {
-        // last, left unspent, ran out early, max, expected, why.
+        let ms = Duration::from_millis;
+        // spent of the last lease, over how long, max, expected, why.
         #[rustfmt::skip]
-        let table: &[(u32, u32, bool, u32, u32, &str)] = &[
-            (0, 0, false, 15, 1, "the first lease is one cell"),
-            (1, 0, true, 15, 2, "outrun: doubled"),
-            (8, 0, true, 15, 15, "doubled up to the most 50 ms of the rate allow"),
-            (15, 0, true, 15, 15, "at the most"),
-            (8, 0, false, 15, 8, "all spent in time: kept"),
-            (8, 5, false, 15, 3, "five went unused: cut to the three spent"),
-            (8, 8, false, 15, 1, "none spent (cells expired): one"),
-            (1, 1, false, 15, 1, "never below one"),
-            (0, 0, true, 0, 1, "a degenerate maximum still leases one"),
-            (u32::MAX, 0, true, 15, 15, "no overflow"),
+        let table: &[(u32, Duration, u32, u32, &str)] = &[
+            (0, ms(50), 15, 1, "nothing spent (a refusal, cells expired): one"),
+            (1, ms(100), 15, 1, "a request every 100 ms: one cell"),
+            (1, ms(13), 15, 4, "a request every 13 ms: four per 50 ms"),
+            (4, ms(50), 15, 4, "spent in step with the span: kept"),
+            (10, ms(5), 15, 15, "a burst: at most 50 ms of the rule"),
+            (3, Duration::ZERO, 15, 15, "no time at all counts as 1 ms"),
+            (1, Duration::from_secs(3600), 15, 1, "idle for an hour: one"),
+            (u32::MAX, ms(1), 15, 15, "no overflow"),
+            (5, ms(10), 0, 1, "a degenerate maximum still leases one"),
         ];
-        for (last, left, early, max, want, why) in table {
-            assert_eq!(next_lease(*last, *left, *early, *max), *want, "{why}");
+        for (spent, elapsed, max, want, why) in table {
+            assert_eq!(next_lease(*spent, *elapsed, *max), *want, "{why}");
         }
     }
 
