@@ -359,7 +359,7 @@ pub async fn request_within(c: &mut Conn, request: &[u8], limit: Duration) -> io
 /// One request of a load loop, recorded in `out`: on `conn`, connecting first if there is none,
 /// bounded by `limit(start of the request)`. The connection is kept unless the request failed or
 /// the server closes it. Returns false if it could not connect.
-async fn send_one(
+pub async fn send_one(
     conn: &mut Option<Conn>,
     addr: SocketAddr,
     request: &[u8],

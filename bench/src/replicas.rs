@@ -378,22 +378,8 @@ fn trickle(
                         _ = stop.wait_for(|s| *s) => break,
                         _ = tick.tick() => {}
                     }
-                    let mut c = match conn.take() {
-                        Some(c) => c,
-                        None => match Conn::connect(addr).await {
-                            Ok(c) => c,
-                            Err(e) => {
-                                out.add(&Err(e), Duration::ZERO);
-                                continue;
-                            }
-                        },
-                    };
-                    let t = Instant::now();
-                    let r = load::request_within(&mut c, &req, Duration::from_secs(10)).await;
-                    out.add(&r, t.elapsed());
-                    if r.is_ok_and(|r| !r.close) {
-                        conn = Some(c);
-                    }
+                    let limit = |_| Duration::from_secs(10);
+                    load::send_one(&mut conn, addr, &req, limit, &mut out).await;
                 }
                 out
             })

@@ -583,8 +583,8 @@ fn offer(
     })
 }
 
-#[tokio::test]
-async fn a_shared_rate_limit_holds_for_three_replicas_together() {
+/// Three replicas sharing the rule `shared50` (50/s, burst 5, reject) on `/limited`.
+async fn limited_fleet() -> Fleet {
     let mut fleet = Fleet::new(Duration::from_secs(3600)).await;
     let rule = "rate_limits:\n  - { name: shared50, upstream: api, rate: 50/1s, burst: 5, mode: reject }\n";
     for i in 0..3 {
@@ -593,6 +593,12 @@ async fn a_shared_rate_limit_holds_for_three_replicas_together() {
         wait_valid(&sc).await;
         fleet.sidecars.push(sc);
     }
+    fleet
+}
+
+#[tokio::test]
+async fn a_shared_rate_limit_holds_for_three_replicas_together() {
+    let fleet = limited_fleet().await;
     // Each replica is offered 3x the rule (150/s), paced.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load: Vec<_> = fleet
@@ -642,14 +648,7 @@ async fn a_shared_rate_limit_holds_for_three_replicas_together() {
 /// would drop unspent while the shared budget paid for them.
 #[tokio::test]
 async fn traffic_within_a_shared_rule_spread_over_three_replicas_is_all_admitted() {
-    let mut fleet = Fleet::new(Duration::from_secs(3600)).await;
-    let rule = "rate_limits:\n  - { name: shared50, upstream: api, rate: 50/1s, burst: 5, mode: reject }\n";
-    for i in 0..3 {
-        let yaml = format!("{}{rule}", fleet.yaml(i, &Settings::default()));
-        let sc = Sidecar::start_with_env(&yaml, &[]).await;
-        wait_valid(&sc).await;
-        fleet.sidecars.push(sc);
-    }
+    let fleet = limited_fleet().await;
     // 10 requests a second to each (30/s in all, 60 % of the rule), 30 each.
     let load: Vec<_> = fleet
         .sidecars
