@@ -72,20 +72,20 @@ impl<A> Limited<A> {
     }
 
     /// A place among the open connections, if fewer than `max` are open.
-    fn slot(&self, max: usize) -> Option<Slot<'_, A>> {
+    fn slot(self: &Arc<Self>, max: usize) -> Option<Slot<A>> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= max {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         self.gauge.increment(1.0);
-        Some(Slot(self))
+        Some(Slot(Arc::clone(self)))
     }
 }
 
 /// One open connection of a [`Limited`] app; given back on drop.
-struct Slot<'a, A>(&'a Limited<A>);
+struct Slot<A>(Arc<Limited<A>>);
 
-impl<A> Drop for Slot<'_, A> {
+impl<A> Drop for Slot<A> {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
         self.0.gauge.decrement(1.0);
@@ -105,13 +105,34 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
             return None;
         }
         let limits = self.sidecar.live.load().config.downstream;
-        let Some(_slot) = self.slot(limits.max_connections) else {
+        let Some(slot) = self.slot(limits.max_connections) else {
             self.refused.increment(1);
             // Boxed: its 4 KiB drain buffer would otherwise be part of every connection's
             // future, refused or not.
             Box::pin(refuse(stream, limits.max_connections)).await;
             return None;
         };
+        // Served on a task of its own: Pingora's task for the connection holds its TLS
+        // handshake's state inline (~10 KB, even on a plain-TCP listener) for as long as it runs,
+        // so it ends here and the connection's life costs only what serving it needs
+        // (bench/PROFILE.md §8.4). It runs on this thread's runtime, where Pingora put it.
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let limited = Arc::clone(&slot.0);
+            limited.serve(stream, limits, &shutdown).await;
+            drop(slot);
+        });
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.app.http_cleanup().await;
+    }
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> Limited<A> {
+    /// Serves one client connection to its end.
+    async fn serve(self: &Arc<Self>, stream: Stream, limits: Downstream, shutdown: &ShutdownWatch) {
         let mut guarded = Box::new(Guarded::new(stream, limits));
         // Pingora builds the whole request path's future (tens of KB, bench/PROFILE.md §8.3) as
         // soon as it gets the stream: a client that connects and sends nothing would hold that
@@ -127,7 +148,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
         .await
         .is_err()
         {
-            return None;
+            return;
         }
         let http1 = !(h2c && first == *H2_PREFACE)
             && guarded.get_ssl_digest().is_none()
@@ -138,7 +159,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
             while let Some(stream) = next {
                 next = A::process_new(&self.app, stream, shutdown).await;
             }
-            return None;
+            return;
         }
         // HTTP/1: Pingora's keep-alive loop (`ServerApp for HttpServerApp`), except that between
         // two requests only the stream waits for the next one's first bytes; Pingora's request
@@ -149,20 +170,17 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
             .process_new_http(self.first_session(guarded, shutdown), shutdown)
             .await;
         while let Some((stream, carried)) = reused.map(ReusedHttpStream::consume) {
-            let mut guarded: Box<Guarded> = stream.into_any().downcast().ok()?;
+            let Ok(mut guarded) = stream.into_any().downcast::<Guarded>() else {
+                return;
+            };
             if !guarded.next_request(shutdown).await {
-                return None;
+                return;
             }
             reused = self
                 .app
                 .process_new_http(next_session(guarded, carried), shutdown)
                 .await;
         }
-        None
-    }
-
-    async fn cleanup(&self) {
-        self.app.http_cleanup().await;
     }
 }
 
