@@ -62,6 +62,10 @@ pub struct Routes {
 /// The authority of an absolute-form request target (`http://host:port/path`), from the raw
 /// request line: proxies may normalise the parsed URI to its path.
 pub fn absolute_form_authority(raw_target: &[u8]) -> Option<&str> {
+    // The origin form (`/path`), what nearly every request has: no scheme to look for.
+    if raw_target.first() == Some(&b'/') {
+        return None;
+    }
     let text = std::str::from_utf8(raw_target).ok()?;
     let scheme_end = text.find("://")?;
     let scheme = &text[..scheme_end];

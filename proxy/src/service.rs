@@ -75,11 +75,13 @@ impl Sidecar {
 
 #[async_trait]
 impl ProxyHttp for Sidecar {
-    type CTX = Ctx;
+    /// Boxed: Pingora keeps the context inside its request future, which it moves several
+    /// times per request; a pointer is copied instead of the whole context.
+    type CTX = Box<Ctx>;
 
     /// Pingora's error lines summarise the request with its raw target; the query may carry a
     /// token (browser SignalR clients), so only method, path and host are shown.
-    fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
+    fn request_summary(&self, session: &Session, _ctx: &Box<Ctx>) -> String {
         let req = session.req_header();
         let host = req
             .headers
@@ -89,16 +91,16 @@ impl ProxyHttp for Sidecar {
         format!("{} {}, Host: {host}", req.method, req.uri.path())
     }
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx::new(self.app.enter())
+    fn new_ctx(&self) -> Box<Ctx> {
+        Box::new(Ctx::new(self.app.enter()))
     }
 
-    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Box<Ctx>) -> Result<()> {
         crate::connection::head_received(session);
         Ok(())
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
         if crate::access_log::enabled(&self.app.live.load().config.log) {
             ctx.request_id = Some(request_id(session));
         }
@@ -258,7 +260,11 @@ impl ProxyHttp for Sidecar {
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Box<Ctx>,
+    ) -> Result<Box<HttpPeer>> {
         // Backoff or Retry-After of the previous attempt, if it failed transiently.
         if let Some(delay) = ctx.next_attempt_after.take() {
             tokio::time::sleep(delay).await;
@@ -305,7 +311,7 @@ impl ProxyHttp for Sidecar {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         ctx.attempts += 1;
         ctx.retry_buffer_next = ctx.attempts > 1;
@@ -327,7 +333,7 @@ impl ProxyHttp for Sidecar {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         if std::mem::take(&mut ctx.retry_buffer_next) {
             // Pingora's retry buffer: bytes already copied on the first attempt.
@@ -348,7 +354,7 @@ impl ProxyHttp for Sidecar {
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         self.inspect_response(session, upstream_response, ctx)
             .await?;
@@ -370,7 +376,7 @@ impl ProxyHttp for Sidecar {
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
-        ctx: &Ctx,
+        ctx: &Box<Ctx>,
         error: &Error,
         _context: ProxyWarnLogContext,
     ) -> bool {
@@ -384,7 +390,7 @@ impl ProxyHttp for Sidecar {
     /// cannot be reached or does not answer in time is logged here instead, at WARN, once a
     /// second per upstream and cause with the count of the failures not logged (a down
     /// upstream under load would otherwise write a line per request).
-    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &Box<Ctx>, error: &Error) -> bool {
         if *error.etype() == OWN_REPLAY
             || *error.etype() == CHECK_BODY
             || *error.etype() == UNRESOLVED
@@ -415,7 +421,7 @@ impl ProxyHttp for Sidecar {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut Ctx,
+        _ctx: &mut Box<Ctx>,
         client_reused: bool,
     ) -> Box<Error> {
         if *e.etype() == RETRY {
@@ -441,7 +447,7 @@ impl ProxyHttp for Sidecar {
         &self,
         _session: &mut Session,
         peer: &HttpPeer,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         mut e: Box<Error>,
     ) -> Box<Error> {
         let failure = match e.etype() {
@@ -489,7 +495,12 @@ impl ProxyHttp for Sidecar {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Box<Ctx>,
+    ) -> FailToProxy {
         if (*e.etype() == OWN_REPLAY || *e.etype() == CHECK_BODY)
             && session.response_written().is_none()
         {
@@ -555,7 +566,7 @@ impl ProxyHttp for Sidecar {
         }
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<Ctx>) {
         crate::connection::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
