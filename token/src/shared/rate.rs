@@ -1,14 +1,13 @@
 //! Rate limits held across replicas: GCRA state in Redis, advanced by a Lua script on the
 //! server's clock (`TIME`), so every replica's requests draw from one budget. A replica leases
 //! a few cells at a time (at most 50 ms worth of the rate) so Redis is not called for every
-//! request; a leased cell not spent within its share of the emission schedule is dropped, so
-//! no replica can hoard capacity and release it later as a burst: the combined rate the
-//! upstream sees stays within the rule.
+//! request; a leased cell not spent within 50 ms of its lease is dropped, so no replica can
+//! hoard capacity and release it later as a burst: the combined rate the upstream sees stays
+//! within the rule.
 //!
 //! A dropped cell is still spent from the shared budget, so a lease is sized to the replica's
 //! own traffic ([`next_lease`]): what it spent of its last lease, scaled to 50 ms, at least one
-//! cell and at most 50 ms worth of the rule. Cells are spendable for 50 ms from the lease. A
-//! replica with a trickle of requests then takes a cell or two at a time, and replicas sharing
+//! cell and at most 50 ms worth of the rule. A replica with a trickle of requests then takes a cell or two at a time, and replicas sharing
 //! a rule below its rate are all admitted. When Redis says no cell is free before some instant,
 //! the replica remembers it and answers until then without asking again.
 //!
