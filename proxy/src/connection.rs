@@ -683,10 +683,31 @@ pub fn request_done(session: &Session) {
 /// only means the connection is left to Pingora's own keep-alive wait.
 fn wire_size(session: &Session) -> Option<u64> {
     let down = session.as_downstream();
-    if down.req_header().raw_path().contains(&b'%') {
+    if may_be_escaped(down.req_header().raw_path()) {
         return None;
     }
     Some((down.to_h1_raw().len() + down.body_bytes_read()) as u64)
+}
+
+/// Whether Pingora may have percent-escaped `target`. It escapes the controls, space, `"`, `<`,
+/// `>`, DEL and non-ASCII bytes of a request line it could not parse otherwise, as `%XX` with
+/// upper-case digits; a target with no such code is exactly what the client sent. (A client's
+/// own `%20` looks the same and is counted as unknown too.)
+fn may_be_escaped(target: &[u8]) -> bool {
+    fn upper_hex(d: u8) -> Option<u8> {
+        match d {
+            b'0'..=b'9' => Some(d - b'0'),
+            b'A'..=b'F' => Some(d - b'A' + 10),
+            _ => None,
+        }
+    }
+    target.windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (upper_hex(w[1]), upper_hex(w[2])),
+                (Some(hi), Some(lo)) if matches!(hi << 4 | lo, 0..=0x20 | 0x22 | 0x3C | 0x3E | 0x7F..)
+            )
+    })
 }
 
 #[cfg(test)]

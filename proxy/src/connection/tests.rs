@@ -319,3 +319,32 @@ async fn bytes_pingora_may_already_hold_are_never_waited_for() {
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(g.served.load(Ordering::Acquire), UNCOUNTED);
 }
+
+/// Only the codes Pingora's escaping writes make a request's size unknown; the `%2F`, `%3D` and
+/// lower-case codes clients send every day do not.
+#[test]
+fn targets_pingora_may_have_escaped() {
+    #[rustfmt::skip]
+    let table: &[(&str, bool)] = &[
+        ("/a/b", false),
+        ("/a%2Fb?q=%3D&r=%26", false),
+        ("/%e2%a2%ac", false),
+        ("/%e2%82%ac", true),
+        ("/a%2", false),
+        ("/a%", false),
+        ("/%7E", false),
+        ("/%3c", false),
+        ("/a%20b", true),
+        ("/q?x=a%20", true),
+        ("/%22", true),
+        ("/%3C", true),
+        ("/%3E", true),
+        ("/%1F", true),
+        ("/%00", true),
+        ("/%7F", true),
+        ("/%E2%82%AC", true),
+    ];
+    for (target, want) in table {
+        assert_eq!(may_be_escaped(target.as_bytes()), *want, "{target}");
+    }
+}
