@@ -658,6 +658,8 @@ async fn traffic_within_a_shared_rule_spread_over_three_replicas_is_all_admitted
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let mut tick = tokio::time::interval(Duration::from_millis(100));
+                // A stalled runner must not turn missed ticks into a burst.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut refused = 0;
                 for _ in 0..30 {
                     tick.tick().await;
