@@ -583,6 +583,51 @@ fn offer(
     })
 }
 
+/// What the upstream saw of a paced load ([`offer`]) over a window.
+struct Seen {
+    /// The window's length and the upstream's rate in it, per second.
+    seconds: f64,
+    rate: f64,
+    /// Requests the load sent in all.
+    offered: u64,
+}
+
+impl Seen {
+    /// Once `warm` more requests reached the upstream (the initial bursts are past), counts
+    /// what it sees over `window`; then stops the load.
+    async fn measure(
+        fleet: &Fleet,
+        warm: usize,
+        window: Duration,
+        stop: tokio::sync::watch::Sender<bool>,
+        load: Vec<tokio::task::JoinHandle<u64>>,
+    ) -> Seen {
+        let before = fleet.api.count();
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                let n = fleet.api.count();
+                async move { n >= before + warm }
+            },
+            || format!("no traffic reached the upstream\n{}", fleet.logs()),
+        )
+        .await;
+        let (start, first) = (std::time::Instant::now(), fleet.api.count());
+        tokio::time::sleep(window).await;
+        let (seconds, last) = (start.elapsed().as_secs_f64(), fleet.api.count());
+        let _ = stop.send(true);
+        let mut offered = 0;
+        for l in load {
+            offered += l.await.unwrap();
+        }
+        Seen {
+            seconds,
+            rate: (last - first) as f64 / seconds,
+            offered,
+        }
+    }
+}
+
 /// Three replicas sharing the rule `shared50` (50/s, burst 5, reject) on `/limited`.
 async fn limited_fleet() -> Fleet {
     let mut fleet = Fleet::new(Duration::from_secs(3600)).await;
@@ -607,31 +652,10 @@ async fn a_shared_rate_limit_holds_for_three_replicas_together() {
         .map(|sc| offer(sc.url("/limited"), 150, stopped.clone()))
         .collect();
     // Past the initial burst, count what the upstream saw over a 20 s window.
-    let warm = std::time::Instant::now();
-    wait_until(
-        Duration::from_secs(10),
-        || {
-            let n = fleet.api.count();
-            async move { n >= 100 }
-        },
-        || format!("no traffic reached the upstream\n{}", fleet.logs()),
-    )
-    .await;
-    let _ = warm;
-    let start = (std::time::Instant::now(), fleet.api.count());
-    let window = Duration::from_secs(20);
-    while start.0.elapsed() < window {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let end = (std::time::Instant::now(), fleet.api.count());
-    let _ = stop.send(true);
-    let mut offered = 0;
-    for l in load {
-        offered += l.await.unwrap();
-    }
-    let seconds = end.0.duration_since(start.0).as_secs_f64();
-    let rate = (end.1 - start.1) as f64 / seconds;
-    let offered_rate = offered as f64 / warm.elapsed().as_secs_f64() / 3.0;
+    let started = std::time::Instant::now();
+    let seen = Seen::measure(&fleet, 100, Duration::from_secs(20), stop, load).await;
+    let (seconds, rate) = (seen.seconds, seen.rate);
+    let offered_rate = seen.offered as f64 / started.elapsed().as_secs_f64() / 3.0;
     eprintln!("shared rule 50/s over {seconds:.1} s: upstream saw {rate:.2}/s; offered {offered_rate:.1}/s per replica");
     assert!(
         offered_rate > 100.0,
@@ -716,30 +740,9 @@ async fn with_redis_down_two_replicas_share_the_rule_between_them() {
         .map(|sc| offer(sc.url("/alone"), 150, stopped.clone()))
         .collect();
     // Past the initial bursts, count what the upstream saw over a 10 s window.
-    let before = fleet.api.count();
-    wait_until(
-        Duration::from_secs(10),
-        || {
-            let n = fleet.api.count();
-            async move { n >= before + 50 }
-        },
-        || format!("no traffic reached the upstream\n{}", fleet.logs()),
-    )
-    .await;
-    let start = (std::time::Instant::now(), fleet.api.count());
-    let window = Duration::from_secs(10);
-    while start.0.elapsed() < window {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let end = (std::time::Instant::now(), fleet.api.count());
-    let _ = stop.send(true);
-    let mut offered = 0;
-    for l in load {
-        offered += l.await.unwrap();
-    }
-    let seconds = end.0.duration_since(start.0).as_secs_f64();
-    let rate = (end.1 - start.1) as f64 / seconds;
-    let offered_rate = offered as f64 / started.elapsed().as_secs_f64() / 2.0;
+    let seen = Seen::measure(&fleet, 50, Duration::from_secs(10), stop, load).await;
+    let (seconds, rate) = (seen.seconds, seen.rate);
+    let offered_rate = seen.offered as f64 / started.elapsed().as_secs_f64() / 2.0;
     eprintln!("redis down, shared rule 50/s over {seconds:.1} s: upstream saw {rate:.2}/s; offered {offered_rate:.1}/s per replica");
     assert!(
         offered_rate > 100.0,
