@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sidecar_mocks::{MockUpstream, UpstreamConfig};
-use support::{free_port, wait_until, Scratch, Sidecar};
+use support::{free_port, get_status, wait_until, Scratch, Sidecar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -223,15 +223,7 @@ async fn sigterm_turns_readiness_off_keeps_serving_for_the_delay_then_drains_and
     ))
     .await;
     let client = fresh_client();
-    assert_eq!(
-        client
-            .get(sc.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get_status(&client, sc.admin_url("/readyz")).await, 200);
 
     // A slow request, in flight when SIGTERM comes.
     let slow = {
@@ -285,15 +277,7 @@ async fn sigterm_turns_readiness_off_keeps_serving_for_the_delay_then_drains_and
     .await;
     assert!(!slow.is_finished(), "the slow request ended early");
     // The admin listener keeps serving during the drain.
-    assert_eq!(
-        client
-            .get(sc.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(get_status(&client, sc.admin_url("/readyz")).await, 503);
 
     // Released: the in-flight request completes, and the process exits 0 at once.
     upstream.release.send(true).unwrap();
