@@ -101,7 +101,8 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
-        if crate::access_log::enabled(&self.app.live.load().config.log) {
+        let live = self.app.live.load_full();
+        if crate::access_log::enabled(&live.config.log) {
             ctx.request_id = Some(request_id(session));
         }
         if self.app.is_closing() {
@@ -109,7 +110,6 @@ impl ProxyHttp for Sidecar {
             // and its connection closed after it.
             session.set_keepalive(None);
         }
-        let live = self.app.live.load_full();
         let req = session.req_header();
         let h2 = session.as_downstream().is_http2();
         let host = req
