@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrayvec::ArrayVec;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason, StreamKind};
@@ -12,6 +13,9 @@ use sidecar_token::Token;
 use crate::app::{InflightGuard, Live, UpstreamRt};
 use crate::errors::LocalAnswer;
 use crate::streams::{OpenStream, StreamSlot};
+
+/// How many upstream statuses the access line lists at most.
+const MAX_STATUSES: usize = 32;
 
 /// The route a request took: the config it runs under and its upstream there.
 #[derive(Clone)]
@@ -123,8 +127,10 @@ pub struct Ctx {
     /// The client's `X-Request-Id` or `traceparent`, or the `X-Request-Id` the sidecar made up
     /// and sent upstream; for the access log.
     pub(crate) request_id: Option<String>,
-    /// The status of each upstream answer, in order (replays and retries included).
-    pub(crate) upstream_statuses: Vec<u16>,
+    /// The status of each upstream answer, in order (replays and retries included). Held in
+    /// the context itself: most requests get one answer, and a list on the heap cost each of
+    /// them an allocation.
+    pub(crate) upstream_statuses: ArrayVec<u16, MAX_STATUSES>,
     /// Time spent waiting for upstream answers' headers, all attempts together.
     pub(crate) upstream_time: Duration,
     /// The request asks for a stream (WebSocket upgrade, `Accept: text/event-stream`): its
@@ -171,7 +177,7 @@ impl Ctx {
             addrs: None,
             connect_failures: 0,
             request_id: None,
-            upstream_statuses: Vec::new(),
+            upstream_statuses: ArrayVec::new(),
             upstream_time: Duration::ZERO,
             stream_request: None,
             stream_slot: None,
@@ -183,9 +189,7 @@ impl Ctx {
     pub(crate) fn answered(&mut self, status: u16, took: Duration) {
         // Bounded by replay.max_attempts and retry.max_attempts; a cap keeps the line short
         // whatever they are set to.
-        if self.upstream_statuses.len() < 32 {
-            self.upstream_statuses.push(status);
-        }
+        let _ = self.upstream_statuses.try_push(status);
         self.upstream_time = self.upstream_time.saturating_add(took);
     }
 
