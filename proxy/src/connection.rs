@@ -23,7 +23,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -165,6 +165,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> Limited<A> {
         // two requests only the stream waits for the next one's first bytes; Pingora's request
         // future exists while a request is read and served. (Each session is built in the
         // call's arguments: kept in a variable it would be part of this future, 680 bytes.)
+        // Subscribed once for the connection: a shutdown from here on is a change it sees.
+        // (Already shutting down, the first session is not kept alive.)
+        let mut stopping = shutdown.clone();
         let mut reused = self
             .app
             .process_new_http(self.first_session(guarded, shutdown), shutdown)
@@ -173,7 +176,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Limited<A> {
             let Ok(mut guarded) = stream.into_any().downcast::<Guarded>() else {
                 return;
             };
-            if !guarded.next_request(shutdown).await {
+            if !guarded.next_request(&mut stopping).await {
                 return;
             }
             reused = self
@@ -277,6 +280,8 @@ pub struct Guarded {
     deadline: Option<Instant>,
     /// Armed only when a read has to wait: most reads find their bytes ready.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The task the timer wakes (it was polled from there).
+    timer_task: Option<Waker>,
     /// Bytes of the current head have arrived (a timeout then deserves a 408).
     head_started: bool,
     timed_out: bool,
@@ -305,6 +310,7 @@ impl Guarded {
             seen: None,
             deadline: None,
             timer: None,
+            timer_task: None,
             head_started: false,
             timed_out: false,
             rewound: Vec::new(),
@@ -321,12 +327,14 @@ impl Guarded {
     /// Pipelining: if Pingora was handed more bytes than the requests it served, it may hold the
     /// start of the next request already (and the client may send nothing more until it is
     /// answered), so there is nothing to wait for here: Pingora reads on by itself.
-    async fn next_request(&mut self, shutdown: &ShutdownWatch) -> bool {
+    ///
+    /// `shutdown` is the connection's own receiver, subscribed before its first request (the
+    /// only change it sees is the start of the shutdown).
+    async fn next_request(&mut self, shutdown: &mut ShutdownWatch) -> bool {
         if !self.rewound.is_empty() || self.delivered != self.served.load(Ordering::Acquire) {
             return true;
         }
-        let mut shutdown = shutdown.clone();
-        if *shutdown.borrow() {
+        if shutdown.has_changed().unwrap_or(true) {
             return false;
         }
         let read = std::future::poll_fn(|cx| self.poll_next_request(cx));
@@ -412,13 +420,37 @@ impl Guarded {
         self.deadline
     }
 
-    /// Whether `deadline` has passed; registers the waker for it otherwise.
+    /// Whether `deadline` has passed; otherwise makes sure this task is woken by then.
+    ///
+    /// Every request moves the deadline later, and moving a timer costs more than the rest of
+    /// the wait, so the timer is left where it is while it would fire no later than the
+    /// deadline: when it fires early, the deadline is checked and the timer set again (once per
+    /// `header_timeout` on a busy connection, not once per request). Nor is it polled again
+    /// while it is set for this task already.
     fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() != deadline {
+        if timer.deadline() > deadline {
             timer.as_mut().reset(deadline);
+        } else if timer.is_elapsed() {
+            if timer.deadline() == deadline {
+                return true;
+            }
+            timer.as_mut().reset(deadline);
+        } else if self
+            .timer_task
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return false;
+        }
+        if !self
+            .timer_task
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.timer_task = Some(cx.waker().clone());
         }
         timer.as_mut().poll(cx).is_ready()
     }

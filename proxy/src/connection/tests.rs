@@ -222,7 +222,7 @@ const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 #[tokio::test(start_paused = true)]
 async fn the_wait_for_the_next_request_ends_at_its_first_bytes_and_keeps_them() {
     let (mut g, mut client) = guarded();
-    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
     serve(&mut g, &mut client, GET).await;
     let start = Instant::now();
     let sender = tokio::spawn(async move {
@@ -230,7 +230,7 @@ async fn the_wait_for_the_next_request_ends_at_its_first_bytes_and_keeps_them() 
         client.write_all(b"GET /next").await.unwrap();
         client
     });
-    assert!(g.next_request(&shutdown).await);
+    assert!(g.next_request(&mut shutdown).await);
     assert_eq!(start.elapsed(), Duration::from_secs(8));
     assert!(g.rewound.capacity() > 0);
     let (kind, got) = read_until_error(&mut g).await;
@@ -241,17 +241,64 @@ async fn the_wait_for_the_next_request_ends_at_its_first_bytes_and_keeps_them() 
     assert!(written(g, client).await.starts_with("HTTP/1.1 408 "));
 }
 
+/// The timer is not moved when a deadline moves later (every request moves it): it fires
+/// early, and the connection is still closed at its own deadline, not at the timer's. A
+/// deadline that moves earlier moves the timer.
+#[tokio::test(start_paused = true)]
+async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
+    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (mut g, mut client) = guarded();
+    serve(&mut g, &mut client, GET).await;
+    let start = Instant::now();
+    // The wait arms the timer for IDLE; the next request comes at 8 s.
+    let sender = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        client.write_all(GET).await.unwrap();
+        client
+    });
+    assert!(g.next_request(&mut shutdown).await);
+    let client = sender.await.unwrap();
+    let mut got = vec![0u8; GET.len()];
+    g.read_exact(&mut got).await.unwrap();
+    g.set_phase(Phase::Request);
+    g.set_phase(Phase::Idle);
+    g.count_served(Some(GET.len() as u64));
+    // Idle again from 8 s: the timer fires at IDLE, the connection closes at 8 s + IDLE.
+    assert!(!g.next_request(&mut shutdown).await);
+    assert_eq!(start.elapsed(), Duration::from_secs(8) + IDLE);
+    drop(client);
+
+    // The timer set for IDLE; a head starts at 1 s and must end by 1 s + HEADER, sooner.
+    let (mut g, mut client) = guarded();
+    serve(&mut g, &mut client, GET).await;
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        client.write_all(b"GE").await.unwrap();
+        client
+    });
+    assert!(g.next_request(&mut shutdown).await);
+    let (kind, got) = read_until_error(&mut g).await;
+    assert_eq!(
+        (kind, got.as_slice()),
+        (io::ErrorKind::TimedOut, &b"GE"[..])
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(1) + HEADER);
+    let client = sender.await.unwrap();
+    assert!(written(g, client).await.starts_with("HTTP/1.1 408 "));
+}
+
 /// The read-ahead buffer exists only while the bytes in it wait to be read.
 #[tokio::test(start_paused = true)]
 async fn a_waiting_connection_holds_no_read_ahead_buffer() {
     let (mut g, mut client) = guarded();
-    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
     serve(&mut g, &mut client, GET).await;
-    let waited = timeout(Duration::from_secs(1), g.next_request(&shutdown)).await;
+    let waited = timeout(Duration::from_secs(1), g.next_request(&mut shutdown)).await;
     assert!(waited.is_err(), "the wait ended: {waited:?}");
     assert_eq!(g.rewound.capacity(), 0);
     client.write_all(GET).await.unwrap();
-    assert!(g.next_request(&shutdown).await);
+    assert!(g.next_request(&mut shutdown).await);
     let mut got = vec![0u8; GET.len()];
     g.read_exact(&mut got).await.unwrap();
     assert_eq!(got, GET);
@@ -260,12 +307,12 @@ async fn a_waiting_connection_holds_no_read_ahead_buffer() {
 
 #[tokio::test(start_paused = true)]
 async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown() {
-    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
     // Silent: closed at the idle timeout, with nothing written.
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     let start = Instant::now();
-    assert!(!g.next_request(&shutdown).await);
+    assert!(!g.next_request(&mut shutdown).await);
     assert_eq!(start.elapsed(), IDLE);
     assert_eq!(written(g, client).await, "");
     // The client closed its end.
@@ -273,10 +320,10 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
     serve(&mut g, &mut client, GET).await;
     drop(client);
     let start = Instant::now();
-    assert!(!g.next_request(&shutdown).await);
+    assert!(!g.next_request(&mut shutdown).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     // The sidecar shuts down while the connection waits.
-    let (tx, shutdown) = tokio::sync::watch::channel(false);
+    let (tx, mut shutdown) = tokio::sync::watch::channel(false);
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     let start = Instant::now();
@@ -285,10 +332,17 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
         tx.send(true).unwrap();
         tx
     });
-    assert!(!g.next_request(&shutdown).await);
+    assert!(!g.next_request(&mut shutdown).await);
     assert_eq!(start.elapsed(), Duration::from_secs(2));
-    // Already shutting down: no wait at all.
-    assert!(!g.next_request(&stop.await.unwrap().subscribe()).await);
+    drop(stop.await.unwrap());
+    // The shutdown began before the wait (the connection subscribed before it): no wait.
+    let (tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (mut g, mut client) = guarded();
+    serve(&mut g, &mut client, GET).await;
+    tx.send(true).unwrap();
+    let start = Instant::now();
+    assert!(!g.next_request(&mut shutdown).await);
+    assert_eq!(start.elapsed(), Duration::ZERO);
 }
 
 /// Pipelining: when Pingora was handed more bytes than the requests it served, it may hold the
@@ -297,7 +351,7 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
 /// the wire could not be counted.
 #[tokio::test(start_paused = true)]
 async fn bytes_pingora_may_already_hold_are_never_waited_for() {
-    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
     let (mut g, mut client) = guarded();
     let mut two = GET.to_vec();
     two.extend_from_slice(b"GET /second HTTP/1.1\r\n\r\n");
@@ -307,7 +361,7 @@ async fn bytes_pingora_may_already_hold_are_never_waited_for() {
     g.set_phase(Phase::Idle);
     g.count_served(Some(GET.len() as u64));
     let start = Instant::now();
-    assert!(g.next_request(&shutdown).await);
+    assert!(g.next_request(&mut shutdown).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert!(g.rewound.is_empty());
 
@@ -315,7 +369,7 @@ async fn bytes_pingora_may_already_hold_are_never_waited_for() {
     serve(&mut g, &mut client, GET).await;
     g.count_served(None);
     g.count_served(Some(GET.len() as u64));
-    assert!(g.next_request(&shutdown).await);
+    assert!(g.next_request(&mut shutdown).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(g.served.load(Ordering::Acquire), UNCOUNTED);
 }
