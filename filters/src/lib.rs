@@ -9,6 +9,7 @@ mod answer;
 mod authz;
 mod breaker;
 mod fresh;
+mod headers;
 mod inject;
 mod path;
 mod ratelimit;
@@ -24,6 +25,7 @@ pub use answer::{
 pub use authz::{client_authorization, AuthzDecision};
 pub use breaker::{Breaker, BreakerVerdict};
 pub use fresh::{fresh_enough, required_ttl};
+pub use headers::{AnswerHeaders, ClientHeaders, EXPECTED_DURATION, GRPC_STATUS};
 pub use inject::{query_with_token, redact_query};
 pub use path::{normalize, PathError};
 pub use ratelimit::{
@@ -50,4 +52,4 @@ pub fn describe_metrics() {
         "How long delayed requests waited for their rate-limit rule, by rule"
     );
 }
-pub use stream::{requested as requested_stream, started as started_stream, StreamKind};
+pub use stream::{started as started_stream, StreamKind};

@@ -2,8 +2,10 @@
 //! is bounded by its silence (`timeouts.stream_idle`), not by the read timeout of ordinary
 //! answers, counts against `max_streams`, and its token must outlive `upgrade.min_ttl`.
 
-use http::header::{ACCEPT, CONNECTION, CONTENT_TYPE, UPGRADE};
+use http::header::{ACCEPT, CONNECTION, UPGRADE};
+#[cfg(test)]
 use http::HeaderMap;
+use http::{HeaderName, HeaderValue};
 
 /// The kind of a long-lived connection (the `kind` label of the stream metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,11 +26,42 @@ impl StreamKind {
     }
 }
 
-/// Whether a request asks for a stream: a WebSocket upgrade (`Upgrade: websocket` with
+/// What a request's headers say about a stream, gathered header by header (in the one walk of
+/// [`crate::ClientHeaders::read`]): a WebSocket upgrade (`Upgrade: websocket` with
 /// `Connection: upgrade`), or an event stream (`Accept` naming `text/event-stream`). Such a
 /// request is held to `max_streams` and `upgrade.min_ttl` before it is sent, and its upstream
 /// connection is bounded by `stream_idle` instead of `read`.
-pub fn requested(headers: &HeaderMap) -> Option<StreamKind> {
+#[derive(Debug, Default)]
+pub(crate) struct Ask {
+    websocket: bool,
+    upgrade: bool,
+    sse: bool,
+}
+
+impl Ask {
+    /// Notes one header (any header; the ones that say nothing are passed over).
+    pub(crate) fn see(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == UPGRADE {
+            self.websocket |= has_token(value.as_bytes(), b"websocket");
+        } else if name == CONNECTION {
+            self.upgrade |= has_token(value.as_bytes(), b"upgrade");
+        } else if name == ACCEPT {
+            self.sse |= has_media_type(value.as_bytes(), b"text/event-stream");
+        }
+    }
+
+    /// The stream asked for, once every header was seen.
+    pub(crate) fn kind(&self) -> Option<StreamKind> {
+        if self.websocket && self.upgrade {
+            return Some(StreamKind::WebSocket);
+        }
+        self.sse.then_some(StreamKind::Sse)
+    }
+}
+
+/// The same question asked with lookups by name: the meaning [`Ask`] keeps.
+#[cfg(test)]
+pub(crate) fn requested_by_lookups(headers: &HeaderMap) -> Option<StreamKind> {
     let upgrade = headers
         .get_all(UPGRADE)
         .iter()
@@ -47,15 +80,14 @@ pub fn requested(headers: &HeaderMap) -> Option<StreamKind> {
     sse.then_some(StreamKind::Sse)
 }
 
-/// Whether an answer starts a stream: 101 Switching Protocols, or a 2xx `text/event-stream`.
-pub fn started(status: u16, headers: &HeaderMap) -> Option<StreamKind> {
+/// Whether an answer starts a stream: 101 Switching Protocols, or a 2xx `text/event-stream`
+/// (`content_type`: the answer's first `Content-Type`).
+pub fn started(status: u16, content_type: Option<&HeaderValue>) -> Option<StreamKind> {
     if status == 101 {
         return Some(StreamKind::WebSocket);
     }
     let sse = (200..300).contains(&status)
-        && headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| has_media_type(v.as_bytes(), b"text/event-stream"));
+        && content_type.is_some_and(|v| has_media_type(v.as_bytes(), b"text/event-stream"));
     sse.then_some(StreamKind::Sse)
 }
 
@@ -77,7 +109,6 @@ fn has_media_type(value: &[u8], media: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
     use proptest::prelude::*;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -124,21 +155,28 @@ mod tests {
             ),
         ];
         for (pairs, want) in cases {
-            assert_eq!(requested(&headers(pairs)), *want, "{pairs:?}");
+            let h = headers(pairs);
+            let mut ask = Ask::default();
+            for (name, value) in &h {
+                ask.see(name, value);
+            }
+            assert_eq!(ask.kind(), *want, "{pairs:?}");
+            assert_eq!(requested_by_lookups(&h), *want, "{pairs:?}");
         }
     }
 
     #[test]
     fn answers_that_start_a_stream() {
-        let sse = headers(&[("content-type", "text/event-stream; charset=utf-8")]);
-        let json = headers(&[("content-type", "application/json")]);
+        let sse = HeaderValue::from_static("text/event-stream; charset=utf-8");
+        let json = HeaderValue::from_static("application/json");
         let cases = [
-            (101, &json, Some(StreamKind::WebSocket)),
-            (200, &sse, Some(StreamKind::Sse)),
-            (200, &json, None),
+            (101, Some(&json), Some(StreamKind::WebSocket)),
+            (200, Some(&sse), Some(StreamKind::Sse)),
+            (200, Some(&json), None),
+            (200, None, None),
             // An error page in the stream's media type is not a stream.
-            (500, &sse, None),
-            (304, &sse, None),
+            (500, Some(&sse), None),
+            (304, Some(&sse), None),
         ];
         for (status, h, want) in cases {
             assert_eq!(started(status, h), want, "{status} {h:?}");
@@ -154,14 +192,17 @@ mod tests {
             if let Ok(value) = HeaderValue::from_bytes(&v) {
                 let mut h = HeaderMap::new();
                 h.insert(ACCEPT, value.clone());
-                h.insert(CONTENT_TYPE, value.clone());
                 h.insert(UPGRADE, value.clone());
-                h.insert(CONNECTION, value);
+                h.insert(CONNECTION, value.clone());
                 let has = |needle: &[u8]| v.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
-                if requested(&h).is_some() {
+                let mut ask = Ask::default();
+                for (name, value) in &h {
+                    ask.see(name, value);
+                }
+                if ask.kind().is_some() {
                     prop_assert!(has(b"text/event-stream") || has(b"websocket"));
                 }
-                if started(200, &h).is_some() {
+                if started(200, Some(&value)).is_some() {
                     prop_assert!(has(b"text/event-stream"));
                 }
             }

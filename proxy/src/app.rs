@@ -282,9 +282,11 @@ impl UpstreamRt {
         addrs: &[SocketAddr],
         start: usize,
         attempt: usize,
-    ) -> Option<HttpPeer> {
+    ) -> Option<Box<HttpPeer>> {
         let i = crate::dns::address_index(start, attempt, addrs.len())?;
-        let mut peer = self.peer.clone();
+        // Boxed at once, as Pingora takes it: the peer is a large value, and each move of it
+        // on the way there was a copy.
+        let mut peer = Box::new(self.peer.clone());
         peer._address = pingora::protocols::l4::socket::SocketAddr::Inet(addrs[i]);
         Some(peer)
     }

@@ -12,16 +12,12 @@ use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use pingora::http::RequestHeader;
 use sidecar_config::Inject;
-use sidecar_filters::query_with_token;
+use sidecar_filters::{query_with_token, EXPECTED_DURATION};
 use sidecar_token::Token;
 
 use crate::app::UpstreamRt;
 use crate::ctx::Ctx;
 use crate::errors::LocalAnswer;
-
-/// Request header asking for a token that lasts the whole of a long operation.
-pub(crate) const EXPECTED_DURATION: HeaderName =
-    HeaderName::from_static("x-sidecar-expected-duration");
 
 /// Answer header with the number of replays, when `replay.debug_header` is on.
 pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("x-sidecar-replayed");

@@ -8,22 +8,23 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, HOST};
+use http::header::HOST;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{ErrorSource, ErrorType};
 use sidecar_filters::{
     absolute_form_authority, after_connect_failure, after_response, client_authorization,
-    replayable, requested_stream, retry_after_of, started_stream, Admission, Answer, AuthzDecision,
-    BreakerVerdict, ConnectFailure, ErrorClass, Policy, RateRequest, RequestView, Route, Step,
+    replayable, retry_after_of, started_stream, Admission, Answer, AnswerHeaders, AuthzDecision,
+    BreakerVerdict, ClientHeaders, ConnectFailure, ErrorClass, Policy, RateRequest, RequestView,
+    Route, Step, EXPECTED_DURATION,
 };
 use sidecar_token::SharedAdmission;
 
 use crate::app::App;
 use crate::ctx::{Ctx, ReplayBody, Routed};
 use crate::errors::LocalAnswer;
-use crate::outgoing::{self, EXPECTED_DURATION, REPLAYED};
+use crate::outgoing::{self, REPLAYED};
 use crate::waiting::{next_token, swap_refused_token, token_for, token_for_stream};
 
 /// The proxy service.
@@ -112,9 +113,10 @@ impl ProxyHttp for Sidecar {
         }
         let req = session.req_header();
         let h2 = session.as_downstream().is_http2();
-        let host = req
-            .headers
-            .get(HOST)
+        let cfg = &live.config.replay;
+        let seen = ClientHeaders::read(&req.headers, &cfg.idempotency_header);
+        let host = seen
+            .host
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri.authority().map(|a| a.as_str()));
         let view = RequestView {
@@ -154,8 +156,7 @@ impl ProxyHttp for Sidecar {
         let inject = match &up.tokens {
             None => None,
             Some(source) => {
-                let has_own = req.headers.contains_key(AUTHORIZATION);
-                match client_authorization(up.config.client_authorization, has_own) {
+                match client_authorization(up.config.client_authorization, seen.authorization) {
                     AuthzDecision::Reject => {
                         let answer = LocalAnswer::client_authorization();
                         return self.answer(session, ctx, answer).await;
@@ -205,9 +206,8 @@ impl ProxyHttp for Sidecar {
                 }
             }
         }
-        let req = session.req_header();
         // A stream holds its connections for long: bounded in number, counted while it lives.
-        ctx.stream_request = requested_stream(&req.headers);
+        ctx.stream_request = seen.stream;
         if ctx.stream_request.is_some() {
             match self.app.streams.slot(live.config.max_streams) {
                 Some(slot) => ctx.stream_slot = Some(slot),
@@ -218,23 +218,18 @@ impl ProxyHttp for Sidecar {
                 }
             }
         }
-        let req = session.req_header();
-        let cfg = &live.config.replay;
-        let declared = req
-            .headers
-            .get(http::header::CONTENT_LENGTH)
+        let declared = seen
+            .content_length
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         // The key only matters for methods that are not idempotent by themselves.
-        let has_key = !cfg.idempotent_methods.contains(&req.method)
-            && req.headers.contains_key(&cfg.idempotency_header);
+        let has_key = !cfg.idempotent_methods.contains(&req.method) && seen.idempotency_key;
         ctx.replay = replayable(&req.method, has_key, declared, up.config.replay, cfg);
         ctx.body = ReplayBody::new(cfg.max_body);
-        let expected_header = req.headers.get(EXPECTED_DURATION);
         // Never forwarded, whatever the route.
-        ctx.expected_header = expected_header.is_some();
+        ctx.expected_header = seen.expected_duration.is_some();
         if let Some(source) = inject {
-            let expected = match expected_header {
+            let expected = match seen.expected_duration {
                 None => None,
                 Some(v) => match v.to_str().ok().map(sidecar_config::parse_duration) {
                     Some(Ok(d)) => Some(d),
@@ -269,7 +264,7 @@ impl ProxyHttp for Sidecar {
         if let Some(delay) = ctx.next_attempt_after.take() {
             tokio::time::sleep(delay).await;
         }
-        let Some(route) = ctx.route.clone() else {
+        let Some(route) = &ctx.route else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
         let up = route.up();
@@ -278,7 +273,7 @@ impl ProxyHttp for Sidecar {
             tokio::time::sleep_until(until).await;
         }
         // ... or that asked another replica sharing the account (bounded like our own holds).
-        let shared = ctx.route.as_ref().and_then(|r| r.live().shared.clone());
+        let shared = route.live().shared.as_ref();
         if let Some(until) = shared.and_then(|s| s.held_until(&up.config.name)) {
             let cap =
                 tokio::time::Instant::now() + self.app.live.load().config.retry.max_retry_after;
@@ -304,7 +299,7 @@ impl ProxyHttp for Sidecar {
             // stream waits for its head, and then for each read, up to `stream_idle`.
             peer.options.read_timeout = Some(up.config.stream_idle_timeout);
         }
-        Ok(Box::new(peer))
+        Ok(peer)
     }
 
     async fn upstream_request_filter(
@@ -356,10 +351,11 @@ impl ProxyHttp for Sidecar {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        self.inspect_response(session, upstream_response, ctx)
+        let seen = AnswerHeaders::read(&upstream_response.headers);
+        self.inspect_response(session, upstream_response, &seen, ctx)
             .await?;
         let status = upstream_response.status.as_u16();
-        if let Some(kind) = started_stream(status, &upstream_response.headers) {
+        if let Some(kind) = started_stream(status, seen.content_type) {
             ctx.stream = ctx.up().map(|up| up.streams.start(kind));
         }
         // The answer goes to the client. (Done here rather than in `response_filter`: one hook
@@ -604,7 +600,8 @@ impl Sidecar {
     async fn inspect_response(
         &self,
         session: &mut Session,
-        upstream_response: &mut ResponseHeader,
+        upstream_response: &ResponseHeader,
+        seen: &AnswerHeaders<'_>,
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
@@ -616,17 +613,16 @@ impl Sidecar {
             }
             ctx.answered(status, took);
         }
-        if status < 400 && !upstream_response.headers.contains_key(&GRPC_STATUS) {
+        if status < 400 && seen.grpc_status.is_none() {
             return Ok(());
         }
         let Some(route) = &ctx.route else {
             return Ok(());
         };
         let (live, up) = (route.live(), route.up());
-        let headers = &upstream_response.headers;
         let retry_after = retry_after_of(
             status,
-            headers.get(http::header::RETRY_AFTER).map(|v| v.as_bytes()),
+            seen.retry_after.map(|v| v.as_bytes()),
             SystemTime::now(),
         );
         if let Some(d) = retry_after {
@@ -640,11 +636,9 @@ impl Sidecar {
         }
         let answer = Answer {
             status,
-            www_authenticate: headers
-                .get(http::header::WWW_AUTHENTICATE)
-                .map(|v| v.as_bytes()),
+            www_authenticate: seen.www_authenticate.map(|v| v.as_bytes()),
             retry_after,
-            grpc_status: headers.get(&GRPC_STATUS).map(|v| v.as_bytes()),
+            grpc_status: seen.grpc_status.map(|v| v.as_bytes()),
         };
         let state = ctx.attempt(body_whole(session));
         let policy = Policy {
@@ -719,8 +713,6 @@ fn request_id(session: &mut Session) -> String {
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 /// W3C trace context: a request id the client already has.
 static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
-/// A gRPC answer's status, which says more than its HTTP status.
-static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// Pingora can resend the request body from its own retry buffer: all of it was read and it
 /// fit (or there was none).
