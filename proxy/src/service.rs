@@ -2,6 +2,12 @@
 //! [`crate::waiting`]) for a decision and carries it out; the outgoing request is shaped by
 //! [`crate::outgoing`], the per-request state lives in [`crate::ctx`], and what Pingora's retry
 //! loop cannot carry goes to [`crate::replay`].
+//!
+//! Pingora boxes each hook's future on every request, and a future is as large as its largest
+//! wait: the waits only some requests take (a local answer written, a rate limit, a token
+//! refresh, Redis) are boxed where they happen, so that the common path's futures stay small.
+//! A box over 1 KiB takes the allocator's slow path and is copied on the way (bench/PROFILE.md
+//! §8.6).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -69,7 +75,7 @@ impl Sidecar {
         answer: LocalAnswer,
     ) -> Result<bool> {
         ctx.local = Some(answer.code);
-        answer.write(session).await;
+        Box::pin(answer.write(session)).await;
         Ok(true)
     }
 }
@@ -187,7 +193,7 @@ impl ProxyHttp for Sidecar {
                 client_ip,
                 headers: Some(&req.headers),
             };
-            match live.limiter.admit(&request).await {
+            match Box::pin(live.limiter.admit(&request)).await {
                 Admission::Reject { rule, retry_after } => {
                     let answer = LocalAnswer::rate_limited(&rule, retry_after);
                     return self.answer(session, ctx, answer).await;
@@ -197,7 +203,7 @@ impl ProxyHttp for Sidecar {
                 Admission::Go { rules, .. } => {
                     for rule in rules.iter().filter(|r| live.shared_limits.covers(r)) {
                         if let SharedAdmission::Reject { retry_after } =
-                            live.shared_limits.admit(rule).await
+                            Box::pin(live.shared_limits.admit(rule)).await
                         {
                             let answer = LocalAnswer::rate_limited(rule, retry_after);
                             return self.answer(session, ctx, answer).await;
@@ -243,7 +249,13 @@ impl ProxyHttp for Sidecar {
             };
             let got = match (expected, ctx.stream_request) {
                 (None, Some(_)) => {
-                    token_for_stream(&self.app, source, cfg, up.config.upgrade_min_ttl).await
+                    Box::pin(token_for_stream(
+                        &self.app,
+                        source,
+                        cfg,
+                        up.config.upgrade_min_ttl,
+                    ))
+                    .await
                 }
                 _ => token_for(&self.app, source, cfg, expected).await,
             };
@@ -666,7 +678,7 @@ impl Sidecar {
                 ))
             }
             Step::Replay { refresh } | Step::OwnReplay { refresh } => {
-                if let Err(answer) = next_token(&self.app, ctx, refresh).await {
+                if let Err(answer) = Box::pin(next_token(&self.app, ctx, refresh)).await {
                     ctx.pending_answer = Some(answer);
                     return Err(Error::explain(
                         LOCAL_ANSWER,

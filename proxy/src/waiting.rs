@@ -21,10 +21,12 @@ pub(crate) async fn token_for(
     cfg: &sidecar_config::Replay,
     expected: Option<Duration>,
 ) -> Result<Arc<Token>, LocalAnswer> {
+    // The waits below are boxed: every request's hook future would otherwise be as large as
+    // they are (see `crate::service`).
     if expected.is_none() {
         if let Some(t) = source.usable() {
             return Ok(if source.is_rejected(&t) {
-                replacement(source, t, cfg).await
+                Box::pin(replacement(source, t, cfg)).await
             } else {
                 t
             });
@@ -38,11 +40,11 @@ pub(crate) async fn token_for(
             source.name()
         )));
     };
-    match expected {
-        Some(d) => source.ensure(d.mul_f64(1.5), cfg.wait_for_token).await,
-        None => source.wait_usable(cfg.wait_for_token).await,
-    }
-    .map_err(|e| unavailable(e.to_string()))
+    let got = match expected {
+        Some(d) => Box::pin(source.ensure(d.mul_f64(1.5), cfg.wait_for_token)).await,
+        None => Box::pin(source.wait_usable(cfg.wait_for_token)).await,
+    };
+    got.map_err(|e| unavailable(e.to_string()))
 }
 
 /// The token for a request that opens a stream: a usable token that lives at least
@@ -106,7 +108,12 @@ pub(crate) async fn swap_refused_token(ctx: &mut Ctx) {
     if !source.is_rejected(token) {
         return;
     }
-    let token = replacement(source, token.clone(), &route.live().config.replay).await;
+    let token = Box::pin(replacement(
+        source,
+        token.clone(),
+        &route.live().config.replay,
+    ))
+    .await;
     ctx.token = Some(token);
 }
 
