@@ -165,9 +165,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> Limited<A> {
         // two requests only the stream waits for the next one's first bytes; Pingora's request
         // future exists while a request is read and served. (Each session is built in the
         // call's arguments: kept in a variable it would be part of this future, 680 bytes.)
-        // Subscribed once for the connection: a shutdown from here on is a change it sees.
-        // (Already shutting down, the first session is not kept alive.)
-        let mut stopping = shutdown.clone();
+        // One wait for the shutdown for the whole connection, registered at its first keep-alive
+        // wait and kept, not one per request.
+        let stop = stopping(shutdown.clone());
+        tokio::pin!(stop);
         let mut reused = self
             .app
             .process_new_http(self.first_session(guarded, shutdown), shutdown)
@@ -176,7 +177,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Limited<A> {
             let Ok(mut guarded) = stream.into_any().downcast::<Guarded>() else {
                 return;
             };
-            if !guarded.next_request(&mut stopping).await {
+            if !guarded.next_request(stop.as_mut()).await {
                 return;
             }
             reused = self
@@ -199,6 +200,14 @@ impl<A: HttpServerApp> Limited<A> {
         );
         session
     }
+}
+
+/// Ends when the shutdown starts (or the watch is gone). Kept by a connection for its whole life
+/// and polled at each keep-alive wait: its waiter is registered once, where a new wait per
+/// request registered and removed one every time. `shutdown` is a clone of Pingora's receiver,
+/// so a shutdown that started before the connection's first wait ends it at once.
+async fn stopping(mut shutdown: ShutdownWatch) {
+    let _ = shutdown.changed().await;
 }
 
 /// The session of a keep-alive connection's next request, with what Pingora carries over from
@@ -328,20 +337,16 @@ impl Guarded {
     /// start of the next request already (and the client may send nothing more until it is
     /// answered), so there is nothing to wait for here: Pingora reads on by itself.
     ///
-    /// `shutdown` is the connection's own receiver, subscribed before its first request (the
-    /// only change it sees is the start of the shutdown).
-    async fn next_request(&mut self, shutdown: &mut ShutdownWatch) -> bool {
+    /// `stop` is the connection's [`stopping`]; it is not polled again once it has ended.
+    async fn next_request(&mut self, stop: Pin<&mut impl Future<Output = ()>>) -> bool {
         if !self.rewound.is_empty() || self.delivered != self.served.load(Ordering::Acquire) {
             return true;
-        }
-        if shutdown.has_changed().unwrap_or(true) {
-            return false;
         }
         let read = std::future::poll_fn(|cx| self.poll_next_request(cx));
         tokio::select! {
             biased;
+            () = stop => false,
             read = read => read,
-            _ = shutdown.changed() => false,
         }
     }
 

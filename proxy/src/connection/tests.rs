@@ -1,6 +1,7 @@
 //! The read deadlines of [`Guarded`], on a paused clock over an in-memory stream.
 
 use std::io;
+use std::pin::pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -222,7 +223,7 @@ const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 #[tokio::test(start_paused = true)]
 async fn the_wait_for_the_next_request_ends_at_its_first_bytes_and_keeps_them() {
     let (mut g, mut client) = guarded();
-    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
     serve(&mut g, &mut client, GET).await;
     let start = Instant::now();
     let sender = tokio::spawn(async move {
@@ -230,7 +231,7 @@ async fn the_wait_for_the_next_request_ends_at_its_first_bytes_and_keeps_them() 
         client.write_all(b"GET /next").await.unwrap();
         client
     });
-    assert!(g.next_request(&mut shutdown).await);
+    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
     assert_eq!(start.elapsed(), Duration::from_secs(8));
     assert!(g.rewound.capacity() > 0);
     let (kind, got) = read_until_error(&mut g).await;
@@ -246,7 +247,7 @@ async fn the_wait_for_the_next_request_ends_at_its_first_bytes_and_keeps_them() 
 /// deadline that moves earlier moves the timer.
 #[tokio::test(start_paused = true)]
 async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
-    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     let start = Instant::now();
@@ -256,7 +257,7 @@ async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
         client.write_all(GET).await.unwrap();
         client
     });
-    assert!(g.next_request(&mut shutdown).await);
+    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
     let client = sender.await.unwrap();
     let mut got = vec![0u8; GET.len()];
     g.read_exact(&mut got).await.unwrap();
@@ -264,7 +265,7 @@ async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
     g.set_phase(Phase::Idle);
     g.count_served(Some(GET.len() as u64));
     // Idle again from 8 s: the timer fires at IDLE, the connection closes at 8 s + IDLE.
-    assert!(!g.next_request(&mut shutdown).await);
+    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
     assert_eq!(start.elapsed(), Duration::from_secs(8) + IDLE);
     drop(client);
 
@@ -277,7 +278,7 @@ async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
         client.write_all(b"GE").await.unwrap();
         client
     });
-    assert!(g.next_request(&mut shutdown).await);
+    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
     let (kind, got) = read_until_error(&mut g).await;
     assert_eq!(
         (kind, got.as_slice()),
@@ -292,13 +293,17 @@ async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
 #[tokio::test(start_paused = true)]
 async fn a_waiting_connection_holds_no_read_ahead_buffer() {
     let (mut g, mut client) = guarded();
-    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
     serve(&mut g, &mut client, GET).await;
-    let waited = timeout(Duration::from_secs(1), g.next_request(&mut shutdown)).await;
+    let waited = timeout(
+        Duration::from_secs(1),
+        g.next_request(pin!(stopping(shutdown.clone()))),
+    )
+    .await;
     assert!(waited.is_err(), "the wait ended: {waited:?}");
     assert_eq!(g.rewound.capacity(), 0);
     client.write_all(GET).await.unwrap();
-    assert!(g.next_request(&mut shutdown).await);
+    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
     let mut got = vec![0u8; GET.len()];
     g.read_exact(&mut got).await.unwrap();
     assert_eq!(got, GET);
@@ -307,12 +312,12 @@ async fn a_waiting_connection_holds_no_read_ahead_buffer() {
 
 #[tokio::test(start_paused = true)]
 async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown() {
-    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
     // Silent: closed at the idle timeout, with nothing written.
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     let start = Instant::now();
-    assert!(!g.next_request(&mut shutdown).await);
+    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
     assert_eq!(start.elapsed(), IDLE);
     assert_eq!(written(g, client).await, "");
     // The client closed its end.
@@ -320,10 +325,10 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
     serve(&mut g, &mut client, GET).await;
     drop(client);
     let start = Instant::now();
-    assert!(!g.next_request(&mut shutdown).await);
+    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     // The sidecar shuts down while the connection waits.
-    let (tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (tx, shutdown) = tokio::sync::watch::channel(false);
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     let start = Instant::now();
@@ -332,16 +337,34 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
         tx.send(true).unwrap();
         tx
     });
-    assert!(!g.next_request(&mut shutdown).await);
+    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
     assert_eq!(start.elapsed(), Duration::from_secs(2));
     drop(stop.await.unwrap());
+    // One `stopping` kept across the waits of a connection, as `serve` keeps it: a shutdown
+    // that starts while a request is served ends the next wait at once.
+    let (tx, shutdown) = tokio::sync::watch::channel(false);
+    let stop = stopping(shutdown.clone());
+    tokio::pin!(stop);
+    let (mut g, mut client) = guarded();
+    serve(&mut g, &mut client, GET).await;
+    client.write_all(GET).await.unwrap();
+    assert!(g.next_request(stop.as_mut()).await);
+    let mut got = vec![0u8; GET.len()];
+    g.read_exact(&mut got).await.unwrap();
+    g.set_phase(Phase::Request);
+    tx.send(true).unwrap();
+    g.set_phase(Phase::Idle);
+    g.count_served(Some(GET.len() as u64));
+    let start = Instant::now();
+    assert!(!g.next_request(stop.as_mut()).await);
+    assert_eq!(start.elapsed(), Duration::ZERO);
     // The shutdown began before the wait (the connection subscribed before it): no wait.
-    let (tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (tx, shutdown) = tokio::sync::watch::channel(false);
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     tx.send(true).unwrap();
     let start = Instant::now();
-    assert!(!g.next_request(&mut shutdown).await);
+    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
 }
 
@@ -351,7 +374,7 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
 /// the wire could not be counted.
 #[tokio::test(start_paused = true)]
 async fn bytes_pingora_may_already_hold_are_never_waited_for() {
-    let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
     let (mut g, mut client) = guarded();
     let mut two = GET.to_vec();
     two.extend_from_slice(b"GET /second HTTP/1.1\r\n\r\n");
@@ -361,7 +384,7 @@ async fn bytes_pingora_may_already_hold_are_never_waited_for() {
     g.set_phase(Phase::Idle);
     g.count_served(Some(GET.len() as u64));
     let start = Instant::now();
-    assert!(g.next_request(&mut shutdown).await);
+    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert!(g.rewound.is_empty());
 
@@ -369,7 +392,7 @@ async fn bytes_pingora_may_already_hold_are_never_waited_for() {
     serve(&mut g, &mut client, GET).await;
     g.count_served(None);
     g.count_served(Some(GET.len() as u64));
-    assert!(g.next_request(&mut shutdown).await);
+    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(g.served.load(Ordering::Acquire), UNCOUNTED);
 }
