@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::HOST;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::{ErrorSource, ErrorType};
@@ -97,6 +98,12 @@ impl ProxyHttp for Sidecar {
             .unwrap_or("-");
         format!("{} {}, Host: {host}", req.method, req.uri.path())
     }
+
+    /// No downstream modules: Pingora's default is a response-compression module set to level
+    /// 0, which compresses nothing and still costs every request ~1,000 instructions (its
+    /// context built, four filter calls, dropped; bench/PROFILE.md §8.6). The sidecar passes
+    /// answers on as the upstream encoded them.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> Box<Ctx> {
         Box::new(Ctx::new(self.app.enter()))

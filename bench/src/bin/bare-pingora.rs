@@ -1,8 +1,9 @@
 #![forbid(unsafe_code)]
 //! A bare Pingora reverse proxy for the benchmark: it forwards every request to one upstream and
 //! adds a static `Authorization` header, nothing else. It runs with the same `ServerConf`, the
-//! same peer options and the same global allocator as token-sidecar (proxy/src/cli.rs
-//! `serve_with()`, proxy/src/app.rs `peer_for()`, proxy/src/main.rs), so the difference between
+//! same peer options, the same (no) downstream modules and the same global allocator as
+//! token-sidecar (proxy/src/cli.rs `serve_with()`, proxy/src/app.rs `peer_for()`,
+//! proxy/src/service.rs `init_downstream_modules`, proxy/src/main.rs), so the difference between
 //! the two is the cost of the sidecar's own logic.
 //!
 //! Usage: `bare-pingora LISTEN UPSTREAM AUTHORIZATION`, e.g.
@@ -24,6 +25,7 @@ use http::header::AUTHORIZATION;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, ProxyServiceBuilder, Session};
 use pingora::server::configuration::ServerConf;
@@ -42,6 +44,10 @@ impl ProxyHttp for Bare {
     type CTX = ();
 
     fn new_ctx(&self) {}
+
+    /// Like the sidecar: no downstream modules (Pingora's default, a compression module at
+    /// level 0, compresses nothing and costs every request).
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
         Ok(Box::new(self.peer.clone()))
