@@ -25,15 +25,17 @@ async fn scrape(sc: &Sidecar) -> (Scrape, String) {
     (parsed, text)
 }
 
-/// Scrapes once `answered` requests are counted: the sidecar counts a request in its logging
-/// phase, which may run just after the client has read its answer.
+/// Scrapes once `answered` requests are counted and none is in flight: the sidecar counts a
+/// request in its logging phase, which may run just after the client has read its answer.
 async fn scrape_after(sc: &Sidecar, answered: f64) -> (Scrape, String) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (s, text) = scrape(sc).await;
-        if sum(&s, "sidecar_requests_total", &[]) >= answered
-            || std::time::Instant::now() >= deadline
-        {
+        // A request is counted in its logging phase and leaves `inflight` a moment later, when
+        // Pingora drops its context: both, or the scrape can fall in between.
+        let done = sum(&s, "sidecar_requests_total", &[]) >= answered
+            && sum(&s, "sidecar_inflight_requests", &[]) == 0.0;
+        if done || std::time::Instant::now() >= deadline {
             return (s, text);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
