@@ -165,10 +165,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Limited<A> {
         // two requests only the stream waits for the next one's first bytes; Pingora's request
         // future exists while a request is read and served. (Each session is built in the
         // call's arguments: kept in a variable it would be part of this future, 680 bytes.)
-        // One wait for the shutdown for the whole connection, registered at its first keep-alive
-        // wait and kept, not one per request.
-        let stop = stopping(shutdown.clone());
-        tokio::pin!(stop);
+        let mut stop = Stopping::new(shutdown);
         let mut reused = self
             .app
             .process_new_http(self.first_session(guarded, shutdown), shutdown)
@@ -177,7 +174,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Limited<A> {
             let Ok(mut guarded) = stream.into_any().downcast::<Guarded>() else {
                 return;
             };
-            if !guarded.next_request(stop.as_mut()).await {
+            if !guarded.next_request(&mut stop).await {
                 return;
             }
             reused = self
@@ -202,12 +199,42 @@ impl<A: HttpServerApp> Limited<A> {
     }
 }
 
-/// Ends when the shutdown starts (or the watch is gone). Kept by a connection for its whole life
-/// and polled at each keep-alive wait: its waiter is registered once, where a new wait per
-/// request registered and removed one every time. `shutdown` is a clone of Pingora's receiver,
-/// so a shutdown that started before the connection's first wait ends it at once.
-async fn stopping(mut shutdown: ShutdownWatch) {
-    let _ = shutdown.changed().await;
+/// The start of the shutdown, as a connection's keep-alive waits look for it: one waiter for
+/// the connection's life, registered at its first wait and left in place, and a receiver to
+/// look at. (A wait per request registered a waiter and removed it again every time, and polling
+/// a kept one costs about as much: ~500 instructions per request.) The receivers are clones of
+/// Pingora's, so a shutdown that started before the connection's first wait is seen at once.
+struct Stopping {
+    shutdown: ShutdownWatch,
+    /// Wakes the connection's task when the shutdown starts; made at the first wait.
+    waiter: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Stopping {
+    fn new(shutdown: &ShutdownWatch) -> Stopping {
+        Stopping {
+            shutdown: shutdown.clone(),
+            waiter: None,
+        }
+    }
+
+    /// Whether the shutdown has started (or its sender is gone); the first call also has this
+    /// task woken when it starts. (A connection is served by one task.)
+    fn poll_started(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.shutdown.has_changed().unwrap_or(true) {
+            return true;
+        }
+        if self.waiter.is_none() {
+            let mut shutdown = self.shutdown.clone();
+            let mut waiter = Box::pin(async move {
+                let _ = shutdown.changed().await;
+            });
+            let started = waiter.as_mut().poll(cx).is_ready();
+            self.waiter = Some(waiter);
+            return started;
+        }
+        false
+    }
 }
 
 /// The session of a keep-alive connection's next request, with what Pingora carries over from
@@ -336,18 +363,17 @@ impl Guarded {
     /// Pipelining: if Pingora was handed more bytes than the requests it served, it may hold the
     /// start of the next request already (and the client may send nothing more until it is
     /// answered), so there is nothing to wait for here: Pingora reads on by itself.
-    ///
-    /// `stop` is the connection's [`stopping`]; it is not polled again once it has ended.
-    async fn next_request(&mut self, stop: Pin<&mut impl Future<Output = ()>>) -> bool {
+    async fn next_request(&mut self, stop: &mut Stopping) -> bool {
         if !self.rewound.is_empty() || self.delivered != self.served.load(Ordering::Acquire) {
             return true;
         }
-        let read = std::future::poll_fn(|cx| self.poll_next_request(cx));
-        tokio::select! {
-            biased;
-            () = stop => false,
-            read = read => read,
-        }
+        std::future::poll_fn(|cx| {
+            if stop.poll_started(cx) {
+                return Poll::Ready(false);
+            }
+            self.poll_next_request(cx)
+        })
+        .await
     }
 
     /// The next request's first bytes, or false at the idle deadline, at the end of the

@@ -1,7 +1,6 @@
 //! The read deadlines of [`Guarded`], on a paused clock over an in-memory stream.
 
 use std::io;
-use std::pin::pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -231,7 +230,7 @@ async fn the_wait_for_the_next_request_ends_at_its_first_bytes_and_keeps_them() 
         client.write_all(b"GET /next").await.unwrap();
         client
     });
-    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(g.next_request(&mut Stopping::new(&shutdown)).await);
     assert_eq!(start.elapsed(), Duration::from_secs(8));
     assert!(g.rewound.capacity() > 0);
     let (kind, got) = read_until_error(&mut g).await;
@@ -257,7 +256,7 @@ async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
         client.write_all(GET).await.unwrap();
         client
     });
-    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(g.next_request(&mut Stopping::new(&shutdown)).await);
     let client = sender.await.unwrap();
     let mut got = vec![0u8; GET.len()];
     g.read_exact(&mut got).await.unwrap();
@@ -265,7 +264,7 @@ async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
     g.set_phase(Phase::Idle);
     g.count_served(Some(GET.len() as u64));
     // Idle again from 8 s: the timer fires at IDLE, the connection closes at 8 s + IDLE.
-    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(!g.next_request(&mut Stopping::new(&shutdown)).await);
     assert_eq!(start.elapsed(), Duration::from_secs(8) + IDLE);
     drop(client);
 
@@ -278,7 +277,7 @@ async fn deadlines_hold_whichever_way_they_move_from_the_timer() {
         client.write_all(b"GE").await.unwrap();
         client
     });
-    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(g.next_request(&mut Stopping::new(&shutdown)).await);
     let (kind, got) = read_until_error(&mut g).await;
     assert_eq!(
         (kind, got.as_slice()),
@@ -297,13 +296,13 @@ async fn a_waiting_connection_holds_no_read_ahead_buffer() {
     serve(&mut g, &mut client, GET).await;
     let waited = timeout(
         Duration::from_secs(1),
-        g.next_request(pin!(stopping(shutdown.clone()))),
+        g.next_request(&mut Stopping::new(&shutdown)),
     )
     .await;
     assert!(waited.is_err(), "the wait ended: {waited:?}");
     assert_eq!(g.rewound.capacity(), 0);
     client.write_all(GET).await.unwrap();
-    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(g.next_request(&mut Stopping::new(&shutdown)).await);
     let mut got = vec![0u8; GET.len()];
     g.read_exact(&mut got).await.unwrap();
     assert_eq!(got, GET);
@@ -317,7 +316,7 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     let start = Instant::now();
-    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(!g.next_request(&mut Stopping::new(&shutdown)).await);
     assert_eq!(start.elapsed(), IDLE);
     assert_eq!(written(g, client).await, "");
     // The client closed its end.
@@ -325,7 +324,7 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
     serve(&mut g, &mut client, GET).await;
     drop(client);
     let start = Instant::now();
-    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(!g.next_request(&mut Stopping::new(&shutdown)).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     // The sidecar shuts down while the connection waits.
     let (tx, shutdown) = tokio::sync::watch::channel(false);
@@ -337,34 +336,41 @@ async fn the_wait_ends_at_the_idle_timeout_when_the_client_closes_or_at_shutdown
         tx.send(true).unwrap();
         tx
     });
-    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(!g.next_request(&mut Stopping::new(&shutdown)).await);
     assert_eq!(start.elapsed(), Duration::from_secs(2));
     drop(stop.await.unwrap());
-    // One `stopping` kept across the waits of a connection, as `serve` keeps it: a shutdown
-    // that starts while a request is served ends the next wait at once.
+    // One `Stopping` kept across the waits of a connection, as `serve` keeps it: a shutdown
+    // that starts while a request is served ends the next wait at once, and one that starts
+    // during a later wait ends that wait.
     let (tx, shutdown) = tokio::sync::watch::channel(false);
-    let stop = stopping(shutdown.clone());
-    tokio::pin!(stop);
+    let mut stop = Stopping::new(&shutdown);
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     client.write_all(GET).await.unwrap();
-    assert!(g.next_request(stop.as_mut()).await);
+    assert!(g.next_request(&mut stop).await);
     let mut got = vec![0u8; GET.len()];
     g.read_exact(&mut got).await.unwrap();
     g.set_phase(Phase::Request);
-    tx.send(true).unwrap();
     g.set_phase(Phase::Idle);
     g.count_served(Some(GET.len() as u64));
     let start = Instant::now();
-    assert!(!g.next_request(stop.as_mut()).await);
-    assert_eq!(start.elapsed(), Duration::ZERO);
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tx.send(true).unwrap();
+        tx
+    });
+    assert!(!g.next_request(&mut stop).await);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert!(!g.next_request(&mut stop).await);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    drop(stopper.await.unwrap());
     // The shutdown began before the wait (the connection subscribed before it): no wait.
     let (tx, shutdown) = tokio::sync::watch::channel(false);
     let (mut g, mut client) = guarded();
     serve(&mut g, &mut client, GET).await;
     tx.send(true).unwrap();
     let start = Instant::now();
-    assert!(!g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(!g.next_request(&mut Stopping::new(&shutdown)).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
 }
 
@@ -384,7 +390,7 @@ async fn bytes_pingora_may_already_hold_are_never_waited_for() {
     g.set_phase(Phase::Idle);
     g.count_served(Some(GET.len() as u64));
     let start = Instant::now();
-    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(g.next_request(&mut Stopping::new(&shutdown)).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert!(g.rewound.is_empty());
 
@@ -392,7 +398,7 @@ async fn bytes_pingora_may_already_hold_are_never_waited_for() {
     serve(&mut g, &mut client, GET).await;
     g.count_served(None);
     g.count_served(Some(GET.len() as u64));
-    assert!(g.next_request(pin!(stopping(shutdown.clone()))).await);
+    assert!(g.next_request(&mut Stopping::new(&shutdown)).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(g.served.load(Ordering::Acquire), UNCOUNTED);
 }
