@@ -459,6 +459,10 @@ impl Guarded {
     /// `header_timeout` on a busy connection, not once per request). Nor is it polled again
     /// while it is set for this task already.
     fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let set_for_this_task = self
+            .timer_task
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -469,18 +473,10 @@ impl Guarded {
                 return true;
             }
             timer.as_mut().reset(deadline);
-        } else if self
-            .timer_task
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
+        } else if set_for_this_task {
             return false;
         }
-        if !self
-            .timer_task
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
+        if !set_for_this_task {
             self.timer_task = Some(cx.waker().clone());
         }
         timer.as_mut().poll(cx).is_ready()

@@ -100,7 +100,7 @@ impl ProxyHttp for Sidecar {
     }
 
     /// No downstream modules: Pingora's default is a response-compression module set to level
-    /// 0, which compresses nothing and still costs every request ~1,000 instructions (its
+    /// 0, which compresses nothing and still costs every request ~570 instructions (its
     /// context built, four filter calls, dropped; bench/PROFILE.md §8.6). The sidecar passes
     /// answers on as the upstream encoded them.
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
