@@ -42,11 +42,13 @@ impl Breaker {
         }
     }
 
-    /// Decides for a request arriving at `now`.
-    pub fn check(&self, now: Instant) -> BreakerVerdict {
+    /// Decides for a request arriving at `now()`. The clock is read only when the breaker is
+    /// open: a closed one costs one atomic load and no clock read.
+    pub fn check(&self, now: impl FnOnce() -> Instant) -> BreakerVerdict {
         if self.threshold == 0 || self.failures.load(Ordering::Acquire) < self.threshold {
             return BreakerVerdict::Allow;
         }
+        let now = now();
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         match open.until {
             Some(until) if now < until => BreakerVerdict::Reject(until - now),
@@ -58,8 +60,9 @@ impl Breaker {
         }
     }
 
-    /// Records a request's outcome: `ok` is false for network errors, timeouts and 5xx.
-    pub fn record(&self, ok: bool, now: Instant) {
+    /// Records a request's outcome: `ok` is false for network errors, timeouts and 5xx. The
+    /// clock (`now()`) is read only for a failure that opens the breaker.
+    pub fn record(&self, ok: bool, now: impl FnOnce() -> Instant) {
         if self.threshold == 0 {
             return;
         }
@@ -79,7 +82,7 @@ impl Breaker {
             .saturating_add(1);
         if n >= self.threshold {
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            open.until = Some(now + self.cooldown);
+            open.until = Some(now() + self.cooldown);
             open.probing = false;
         }
     }
@@ -105,31 +108,31 @@ mod tests {
         let b = Breaker::new(3, Duration::from_secs(10));
         let t0 = Instant::now();
         for _ in 0..2 {
-            b.record(false, t0);
+            b.record(false, || t0);
         }
-        assert_eq!(b.check(t0), BreakerVerdict::Allow);
+        assert_eq!(b.check(|| t0), BreakerVerdict::Allow);
         assert!(!b.is_open());
-        b.record(false, t0);
+        b.record(false, || t0);
         assert!(b.is_open());
         assert_eq!(
-            b.check(t0 + Duration::from_secs(1)),
+            b.check(|| t0 + Duration::from_secs(1)),
             BreakerVerdict::Reject(Duration::from_secs(9))
         );
         // After the cool-down exactly one probe goes through.
         let later = t0 + Duration::from_secs(10);
-        assert_eq!(b.check(later), BreakerVerdict::Probe);
-        assert!(matches!(b.check(later), BreakerVerdict::Reject(_)));
+        assert_eq!(b.check(|| later), BreakerVerdict::Probe);
+        assert!(matches!(b.check(|| later), BreakerVerdict::Reject(_)));
         // A failed probe re-opens it for another cool-down.
-        b.record(false, later);
+        b.record(false, || later);
         assert!(matches!(
-            b.check(later + Duration::from_secs(5)),
+            b.check(|| later + Duration::from_secs(5)),
             BreakerVerdict::Reject(_)
         ));
         let probe_again = later + Duration::from_secs(10);
-        assert_eq!(b.check(probe_again), BreakerVerdict::Probe);
+        assert_eq!(b.check(|| probe_again), BreakerVerdict::Probe);
         // A successful probe closes it.
-        b.record(true, probe_again);
-        assert_eq!(b.check(probe_again), BreakerVerdict::Allow);
+        b.record(true, || probe_again);
+        assert_eq!(b.check(|| probe_again), BreakerVerdict::Allow);
         assert!(!b.is_open());
     }
 
@@ -137,25 +140,37 @@ mod tests {
     fn success_resets_the_count_and_zero_disables() {
         let b = Breaker::new(2, Duration::from_secs(1));
         let t = Instant::now();
-        b.record(false, t);
-        b.record(true, t);
-        b.record(false, t);
-        assert_eq!(b.check(t), BreakerVerdict::Allow);
+        b.record(false, || t);
+        b.record(true, || t);
+        b.record(false, || t);
+        assert_eq!(b.check(|| t), BreakerVerdict::Allow);
         let off = Breaker::new(0, Duration::from_secs(1));
         for _ in 0..100 {
-            off.record(false, t);
+            off.record(false, || t);
         }
-        assert_eq!(off.check(t), BreakerVerdict::Allow);
+        assert_eq!(off.check(|| t), BreakerVerdict::Allow);
+    }
+
+    #[test]
+    fn a_closed_breaker_and_a_success_read_no_clock() {
+        let b = Breaker::new(2, Duration::from_secs(1));
+        let no_clock = || -> Instant { panic!("the clock was read") };
+        assert_eq!(b.check(no_clock), BreakerVerdict::Allow);
+        b.record(true, no_clock);
+        // A failure below the threshold does not open it: still no clock.
+        b.record(false, no_clock);
+        assert_eq!(b.check(no_clock), BreakerVerdict::Allow);
+        b.record(true, no_clock);
     }
 
     #[test]
     fn abandoned_probe_frees_the_slot() {
         let b = Breaker::new(1, Duration::from_secs(1));
         let t = Instant::now();
-        b.record(false, t);
+        b.record(false, || t);
         let later = t + Duration::from_secs(2);
-        assert_eq!(b.check(later), BreakerVerdict::Probe);
+        assert_eq!(b.check(|| later), BreakerVerdict::Probe);
         b.abandon_probe();
-        assert_eq!(b.check(later), BreakerVerdict::Probe);
+        assert_eq!(b.check(|| later), BreakerVerdict::Probe);
     }
 }

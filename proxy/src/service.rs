@@ -179,7 +179,7 @@ impl ProxyHttp for Sidecar {
                 }
             }
         };
-        match up.breaker.check(Instant::now()) {
+        match up.breaker.check(Instant::now) {
             BreakerVerdict::Allow => {}
             BreakerVerdict::Probe => ctx.probe = true,
             BreakerVerdict::Reject(wait) => {
@@ -593,7 +593,7 @@ impl ProxyHttp for Sidecar {
         if let Some(up) = route {
             if ctx.attempts > 0 || ctx.class.is_some() {
                 let failed = ctx.class.is_some_and(ErrorClass::is_upstream_failure);
-                up.breaker.record(!failed, Instant::now());
+                up.breaker.record(!failed, Instant::now);
             } else if ctx.probe {
                 up.breaker.abandon_probe();
             }
