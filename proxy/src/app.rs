@@ -14,9 +14,9 @@ use pingora::upstreams::peer::HttpPeer;
 use sidecar_config::{Config, Upstream, UpstreamProtocol};
 use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::{SharedBackend, SharedRateLimits, TokenSource};
-use tokio::sync::Notify;
 
 use crate::dns::{Addresses, ReplayResolver, Resolvers, Target};
+use crate::inflight::Inflight;
 
 /// How long the start waits for the first lookups of upstream host names (a name still
 /// unresolved then is not fatal: its requests get 502 until it resolves).
@@ -447,9 +447,7 @@ pub struct App {
     /// Where identity-provider calls and refreshers run.
     pub token_runtime: tokio::runtime::Handle,
     /// Requests being proxied now (for graceful shutdown).
-    pub inflight: AtomicUsize,
-    /// Wakes the shutdown wait when `inflight` drops to zero.
-    pub idle: Notify,
+    pub inflight: Arc<Inflight>,
     /// SIGTERM came: `/readyz` answers 503 from now on.
     pub draining: AtomicBool,
     /// `shutdown_delay` is over: new client connections are closed at once and kept-alive ones
@@ -478,8 +476,7 @@ impl App {
         Ok(Arc::new(App {
             live: ArcSwap::from_pointee(live),
             token_runtime,
-            inflight: AtomicUsize::new(0),
-            idle: Notify::new(),
+            inflight: Arc::default(),
             draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
@@ -559,12 +556,6 @@ impl App {
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
-
-    /// Counts a request as in flight until the guard drops.
-    pub fn enter(self: &Arc<Self>) -> InflightGuard {
-        self.inflight.fetch_add(1, Ordering::AcqRel);
-        InflightGuard(self.clone())
-    }
 }
 
 /// One request waiting for a token; see [`App::wait_slot`].
@@ -574,17 +565,6 @@ impl Drop for WaitSlot {
     fn drop(&mut self) {
         let left = self.0.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
         metrics::gauge!("sidecar_waiting_requests").set(left as f64);
-    }
-}
-
-/// Decrements the in-flight count when a request ends, however it ends.
-pub struct InflightGuard(Arc<App>);
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
     }
 }
 

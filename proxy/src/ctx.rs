@@ -10,8 +10,9 @@ use pingora::http::ResponseHeader;
 use sidecar_filters::{Attempt, ErrorClass, Generations, SkipReason, StreamKind};
 use sidecar_token::Token;
 
-use crate::app::{InflightGuard, Live, UpstreamRt};
+use crate::app::{Live, UpstreamRt};
 use crate::errors::LocalAnswer;
+use crate::inflight::InflightGuard;
 use crate::streams::{OpenStream, StreamSlot};
 
 /// How many upstream statuses the access line lists at most.

@@ -83,10 +83,13 @@ impl Addresses {
     /// The addresses now, and where this request starts among them (the next in the round).
     /// Empty while the name has never resolved.
     pub fn pick(&self) -> (Arc<Vec<SocketAddr>>, usize) {
-        (
-            self.current.load_full(),
-            self.next.fetch_add(1, Ordering::Relaxed),
-        )
+        let addrs = self.current.load_full();
+        // One address has no round to take a turn in: no write to a line every request reads.
+        let start = match addrs.len() {
+            0 | 1 => 0,
+            _ => self.next.fetch_add(1, Ordering::Relaxed),
+        };
+        (addrs, start)
     }
 
     /// The addresses now.

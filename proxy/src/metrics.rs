@@ -4,7 +4,6 @@
 
 use std::fmt::Write as _;
 use std::io::Read;
-use std::sync::atomic::Ordering;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -108,7 +107,7 @@ pub fn render(app: &App, handle: &PrometheusHandle) -> String {
         metrics::gauge!("sidecar_breaker_open", "upstream" => up.config.name.clone())
             .set(if up.breaker.is_open() { 1.0 } else { 0.0 });
     }
-    metrics::gauge!("sidecar_inflight_requests").set(app.inflight.load(Ordering::Acquire) as f64);
+    metrics::gauge!("sidecar_inflight_requests").set(app.inflight.now() as f64);
     let mut page = handle.render();
     if !page.is_empty() && !page.ends_with('\n') {
         page.push('\n');

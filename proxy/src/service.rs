@@ -106,7 +106,7 @@ impl ProxyHttp for Sidecar {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> Box<Ctx> {
-        Box::new(Ctx::new(self.app.enter()))
+        Box::new(Ctx::new(self.app.inflight.enter()))
     }
 
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Box<Ctx>) -> Result<()> {
@@ -115,7 +115,8 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
-        let live = self.app.live.load_full();
+        // Borrowed, not counted: the request's one reference to its config is its route's.
+        let live = self.app.live.load();
         if crate::access_log::enabled(&live.config.log) {
             ctx.request_id = Some(request_id(session));
         }
@@ -162,7 +163,7 @@ impl ProxyHttp for Sidecar {
             }
         };
         // Set first: the sidecar's own answers are logged and counted under this route too.
-        ctx.route = Some(Routed::new(live.clone(), index));
+        ctx.route = Some(Routed::new(Arc::clone(&live), index));
         ctx.path = path;
         let up = &live.upstreams[index];
         // The provider whose token goes on this request, if any.

@@ -6,7 +6,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
@@ -24,21 +23,6 @@ impl Signals {
     /// Watches signals for `app`; `reload` runs on SIGHUP.
     pub fn new(app: Arc<App>, reload: Box<dyn Fn() + Send + Sync>) -> Signals {
         Signals { app, reload }
-    }
-}
-
-/// Waits until no request is in flight, or `grace` has passed. Returns whether it went idle.
-pub async fn drain(app: &App, grace: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + grace;
-    loop {
-        let idle = app.idle.notified();
-        if app.inflight.load(Ordering::Acquire) == 0 {
-            return true;
-        }
-        tokio::select! {
-            _ = idle => {}
-            _ = tokio::time::sleep_until(deadline) => return false,
-        }
     }
 }
 
@@ -70,16 +54,16 @@ impl ShutdownSignalWatch for Signals {
                         }
                     }
                     self.app.closing.store(true, Ordering::Release);
-                    let inflight = self.app.inflight.load(Ordering::Acquire);
+                    let inflight = self.app.inflight.now();
                     tracing::info!(inflight, grace_ms = grace.as_millis() as u64, "SIGTERM: no new requests; finishing in-flight requests");
                     let drained = tokio::select! {
-                        d = drain(&self.app, grace) => d,
+                        d = self.app.inflight.settle(grace) => d,
                         _ = int.recv() => return ShutdownSignal::FastShutdown,
                     };
                     if drained {
                         tracing::info!("all requests finished; exiting");
                     } else {
-                        tracing::warn!(inflight = self.app.inflight.load(Ordering::Acquire), "grace period over; exiting with requests in flight");
+                        tracing::warn!(inflight = self.app.inflight.now(), "grace period over; exiting with requests in flight");
                     }
                     return ShutdownSignal::GracefulTerminate;
                 }
