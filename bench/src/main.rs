@@ -3,6 +3,7 @@
 //! bare Pingora proxy on loopback. See bench/README.md.
 
 mod load;
+mod paired;
 mod procs;
 mod replicas;
 mod scenarios;
@@ -73,6 +74,10 @@ pub struct Plan {
     pub mode: &'static str,
     pub run: Duration,
     pub rounds: usize,
+    /// Paired rounds of the sidecar against bare Pingora by CPU (bench/src/paired.rs), and
+    /// how long each proxy runs in one.
+    pub pairs: usize,
+    pub pair_run: Duration,
     pub warm: Duration,
     pub storm: usize,
     pub replay_run: Duration,
@@ -92,6 +97,8 @@ impl Plan {
                 mode: "smoke",
                 run: Duration::from_secs(1),
                 rounds: 1,
+                pairs: 2,
+                pair_run: Duration::from_secs(1),
                 warm: Duration::from_millis(200),
                 storm: 1000,
                 replay_run: Duration::from_secs(1),
@@ -108,6 +115,8 @@ impl Plan {
             mode: "quick",
             run: Duration::from_secs(5),
             rounds: 2,
+            pairs: 6,
+            pair_run: Duration::from_secs(2),
             warm: Duration::from_secs(1),
             storm: 1000,
             replay_run: Duration::from_secs(10),
@@ -127,6 +136,8 @@ impl Plan {
             mode: "full",
             run: Duration::from_secs(10),
             rounds: 3,
+            pairs: 12,
+            pair_run: Duration::from_secs(3),
             warm: Duration::from_secs(2),
             replay_run: Duration::from_secs(20),
             rate_run: Duration::from_secs(60),

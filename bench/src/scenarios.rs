@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use sidecar_mocks::{IdpConfig, MockIdp, TokenRegistry};
 
 use crate::load::{self, Histogram, Percentiles};
+use crate::paired::{self, median, Pair};
 use crate::procs::{self, Proc, Scratch};
 use crate::replicas;
 use crate::soak;
@@ -488,19 +489,6 @@ struct Sample {
     cpu_ns: u64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 struct Agg {
     rps: f64,
     errors: u64,
@@ -730,6 +718,88 @@ async fn closed_loops(
     Ok(samples)
 }
 
+/// The sidecar against bare Pingora by CPU per request in paired rounds (bench/src/paired.rs):
+/// per connection count, `plan.pairs` pairs of `plan.pair_run` each, the two proxies back to
+/// back in alternating order. This is the measurement the ≥ 0.95 target is judged on.
+async fn paired_cpu(
+    env: &Env,
+    w: &World,
+    l: &Lineup,
+    conn_counts: &[usize],
+) -> Result<String, String> {
+    let plan = &env.plan;
+    let (Some(sidecar), Some(bare)) = (l.addr(Target::Sidecar), l.addr(Target::Bare)) else {
+        return Ok(String::new());
+    };
+    let auth = l
+        .targets
+        .iter()
+        .find(|(t, _, _)| *t == Target::Bare)
+        .and_then(|(_, _, a)| a.clone());
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nSidecar against bare Pingora by CPU per request, in {} pairs of {} s rounds per \
+         connection count (the two back to back, in alternating order; bench/src/paired.rs): \
+         the ratio is bare Pingora's CPU/req over the sidecar's in each pair, the median of the \
+         pairs and the middle half of them.\n",
+        plan.pairs,
+        plan.pair_run.as_secs()
+    );
+    s.push_str(
+        "| conns | sidecar CPU µs/req (median) | bare Pingora | sidecar/bare by CPU, median of pairs (≥ 0.95) | middle half of pairs |\n",
+    );
+    s.push_str("|---:|---:|---:|---:|---:|\n");
+    for &conns in conn_counts {
+        let mut pairs = Vec::new();
+        for round in 0..plan.pairs {
+            let mut order = [
+                (Target::Sidecar, sidecar, None),
+                (Target::Bare, bare, auth.as_deref()),
+            ];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            let mut pair = Pair {
+                sidecar_us: 0.0,
+                bare_us: 0.0,
+            };
+            for (t, addr, a) in order {
+                let pid = l.pid(t).ok_or("no process to measure")?;
+                let cpu0 = procs::cpu_ns(pid);
+                let m = measure(env, w, addr, a, conns, plan.pair_run).await?;
+                let cpu = procs::cpu_ns(pid).saturating_sub(cpu0);
+                let us = cpu as f64 / 1000.0 / m.requests.max(1) as f64;
+                match t {
+                    Target::Sidecar => pair.sidecar_us = us,
+                    _ => pair.bare_us = us,
+                }
+            }
+            eprintln!(
+                "bench:   {} {conns:>3} conns  pair {round:>2}: sidecar {:>5.1} µs/req  bare Pingora {:>5.1}  ratio {:.3}",
+                l.variant.tag(),
+                pair.sidecar_us,
+                pair.bare_us,
+                pair.bare_us / pair.sidecar_us.max(1e-9)
+            );
+            pairs.push(pair);
+        }
+        let p = paired::summarize(&pairs)
+            .ok_or_else(|| format!("{conns} connections: a paired round served nothing"))?;
+        let _ = writeln!(
+            s,
+            "| {conns} | {:.1} | {:.1} | {:.3} {} | {:.3}–{:.3} |",
+            p.sidecar_us,
+            p.bare_us,
+            p.median,
+            ok_mark(p.median >= 0.95),
+            p.middle.0,
+            p.middle.1
+        );
+    }
+    Ok(s)
+}
+
 /// The two tables of one line-up: per target, then the sidecar's ratios.
 fn throughput_tables(
     l: &Lineup,
@@ -855,6 +925,7 @@ async fn throughput(env: &Env, w: &World) -> Result<String, String> {
     let samples = closed_loops(env, w, &l, &conn_counts).await?;
     s.push_str("### One worker/thread each, plain HTTP upstream\n\n");
     s.push_str(&throughput_tables(&l, &samples, &conn_counts));
+    s.push_str(&paired_cpu(env, w, &l, &conn_counts).await?);
     s.push_str(&fixed_rate_latency(env, &l).await?);
     drop(l);
 
@@ -872,6 +943,7 @@ async fn throughput(env: &Env, w: &World) -> Result<String, String> {
          compete with the second thread.\n\n",
     );
     s.push_str(&throughput_tables(&l, &samples, few));
+    s.push_str(&paired_cpu(env, w, &l, few).await?);
     drop(l);
 
     let l = lineup(env, w, Variant::TLS).await?;
