@@ -1,21 +1,46 @@
 //! The sidecar against bare Pingora by CPU per request, from paired rounds.
 //!
 //! On a shared machine one round can be several percent off the next for reasons neither proxy
-//! controls (a neighbour's load, the frequency the core runs at). A ratio of two totals over
-//! three rounds moves by as much as the difference it is meant to show. Short rounds taken in
-//! pairs — the two proxies one right after the other, in alternating order — see nearly the
-//! same machine. The median of the pairs' ratios ignores the odd round a neighbour spoiled; the
-//! middle half of them shows how far the rest spread.
+//! controls (a neighbour's load on the shared core and cache). A ratio of two totals over three
+//! rounds moves by as much as the difference it is meant to show. Here the two proxies run in
+//! many short rounds, in pairs (one right after the other, in alternating order). The median
+//! of the pairs' ratios is one that the odd spoiled round cannot move; the middle half of them
+//! shows how far the rest spread; the pooled ratio (all CPU time over all requests) is the
+//! three-round measurement's, alternated more finely.
 
-/// One pair of rounds: CPU µs per request of each proxy.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Pair {
-    pub sidecar_us: f64,
-    pub bare_us: f64,
+/// One proxy's round: the CPU time its process used and the requests it served.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Round {
+    pub cpu_ns: u64,
+    pub requests: u64,
 }
 
-/// What the pairs say. Ratios are bare Pingora's CPU per request over the sidecar's: 1 is
-/// equal cost, below 1 the sidecar costs more.
+impl Round {
+    /// CPU µs per request; 0 when none was served.
+    pub fn us_per_request(&self) -> f64 {
+        if self.requests == 0 {
+            return 0.0;
+        }
+        self.cpu_ns as f64 / 1000.0 / self.requests as f64
+    }
+}
+
+/// One pair of rounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Pair {
+    pub sidecar: Round,
+    pub bare: Round,
+}
+
+impl Pair {
+    /// Bare Pingora's CPU per request over the sidecar's: 1 is equal cost, below 1 the sidecar
+    /// costs more.
+    pub fn ratio(&self) -> f64 {
+        self.bare.us_per_request() / self.sidecar.us_per_request()
+    }
+}
+
+/// What the pairs say (ratios as [`Pair::ratio`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {
     pub pairs: usize,
@@ -23,30 +48,43 @@ pub struct Summary {
     pub median: f64,
     /// The middle half of the pairs' ratios (lower and upper quartile).
     pub middle: (f64, f64),
-    /// Median CPU µs per request of each proxy.
+    /// CPU µs per request of each proxy over all its rounds, and their ratio.
     pub sidecar_us: f64,
     pub bare_us: f64,
+    pub pooled: f64,
 }
 
-/// The summary of `pairs`; `None` when there is none, or a round served nothing (no CPU
-/// per request to compare).
+/// The summary of `pairs`; `None` when there is none, or a round served nothing or used no
+/// CPU (no ratio to take).
 pub fn summarize(pairs: &[Pair]) -> Option<Summary> {
+    let counted = |r: &Round| r.requests > 0 && r.cpu_ns > 0;
     if pairs.is_empty()
-        || pairs
+        || !pairs
             .iter()
-            .any(|p| !(p.sidecar_us > 0.0 && p.bare_us > 0.0))
+            .all(|p| counted(&p.sidecar) && counted(&p.bare))
     {
         return None;
     }
-    let mut ratios: Vec<f64> = pairs.iter().map(|p| p.bare_us / p.sidecar_us).collect();
+    let mut ratios: Vec<f64> = pairs.iter().map(Pair::ratio).collect();
     ratios.sort_by(f64::total_cmp);
     let n = ratios.len();
+    let total = |f: fn(&Pair) -> Round| {
+        pairs.iter().map(f).fold(Round::default(), |a, r| Round {
+            cpu_ns: a.cpu_ns + r.cpu_ns,
+            requests: a.requests + r.requests,
+        })
+    };
+    let (sidecar_us, bare_us) = (
+        total(|p| p.sidecar).us_per_request(),
+        total(|p| p.bare).us_per_request(),
+    );
     Some(Summary {
         pairs: n,
         median: median_sorted(&ratios),
         middle: (ratios[n / 4], ratios[n - 1 - n / 4]),
-        sidecar_us: median(pairs.iter().map(|p| p.sidecar_us).collect()),
-        bare_us: median(pairs.iter().map(|p| p.bare_us).collect()),
+        sidecar_us,
+        bare_us,
+        pooled: bare_us / sidecar_us,
     })
 }
 
@@ -71,49 +109,64 @@ fn median_sorted(v: &[f64]) -> f64 {
 mod tests {
     use super::*;
 
-    fn pair(sidecar_us: f64, bare_us: f64) -> Pair {
+    /// A pair from CPU µs per request, 1,000 requests each.
+    fn pair(sidecar_us: u64, bare_us: u64) -> Pair {
+        let round = |us: u64| Round {
+            cpu_ns: us * 1_000_000,
+            requests: 1000,
+        };
         Pair {
-            sidecar_us,
-            bare_us,
+            sidecar: round(sidecar_us),
+            bare: round(bare_us),
         }
     }
 
     #[test]
-    fn one_spoiled_round_moves_the_median_not_the_verdict() {
+    fn one_spoiled_round_moves_the_pooled_ratio_not_the_median() {
         // Four pairs at 0.96 and one where the sidecar's round met a busy neighbour.
         let pairs = [
-            pair(50.0, 48.0),
-            pair(25.0, 24.0),
-            pair(80.0, 48.0),
-            pair(50.0, 48.0),
-            pair(100.0, 96.0),
+            pair(50, 48),
+            pair(25, 24),
+            pair(80, 48),
+            pair(50, 48),
+            pair(100, 96),
         ];
         let s = summarize(&pairs).unwrap();
         assert_eq!(s.pairs, 5);
         assert!((s.median - 0.96).abs() < 1e-9, "{s:?}");
         // Sorted ratios: 0.6, 0.96, 0.96, 0.96, 0.96; the quartiles are the 2nd and 4th.
         assert!((s.middle.0 - 0.96).abs() < 1e-9 && (s.middle.1 - 0.96).abs() < 1e-9);
-        assert_eq!((s.sidecar_us, s.bare_us), (50.0, 48.0));
+        // All CPU over all requests: 305 against 264 µs per 5 × 1,000 requests.
+        assert!((s.sidecar_us - 61.0).abs() < 1e-9 && (s.bare_us - 52.8).abs() < 1e-9);
+        assert!((s.pooled - 264.0 / 305.0).abs() < 1e-9, "{s:?}");
     }
 
     #[test]
     fn an_even_count_takes_the_mean_of_the_two_middle_ratios() {
-        let s = summarize(&[
-            pair(10.0, 9.0),
-            pair(10.0, 10.0),
-            pair(10.0, 8.0),
-            pair(10.0, 11.0),
-        ])
-        .unwrap();
+        let s = summarize(&[pair(10, 9), pair(10, 10), pair(10, 8), pair(10, 11)]).unwrap();
         // Sorted: 0.8, 0.9, 1.0, 1.1.
         assert!((s.median - 0.95).abs() < 1e-9, "{s:?}");
         assert_eq!(s.middle, (0.9, 1.0));
     }
 
+    /// The pooled ratio weighs rounds by their requests, as the three-round totals do.
+    #[test]
+    fn the_pooled_ratio_counts_every_request_once() {
+        let mut busy = pair(10, 10);
+        busy.sidecar.requests = 3000;
+        busy.sidecar.cpu_ns = 3000 * 20_000;
+        let s = summarize(&[busy, pair(10, 10)]).unwrap();
+        // Sidecar: 70 ms over 4,000 requests; bare: 20 ms over 2,000.
+        assert!((s.sidecar_us - 17.5).abs() < 1e-9 && (s.bare_us - 10.0).abs() < 1e-9);
+        assert!((s.pooled - 10.0 / 17.5).abs() < 1e-9);
+    }
+
     #[test]
     fn nothing_to_compare_is_no_summary() {
         assert_eq!(summarize(&[]), None);
-        assert_eq!(summarize(&[pair(10.0, 9.0), pair(0.0, 9.0)]), None);
-        assert_eq!(summarize(&[pair(f64::NAN, 9.0)]), None);
+        assert_eq!(summarize(&[pair(10, 9), pair(0, 9)]), None);
+        let mut idle = pair(10, 9);
+        idle.bare.requests = 0;
+        assert_eq!(summarize(&[idle]), None);
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use sidecar_mocks::{IdpConfig, MockIdp, TokenRegistry};
 
 use crate::load::{self, Histogram, Percentiles};
-use crate::paired::{self, median, Pair};
+use crate::paired::{self, median, Pair, Round};
 use crate::procs::{self, Proc, Scratch};
 use crate::replicas;
 use crate::soak;
@@ -742,14 +742,14 @@ async fn paired_cpu(
         "\nSidecar against bare Pingora by CPU per request, in {} pairs of {} s rounds per \
          connection count (the two back to back, in alternating order; bench/src/paired.rs): \
          the ratio is bare Pingora's CPU/req over the sidecar's in each pair, the median of the \
-         pairs and the middle half of them.\n",
+         pairs and the middle half of them; pooled: all the pairs' CPU time over their requests.\n",
         plan.pairs,
         plan.pair_run.as_secs()
     );
     s.push_str(
-        "| conns | sidecar CPU µs/req (median) | bare Pingora | sidecar/bare by CPU, median of pairs (≥ 0.95) | middle half of pairs |\n",
+        "| conns | sidecar CPU µs/req (all pairs) | bare Pingora | sidecar/bare by CPU, median of pairs (≥ 0.95) | middle half of pairs | all pairs pooled |\n",
     );
-    s.push_str("|---:|---:|---:|---:|---:|\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|\n");
     for &conns in conn_counts {
         let mut pairs = Vec::new();
         for round in 0..plan.pairs {
@@ -760,27 +760,26 @@ async fn paired_cpu(
             if round % 2 == 1 {
                 order.reverse();
             }
-            let mut pair = Pair {
-                sidecar_us: 0.0,
-                bare_us: 0.0,
-            };
+            let mut pair = Pair::default();
             for (t, addr, a) in order {
                 let pid = l.pid(t).ok_or("no process to measure")?;
                 let cpu0 = procs::cpu_ns(pid);
                 let m = measure(env, w, addr, a, conns, plan.pair_run).await?;
-                let cpu = procs::cpu_ns(pid).saturating_sub(cpu0);
-                let us = cpu as f64 / 1000.0 / m.requests.max(1) as f64;
+                let round = Round {
+                    cpu_ns: procs::cpu_ns(pid).saturating_sub(cpu0),
+                    requests: m.requests,
+                };
                 match t {
-                    Target::Sidecar => pair.sidecar_us = us,
-                    _ => pair.bare_us = us,
+                    Target::Sidecar => pair.sidecar = round,
+                    _ => pair.bare = round,
                 }
             }
             eprintln!(
                 "bench:   {} {conns:>3} conns  pair {round:>2}: sidecar {:>5.1} µs/req  bare Pingora {:>5.1}  ratio {:.3}",
                 l.variant.tag(),
-                pair.sidecar_us,
-                pair.bare_us,
-                pair.bare_us / pair.sidecar_us.max(1e-9)
+                pair.sidecar.us_per_request(),
+                pair.bare.us_per_request(),
+                pair.ratio()
             );
             pairs.push(pair);
         }
@@ -788,13 +787,14 @@ async fn paired_cpu(
             .ok_or_else(|| format!("{conns} connections: a paired round served nothing"))?;
         let _ = writeln!(
             s,
-            "| {conns} | {:.1} | {:.1} | {:.3} {} | {:.3}–{:.3} |",
+            "| {conns} | {:.1} | {:.1} | {:.3} {} | {:.3}–{:.3} | {:.3} |",
             p.sidecar_us,
             p.bare_us,
             p.median,
             ok_mark(p.median >= 0.95),
             p.middle.0,
-            p.middle.1
+            p.middle.1,
+            p.pooled
         );
     }
     Ok(s)
