@@ -765,13 +765,13 @@ async fn paired_cpu(
                 let pid = l.pid(t).ok_or("no process to measure")?;
                 let cpu0 = procs::cpu_ns(pid);
                 let m = measure(env, w, addr, a, conns, plan.pair_run).await?;
-                let round = Round {
+                let taken = Round {
                     cpu_ns: procs::cpu_ns(pid).saturating_sub(cpu0),
                     requests: m.requests,
                 };
                 match t {
-                    Target::Sidecar => pair.sidecar = round,
-                    _ => pair.bare = round,
+                    Target::Sidecar => pair.sidecar = taken,
+                    _ => pair.bare = taken,
                 }
             }
             eprintln!(
