@@ -1,9 +1,10 @@
 //! The count of requests in flight, which graceful shutdown waits on.
 //!
 //! Every request counts itself in and out, on whichever worker thread serves it. The count and
-//! what its guards hold live in an allocation of their own: a request's guard writes to no
-//! cache line that other requests read (the `App`'s, the live config's), so the workers of a
-//! multi-threaded runtime do not take those lines from each other on every request.
+//! what its guards hold live in an allocation of their own: a request's guard writes only
+//! there, not to the `App`'s or the live config's cache lines, which every request on every
+//! worker reads. (On this project's 2-core machine no gain from that was measurable:
+//! bench/PROFILE.md §8.8.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
