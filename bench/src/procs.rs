@@ -202,11 +202,9 @@ pub fn wait_port(addr: SocketAddr, pid: u32, limit: Duration) -> Result<(), Stri
     }
 }
 
-/// A free loopback port (bound, then released for the child to bind).
+/// A free loopback port for a child to bind (each goes out once per run).
 pub fn free_port() -> Result<SocketAddr, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free loopback port: {e}"))
+    sidecar_mocks::free_port().map_err(|e| format!("no free loopback port: {e}"))
 }
 
 /// A scratch directory removed on drop.

@@ -18,6 +18,7 @@
 //! by `token-sidecar demo`.
 
 pub mod idp;
+mod ports;
 mod registry;
 mod server;
 pub mod signalr;
@@ -30,6 +31,7 @@ mod util;
 mod tests;
 
 pub use idp::{Catcher, Failure, Hostile, IdpConfig, IdpRequest, MockIdp};
+pub use ports::free_port;
 pub use registry::TokenRegistry;
 pub use signalr::{HubStats, SignalRHub};
 pub use streams::StreamUpstream;

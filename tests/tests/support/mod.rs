@@ -2,7 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -21,12 +21,11 @@ pub mod tools;
 /// wait for a reload keep access lines out of that file.
 pub const QUIET: &str = "log: { access_log: false }\n";
 
-/// A free loopback port (bound, then released: the sidecar binds it right after).
+/// A free loopback port (each goes out once per test process; see [`sidecar_mocks::free_port`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+    sidecar_mocks::free_port()
         .expect("no free loopback port")
+        .port()
 }
 
 /// A private scratch directory removed on drop.
