@@ -16,6 +16,7 @@ use sidecar_filters::{Breaker, RateLimiter, Routes, SkipReason, UpstreamHolds};
 use sidecar_token::{SharedBackend, SharedRateLimits, TokenSource};
 
 use crate::dns::{Addresses, ReplayResolver, Resolvers, Target};
+use crate::histogram::{self, Durations};
 use crate::inflight::Inflight;
 
 /// How long the start waits for the first lookups of upstream host names (a name still
@@ -74,12 +75,12 @@ pub struct UpstreamMetrics {
     label: Arc<str>,
     requests: Box<[OnceLock<metrics::Counter>]>,
     /// `sidecar_request_duration_seconds{upstream}`.
-    pub duration: metrics::Histogram,
+    pub duration: Arc<Durations>,
     /// `sidecar_upstream_duration_seconds{upstream}`: per attempt that got an answer, from the
     /// moment the request head is handed to the upstream connection to the moment the answer's
     /// header has been read; Pingora's attempts (connect excluded) and the sidecar's own replays
     /// (whose client may connect first) alike.
-    pub upstream_duration: metrics::Histogram,
+    pub upstream_duration: Arc<Durations>,
 }
 
 /// Methods as metric labels: the standard ones, everything else `other` (no unbounded label).
@@ -110,8 +111,8 @@ impl UpstreamMetrics {
     pub(crate) fn new(name: &str) -> UpstreamMetrics {
         let label: Arc<str> = Arc::from(name);
         UpstreamMetrics {
-            duration: metrics::histogram!("sidecar_request_duration_seconds", "upstream" => label.clone()),
-            upstream_duration: metrics::histogram!("sidecar_upstream_duration_seconds", "upstream" => label.clone()),
+            duration: histogram::durations(histogram::REQUEST, name),
+            upstream_duration: histogram::durations(histogram::UPSTREAM, name),
             requests: (0..ORIGINS.len() * METHODS.len() * STATUSES)
                 .map(|_| OnceLock::new())
                 .collect(),

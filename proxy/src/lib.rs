@@ -15,6 +15,7 @@ pub mod ctx;
 pub mod demo;
 pub mod dns;
 pub mod errors;
+pub mod histogram;
 pub mod inflight;
 mod log_json;
 mod log_throttle;

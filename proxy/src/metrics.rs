@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::io::Read;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::app::App;
@@ -47,16 +47,6 @@ fn describe() {
     describe_counter!(
         "sidecar_requests_total",
         "Requests answered, by upstream (empty: no route), method, status (0: no answer written) and origin (sidecar: the sidecar's own answer; upstream: the upstream's)"
-    );
-    describe_histogram!(
-        "sidecar_request_duration_seconds",
-        Unit::Seconds,
-        "Time from a request's arrival to the end of its answer, waits and replays included, by upstream"
-    );
-    describe_histogram!(
-        "sidecar_upstream_duration_seconds",
-        Unit::Seconds,
-        "Per attempt that got an answer: request head sent to answer header received, by upstream"
     );
     describe_counter!(
         "sidecar_replays_total",
@@ -112,6 +102,7 @@ pub fn render(app: &App, handle: &PrometheusHandle) -> String {
     if !page.is_empty() && !page.ends_with('\n') {
         page.push('\n');
     }
+    crate::histogram::render(&mut page);
     if let Some(p) = Process::read() {
         p.write(&mut page);
     }

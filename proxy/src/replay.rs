@@ -138,7 +138,7 @@ async fn send(
     };
     let answer = answer.map_err(failed)?;
     let took = sent.elapsed();
-    up.metrics.upstream_duration.record(took.as_secs_f64());
+    up.metrics.upstream_duration.record(took);
     ctx.answered(answer.status().as_u16(), took);
     Ok(answer)
 }

@@ -590,7 +590,7 @@ impl ProxyHttp for Sidecar {
         let method = session.req_header().method.as_str();
         let m = route.map_or(&self.app.unrouted, |up| &up.metrics);
         m.requests(method, status, ctx.local.is_some()).increment(1);
-        m.duration.record(elapsed.as_secs_f64());
+        m.duration.record(elapsed);
         if let Some(up) = route {
             if ctx.attempts > 0 || ctx.class.is_some() {
                 let failed = ctx.class.is_some_and(ErrorClass::is_upstream_failure);
@@ -629,7 +629,7 @@ impl Sidecar {
         if let Some(sent) = ctx.sent_at.take() {
             let took = sent.elapsed();
             if let Some(up) = ctx.up() {
-                up.metrics.upstream_duration.record(took.as_secs_f64());
+                up.metrics.upstream_duration.record(took);
             }
             ctx.answered(status, took);
         }
