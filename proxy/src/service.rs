@@ -405,11 +405,14 @@ impl ProxyHttp for Sidecar {
     /// name is logged once by the lookups (not per request). An upstream that
     /// cannot be reached or does not answer in time is logged here instead, at WARN, once a
     /// second per upstream and cause with the count of the failures not logged (a down
-    /// upstream under load would otherwise write a line per request).
+    /// upstream under load would otherwise write a line per request). A client that hangs up
+    /// before its answer is nothing an operator can act on: its access line (status 0) and
+    /// `sidecar_requests_total{status="0"}` record it.
     fn suppress_error_log(&self, _session: &Session, ctx: &Box<Ctx>, error: &Error) -> bool {
         if *error.etype() == OWN_REPLAY
             || *error.etype() == CHECK_BODY
             || *error.etype() == UNRESOLVED
+            || client_went_away(error)
         {
             return true;
         }
@@ -558,12 +561,10 @@ impl ProxyHttp for Sidecar {
                     ctx.class = Some(ErrorClass::Network);
                     Some(LocalAnswer::unreachable(upstream))
                 }
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
-                        None
-                    }
-                    _ => Some(LocalAnswer::bad_request("malformed request".into())),
-                },
+                ErrorSource::Downstream if client_went_away(e) => None,
+                ErrorSource::Downstream => {
+                    Some(LocalAnswer::bad_request("malformed request".into()))
+                }
                 ErrorSource::Internal | ErrorSource::Unset => Some(LocalAnswer::internal()),
             },
         };
@@ -707,6 +708,16 @@ impl Sidecar {
             }
         }
     }
+}
+
+/// The client closed or reset its connection before its answer was written: nobody is left
+/// to answer.
+fn client_went_away(e: &Error) -> bool {
+    *e.esource() == ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+        )
 }
 
 /// Correlates the request's access line with the upstream's logs: the client's `X-Request-Id`

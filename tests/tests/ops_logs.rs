@@ -1,7 +1,8 @@
 //! What the log says, through the real binary: requests that succeeded after a replay or a
 //! retry log nothing above INFO; a down upstream under load logs a few WARN lines a second that
 //! count the rest; the access line carries every field in the text (logfmt) and JSON formats,
-//! with the query's values gone and the request id passed on upstream.
+//! with the query's values gone and the request id passed on upstream; a client that hangs up
+//! early is no WARN or ERROR.
 
 mod support;
 
@@ -180,6 +181,35 @@ async fn a_down_upstream_under_load_logs_a_few_warn_lines_a_second_with_a_count(
         "{failed} failed requests in {seconds:.2} s: {} WARN lines counting {counted}",
         warns.len()
     );
+}
+
+/// A client that hangs up while its request waits for the upstream's answer is its own
+/// business: the access line says status 0, and nothing is logged above INFO (Pingora logged
+/// an ERROR for each such request).
+#[tokio::test]
+async fn a_client_that_hangs_up_before_its_answer_logs_nothing_above_info() {
+    use tokio::io::AsyncWriteExt;
+    let (_idp, api, sc) = token_stack("log: { format: json }\n").await;
+    api.push_script(Scripted::status(200).with_delay(Duration::from_secs(30)));
+    let mut client = tokio::net::TcpStream::connect(sc.listen).await.unwrap();
+    client
+        .write_all(b"GET /hangs-up HTTP/1.1\r\nHost: sidecar\r\n\r\n")
+        .await
+        .unwrap();
+    // The request is at the upstream, which holds its answer: the client goes.
+    wait_until(
+        Duration::from_secs(10),
+        || async { api.count() == 1 },
+        || format!("the request did not reach the upstream\n{}", sc.logs()),
+    )
+    .await;
+    drop(client);
+    let line = sc.wait_log_line(&["\"access\"", "/hangs-up"]).await;
+    let access: Map<String, Value> = serde_json::from_str(&line).unwrap();
+    assert_eq!(access["status"], 0, "{line}");
+    let lines = json_lines(&sc.logs());
+    let loud = above_info(&lines);
+    assert!(loud.is_empty(), "a client that went away: {loud:#?}");
 }
 
 /// `key=value` pairs of a text access line (after `access: `); quoted values unescaped.
