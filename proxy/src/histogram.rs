@@ -3,7 +3,7 @@
 //! a counter per bucket.
 //!
 //! `metrics-exporter-prometheus` keeps every histogram sample, with a clock reading, until its
-//! upkeep sorts the samples into buckets: ~420 instructions per sample, two samples on every
+//! upkeep sorts the samples into buckets: ~210 instructions per sample, two samples on every
 //! request (bench/PROFILE.md §8.9). Here a sample is a search over the bucket bounds and two
 //! atomic adds. The page's lines are written with the exporter's own formatting functions,
 //! after the rest of its page; every other histogram stays the exporter's.

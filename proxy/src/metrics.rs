@@ -1,6 +1,7 @@
 //! The Prometheus page on `/metrics`: the recorder and its buckets, the `# HELP` text of every
-//! metric, the gauges that are computed when a scrape comes (token TTL and state, in-flight
-//! requests, breakers) rather than on events, and the `process_*` metrics read from `/proc`.
+//! metric (the two per-request duration histograms' is with them, in [`crate::histogram`]), the
+//! gauges that are computed when a scrape comes (token TTL and state, in-flight requests,
+//! breakers) rather than on events, and the `process_*` metrics read from `/proc`.
 
 use std::fmt::Write as _;
 use std::io::Read;
