@@ -9,6 +9,7 @@ mod replicas;
 mod scenarios;
 mod soak;
 mod tools;
+mod train;
 mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,11 @@ pub struct Args {
     /// replay, rate, memory, replicas, soak). The soak runs only when named here, never with --smoke.
     #[arg(long, value_delimiter = ',', value_parser = Scenario::parse)]
     pub only: Vec<Scenario>,
+    /// Instead of the scenarios: drive the sidecar and bare Pingora through the benchmark's
+    /// request shapes for this many seconds each, then stop them with SIGTERM (the training run
+    /// of a profile-guided build, `./dev release`; bench/src/train.rs).
+    #[arg(long, conflicts_with_all = ["profile", "only", "smoke", "quick"], value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub train: Option<u64>,
     /// How long the soak runs, in seconds.
     #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(10..=86_400))]
     pub soak_secs: u64,
@@ -145,6 +151,16 @@ impl Plan {
             watchdog: Duration::from_secs(90 * 60),
             ..quick
         }
+    }
+}
+
+/// How the measured binaries were built, from where they are: `./dev release` puts its
+/// profile-guided build under target/pgo/.
+fn build_kind(sidecar: &Path) -> &'static str {
+    if sidecar.components().any(|c| c.as_os_str() == "pgo") {
+        "profile-guided (`./dev release`), the sidecar and bare Pingora alike"
+    } else {
+        "`cargo build --release` (fat LTO, no profile), the sidecar and bare Pingora alike"
     }
 }
 
@@ -354,8 +370,9 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
             std::process::exit(3);
         });
     // Only the throughput scenario and --profile drive nginx and wrk: do not install them for
-    // the others.
-    let needs_tools = args.profile.is_some() || selected.contains(&Scenario::Throughput);
+    // the others (nor for --train, which uses the in-repo load generator).
+    let needs_tools = args.train.is_none()
+        && (args.profile.is_some() || selected.contains(&Scenario::Throughput));
     let wrk = match args.loadgen {
         _ if !needs_tools => None,
         Loadgen::Builtin => None,
@@ -397,6 +414,12 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
             procs::abandon();
             std::process::exit(130);
         });
+        if let Some(secs) = args.train {
+            return match train::train(&env.sidecar_bin, &env.bare_bin, secs).await {
+                Ok(text) => (scenarios::Report { main: text, soak: None }, Vec::new()),
+                Err(e) => (scenarios::Report::default(), vec![format!("train: {e}")]),
+            };
+        }
         if let Some(target) = &args.profile {
             return match scenarios::profile(&env, target, args.profile_secs, args.profile_conns).await {
                 Ok(text) => (scenarios::Report { main: text, soak: None }, Vec::new()),
@@ -405,7 +428,7 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
         }
         scenarios::run_all(&env, &selected).await
     });
-    if args.profile.is_some() {
+    if args.profile.is_some() || args.train.is_some() {
         println!("{}", report.main);
         return Ok(failures);
     }
@@ -422,7 +445,8 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
         let header = format!(
             "# token-sidecar benchmark results\n\n\
              Run: `cargo run --release -p sidecar-bench --{}` on {} ({} mode, {:.0} s).\n\n\
-             {machine_line} Load generator: {}. nginx: {}. HAProxy: {}. Open-file limit: {}.\n\n\
+             {machine_line} Build: {}. Load generator: {}. nginx: {}. HAProxy: {}. Open-file \
+             limit: {}.\n\n\
              Everything on 127.0.0.1: load generator, upstream (hyper, 1 thread), mock IdP, and \
              the proxies (1 worker/thread each unless a table says otherwise). Keep-alive \
              everywhere, `GET /bench`.\n",
@@ -433,6 +457,7 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
             utc_now(),
             plan.mode,
             started.elapsed().as_secs_f64(),
+            build_kind(&env.sidecar_bin),
             match &wrk {
                 Some(w) => format!(
                     "{} (`-t1`, latency from its Lua `done` hook)",

@@ -62,23 +62,33 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// How long a child may take to stop before it is killed.
+const STOP_LIMIT: Duration = Duration::from_secs(2);
+
 /// Stops one child (bounded: at most ~2 s).
 pub fn stop(pid: u32) {
+    stop_within(pid, STOP_LIMIT);
+}
+
+/// Stops one child, giving a graceful one (SIGTERM) `limit` to exit; false when it was still
+/// running at the limit and was killed, or is not registered.
+pub fn stop_within(pid: u32, limit: Duration) -> bool {
     let taken = {
         let mut list = lock();
         list.iter()
             .position(|m| m.child.id() == pid)
             .map(|i| list.swap_remove(i))
     };
-    if let Some(m) = taken {
-        terminate(vec![m]);
+    match taken {
+        Some(m) => terminate(vec![m], limit) == 0,
+        None => false,
     }
 }
 
 /// Stops every registered child (bounded: at most ~2 s).
 pub fn stop_all() {
     let all: Vec<Managed> = std::mem::take(&mut *lock());
-    terminate(all);
+    terminate(all, STOP_LIMIT);
 }
 
 /// Stops every child and removes the scratch directory: for exits that skip destructors
@@ -92,7 +102,8 @@ fn scratch_dir() -> PathBuf {
     std::env::temp_dir().join(format!("sidecar-bench-{}", std::process::id()))
 }
 
-fn terminate(mut list: Vec<Managed>) {
+/// Stops `list`, killing what is still running after `limit`; how many had to be killed.
+fn terminate(mut list: Vec<Managed>, limit: Duration) -> usize {
     // Descendants (nginx's worker) are collected before the master goes away.
     let mut orphans = Vec::new();
     for m in &mut list {
@@ -103,7 +114,8 @@ fn terminate(mut list: Vec<Managed>) {
             let _ = m.child.kill();
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + limit;
+    let mut killed = 0;
     for m in &mut list {
         while Instant::now() < deadline && matches!(m.child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(20));
@@ -111,6 +123,7 @@ fn terminate(mut list: Vec<Managed>) {
         if matches!(m.child.try_wait(), Ok(None)) {
             eprintln!("bench: {} did not stop in time; killing it", m.name);
             let _ = m.child.kill();
+            killed += 1;
         }
         let _ = m.child.wait();
     }
@@ -119,6 +132,7 @@ fn terminate(mut list: Vec<Managed>) {
             signal(pid, "-KILL");
         }
     }
+    killed
 }
 
 /// `kill {sig} {pid}`, errors ignored.

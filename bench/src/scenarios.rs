@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -153,7 +153,7 @@ impl Drop for World {
 }
 
 impl World {
-    fn start() -> Result<World, String> {
+    pub(crate) fn start() -> Result<World, String> {
         let idp_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("bench-idp")
@@ -183,7 +183,7 @@ impl World {
     }
 
     /// A bearer token the upstream accepts (until the next revocation).
-    fn static_authorization(&self) -> String {
+    pub(crate) fn static_authorization(&self) -> String {
         format!("Bearer {}", self.registry.issue(Duration::from_secs(3600)))
     }
 
@@ -317,12 +317,44 @@ pub(crate) async fn launch_sidecar(
     admin: SocketAddr,
     yaml: &str,
 ) -> Result<Sidecar, String> {
+    launch(&env.sidecar_bin, w, tag, (listen, admin), yaml, false).await
+}
+
+/// The sidecar `bin` in front of the fast upstream, as [`start_sidecar`] starts it, stopped
+/// with SIGTERM rather than killed (`--train`: an instrumented build writes its profile on
+/// exit).
+pub(crate) async fn launch_sidecar_graceful(
+    bin: &Path,
+    w: &World,
+    tag: &str,
+) -> Result<Sidecar, String> {
+    let (listen, admin) = (procs::free_port()?, procs::free_port()?);
+    let yaml = sidecar_yaml(
+        w,
+        listen,
+        admin,
+        w.upstream.addr,
+        "",
+        "{ max_waiting: 20000 }",
+        "",
+    );
+    launch(bin, w, tag, (listen, admin), &yaml, true).await
+}
+
+async fn launch(
+    bin: &Path,
+    w: &World,
+    tag: &str,
+    (listen, admin): (SocketAddr, SocketAddr),
+    yaml: &str,
+    graceful: bool,
+) -> Result<Sidecar, String> {
     let config = w.scratch.path(&format!("sidecar-{tag}.yaml"));
     std::fs::write(&config, yaml).map_err(|e| format!("sidecar config: {e}"))?;
     let log = w.scratch.path(&format!("sidecar-{tag}.log"));
-    let mut cmd = Command::new(&env.sidecar_bin);
+    let mut cmd = Command::new(bin);
     cmd.arg("run").arg("-c").arg(&config);
-    let proc = procs::spawn(&format!("sidecar-{tag}"), cmd, &log, false)?;
+    let proc = procs::spawn(&format!("sidecar-{tag}"), cmd, &log, graceful)?;
     let tail = || std::fs::read_to_string(&log).unwrap_or_default();
     procs::wait_port(listen, proc.pid, Duration::from_secs(15))
         .map_err(|e| format!("sidecar: {e}\n{}", tail()))?;

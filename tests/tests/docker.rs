@@ -119,9 +119,9 @@ fn the_dockerfile_copies_paths_that_exist_and_every_workspace_member() {
     }
 }
 
-/// `cargo build ...` up to the end of its shell command.
-fn cargo_build(text: &str) -> Option<String> {
-    let start = text.find("cargo build")?;
+/// `./dev release ...` up to the end of its shell command.
+fn dev_release(text: &str) -> Option<String> {
+    let start = text.find("./dev release")?;
     let rest = &text[start..];
     let end = rest.find(['&', ';', '|', '\n']).unwrap_or(rest.len());
     Some(rest[..end].split_whitespace().collect::<Vec<_>>().join(" "))
@@ -134,14 +134,39 @@ fn the_dockerfile_builds_the_way_ci_does_into_a_small_non_root_image() {
     let ci_build = ci
         .lines()
         .map(str::trim)
-        .find(|l| l.starts_with("cargo build"))
-        .and_then(cargo_build)
-        .expect("a cargo build line in .ci/run");
+        .find(|l| l.starts_with("./dev release"))
+        .and_then(dev_release)
+        .expect("a ./dev release line in .ci/run");
     let ins = instructions(&dockerfile);
     let runs: Vec<&String> = ins.iter().filter(|i| keyword(i) == "RUN").collect();
-    let builds: Vec<String> = runs.iter().filter_map(|r| cargo_build(r)).collect();
+    let builds: Vec<String> = runs.iter().filter_map(|r| dev_release(r)).collect();
     assert_eq!(builds, vec![ci_build.clone()], "Dockerfile vs .ci/run");
-    assert!(ci_build.contains("--release") && ci_build.contains("--locked"));
+    assert!(
+        !runs.iter().any(|r| r.contains("cargo build")),
+        "the image is built by ./dev release only"
+    );
+    // Both take the binary from where `./dev release` puts it.
+    let built = "target/pgo/";
+    assert!(
+        ci.contains(&format!("release=\"{built}")),
+        ".ci/run uses {built}"
+    );
+    assert!(
+        runs.iter()
+            .any(|r| r.contains("./dev release") && r.contains(built)),
+        "the Dockerfile installs the binary from {built}"
+    );
+    // `./dev release`: both of its builds are release builds from the lock file.
+    let dev = read("dev");
+    let cargo_builds: Vec<&str> = dev
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && l.contains("cargo build"))
+        .collect();
+    assert_eq!(cargo_builds.len(), 2, "{cargo_builds:?}");
+    for b in cargo_builds {
+        assert!(b.contains("--release") && b.contains("--locked"), "{b}");
+    }
 
     // Multi-stage: a builder and a runtime stage that takes only the binary.
     let froms: Vec<&String> = ins.iter().filter(|i| keyword(i) == "FROM").collect();
