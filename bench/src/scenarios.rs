@@ -294,6 +294,19 @@ async fn start_sidecar_url(
     url: &str,
     extra: &str,
 ) -> Result<Sidecar, String> {
+    start_sidecar_as(&env.sidecar_bin, w, tag, url, extra, false).await
+}
+
+/// [`start_sidecar_url`] with the binary `bin`; when `graceful`, it is stopped with SIGTERM
+/// rather than killed (`--train`: an instrumented build writes its profile on exit).
+pub(crate) async fn start_sidecar_as(
+    bin: &Path,
+    w: &World,
+    tag: &str,
+    url: &str,
+    extra: &str,
+    graceful: bool,
+) -> Result<Sidecar, String> {
     let (listen, admin) = (procs::free_port()?, procs::free_port()?);
     let yaml = sidecar_yaml_url(
         w,
@@ -304,7 +317,7 @@ async fn start_sidecar_url(
         "{ debug_header: true, max_waiting: 20000 }",
         extra,
     );
-    launch_sidecar(env, w, tag, listen, admin, &yaml).await
+    launch(bin, w, tag, (listen, admin), &yaml, graceful).await
 }
 
 /// Starts the sidecar with `yaml` (which names `listen` and `admin`) and waits until it proxies
@@ -318,27 +331,6 @@ pub(crate) async fn launch_sidecar(
     yaml: &str,
 ) -> Result<Sidecar, String> {
     launch(&env.sidecar_bin, w, tag, (listen, admin), yaml, false).await
-}
-
-/// The sidecar `bin` in front of the fast upstream, as [`start_sidecar`] starts it, stopped
-/// with SIGTERM rather than killed (`--train`: an instrumented build writes its profile on
-/// exit).
-pub(crate) async fn launch_sidecar_graceful(
-    bin: &Path,
-    w: &World,
-    tag: &str,
-) -> Result<Sidecar, String> {
-    let (listen, admin) = (procs::free_port()?, procs::free_port()?);
-    let yaml = sidecar_yaml(
-        w,
-        listen,
-        admin,
-        w.upstream.addr,
-        "",
-        "{ max_waiting: 20000 }",
-        "",
-    );
-    launch(bin, w, tag, (listen, admin), &yaml, true).await
 }
 
 async fn launch(

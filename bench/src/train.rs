@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::load;
 use crate::procs;
-use crate::scenarios::{launch_sidecar_graceful, World};
+use crate::scenarios::{start_sidecar_as, World};
 
 /// How long a stopped proxy may take to exit (and write its profile) before it is killed and
 /// the training fails.
@@ -34,7 +34,9 @@ pub async fn train(sidecar: &Path, bare: &Path, secs: u64) -> Result<String, Str
         .arg(&auth);
     let bare_proc = procs::spawn("bare-pingora", cmd, &w.scratch.path("bare-train.log"), true)?;
     procs::wait_port(bare_addr, bare_proc.pid, Duration::from_secs(10))?;
-    let side = launch_sidecar_graceful(sidecar, &w, "train").await?;
+    // As the benchmark runs it.
+    let url = format!("\"http://{}\"", w.upstream.addr);
+    let side = start_sidecar_as(sidecar, &w, "train", &url, "", true).await?;
 
     let mut report = String::new();
     for (name, addr, a) in [
