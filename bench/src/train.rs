@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::load;
 use crate::procs;
@@ -48,13 +48,7 @@ pub async fn train(sidecar: &Path, bare: &Path, secs: u64) -> Result<String, Str
         let mut served = 0;
         for (request, conns) in [(&get, 1), (&get, 16), (&get, 128), (&post, 16)] {
             let out = load::closed_loop(addr, request.clone(), conns, run).await;
-            eprintln!(
-                "bench: train: {name} {conns:>3} conns: {} answered 2xx, {} other, {} errors in {:.1} s",
-                out.ok,
-                out.status_401 + out.other_status,
-                out.errors,
-                out.elapsed.as_secs_f64()
-            );
+            progress(&format!("{name} {conns:>3} conns"), &out);
             if out.ok == 0 {
                 return Err(format!(
                     "{name}: no request succeeded at {conns} connections ({})",
@@ -71,17 +65,11 @@ pub async fn train(sidecar: &Path, bare: &Path, secs: u64) -> Result<String, Str
     w.registry.revoke_all();
     let get = Arc::new(load::bench_request(side.listen, None));
     let out = load::closed_loop(side.listen, get, 16, run).await;
-    eprintln!(
-        "bench: train: sidecar, tokens revoked: {} answered 2xx, {} other, {} errors in {:.1} s",
-        out.ok,
-        out.status_401 + out.other_status,
-        out.errors,
-        out.elapsed.as_secs_f64()
-    );
+    progress("sidecar, tokens revoked", &out);
     if out.ok == 0 {
         return Err("sidecar: no request succeeded after the tokens were revoked".into());
     }
-    let stopping = std::time::Instant::now();
+    let stopping = Instant::now();
 
     for (name, pid) in [("sidecar", side.proc.pid), ("bare-pingora", bare_proc.pid)] {
         if !procs::stop_within(pid, EXIT_LIMIT) {
@@ -95,6 +83,17 @@ pub async fn train(sidecar: &Path, bare: &Path, secs: u64) -> Result<String, Str
         stopping.elapsed().as_secs_f64()
     );
     Ok(report)
+}
+
+/// One progress line on stderr.
+fn progress(what: &str, out: &load::Outcome) {
+    eprintln!(
+        "bench: train: {what}: {} answered 2xx, {} other, {} errors in {:.1} s",
+        out.ok,
+        out.status_401 + out.other_status,
+        out.errors,
+        out.elapsed.as_secs_f64()
+    );
 }
 
 /// `POST /bench` with a small JSON body.
