@@ -156,7 +156,8 @@ fn the_dockerfile_builds_the_way_ci_does_into_a_small_non_root_image() {
             .any(|r| r.contains("./dev release") && r.contains(built)),
         "the Dockerfile installs the binary from {built}"
     );
-    // `./dev release`: both of its builds are release builds from the lock file.
+    // `./dev release`: both of its builds are release builds from the lock file, the first
+    // instrumented and the second using the profile the training run left.
     let dev = read("dev");
     let cargo_builds: Vec<&str> = dev
         .lines()
@@ -164,9 +165,18 @@ fn the_dockerfile_builds_the_way_ci_does_into_a_small_non_root_image() {
         .filter(|l| !l.starts_with('#') && l.contains("cargo build"))
         .collect();
     assert_eq!(cargo_builds.len(), 2, "{cargo_builds:?}");
-    for b in cargo_builds {
+    for b in &cargo_builds {
         assert!(b.contains("--release") && b.contains("--locked"), "{b}");
     }
+    assert!(
+        cargo_builds[0].contains("-Cprofile-generate="),
+        "{cargo_builds:?}"
+    );
+    assert!(
+        cargo_builds[1].contains("-Cprofile-use="),
+        "{cargo_builds:?}"
+    );
+    assert!(dev.contains("--train"), "./dev release runs the training");
 
     // Multi-stage: a builder and a runtime stage that takes only the binary.
     let froms: Vec<&String> = ins.iter().filter(|i| keyword(i) == "FROM").collect();
