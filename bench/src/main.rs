@@ -157,11 +157,47 @@ impl Plan {
 /// How the measured binaries were built, from where they are: `./dev release` puts its
 /// profile-guided build under target/pgo/.
 fn build_kind(sidecar: &Path) -> &'static str {
-    if sidecar.components().any(|c| c.as_os_str() == "pgo") {
+    if profile_guided(sidecar) {
         "profile-guided (`./dev release`), the sidecar and bare Pingora alike"
     } else {
         "`cargo build --release` (fat LTO, no profile), the sidecar and bare Pingora alike"
     }
+}
+
+fn profile_guided(binary: &Path) -> bool {
+    binary.components().any(|c| c.as_os_str() == "pgo")
+}
+
+/// The command that repeats this run with `args` (may be empty), for the results' "Run:" line:
+/// `cargo run` for a plain release build, `./dev release` and the binary it built for a
+/// profile-guided one (`bench`: this binary, relative to the workspace where it is inside it).
+fn run_command(bench: &Path, args: &str) -> String {
+    let args = args.trim();
+    if profile_guided(bench) {
+        let bench = bench.strip_prefix(workspace_root()).unwrap_or(bench);
+        let space = if args.is_empty() { "" } else { " " };
+        format!(
+            "`./dev release`, then `{} --no-build{space}{args}`",
+            bench.display()
+        )
+    } else if args.is_empty() {
+        "`cargo run --release -p sidecar-bench`".into()
+    } else {
+        format!("`cargo run --release -p sidecar-bench -- {args}`")
+    }
+}
+
+/// The arguments that chose this run's mode and scenarios, as `run_command` takes them.
+fn run_args(mode: &str, only: &[Scenario]) -> String {
+    let mut args = Vec::new();
+    if mode != "full" {
+        args.push(format!("--{mode}"));
+    }
+    if !only.is_empty() {
+        let names: Vec<&str> = only.iter().map(|s| s.name()).collect();
+        args.push(format!("--only {}", names.join(",")));
+    }
+    args.join(" ")
 }
 
 fn workspace_root() -> PathBuf {
@@ -434,6 +470,8 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
     }
     drop(rt);
 
+    // Where this binary is tells how it was built, and so how to repeat the run.
+    let bench_bin = std::env::current_exe().unwrap_or_default();
     let machine_line = format!(
         "Machine: {}. Load average (1/5/15 min) before: {}, after: {}.",
         machine(),
@@ -444,16 +482,13 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
     if !only_soak {
         let header = format!(
             "# token-sidecar benchmark results\n\n\
-             Run: `cargo run --release -p sidecar-bench --{}` on {} ({} mode, {:.0} s).\n\n\
+             Run: {} on {} ({} mode, {:.0} s).\n\n\
              {machine_line} Build: {}. Load generator: {}. nginx: {}. HAProxy: {}. Open-file \
              limit: {}.\n\n\
              Everything on 127.0.0.1: load generator, upstream (hyper, 1 thread), mock IdP, and \
              the proxies (1 worker/thread each unless a table says otherwise). Keep-alive \
              everywhere, `GET /bench`.\n",
-            match plan.mode {
-                "full" => String::new(),
-                m => format!(" --{m}"),
-            },
+            run_command(&bench_bin, &run_args(plan.mode, &args.only)),
             utc_now(),
             plan.mode,
             started.elapsed().as_secs_f64(),
@@ -473,10 +508,11 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
                 .map_or_else(|| "not used".into(), |n| tool_version(n, "-v")),
             fd_limit,
         );
-        let footer = "Where the time goes (perf profiles of nginx, bare Pingora and the sidecar) \
-                      and the proposed fixes: [PROFILE.md](PROFILE.md). Profile one target \
-                      yourself with `cargo run --release -p sidecar-bench -- --profile \
-                      sidecar|bare|nginx`.\n";
+        let footer = format!(
+            "Where the time goes (perf profiles of nginx, bare Pingora and the sidecar) and the \
+             proposed fixes: [PROFILE.md](PROFILE.md). Profile one target yourself with {}.\n",
+            run_command(&bench_bin, "--profile sidecar|bare|nginx")
+        );
         let text = format!("{header}\n{}{footer}", report.main);
         println!("{text}");
         let out = match (&args.out, args.smoke) {
@@ -491,10 +527,12 @@ fn run(args: &Args, plan: &Plan) -> Result<Vec<String>, String> {
     }
     if let Some(section) = &report.soak {
         let text = format!(
-            "# Soak run of {}\n\nRun: `cargo run --release -p sidecar-bench -- --only soak \
-             --soak-secs {}` at commit {}.\n\n{machine_line}\n\n{section}\n",
+            "# Soak run of {}\n\nRun: {} at commit {}.\n\n{machine_line}\n\n{section}\n",
             utc_now(),
-            plan.soak.as_secs(),
+            run_command(
+                &bench_bin,
+                &format!("--only soak --soak-secs {}", plan.soak.as_secs())
+            ),
             git_commit(),
         );
         println!("{text}");
@@ -547,6 +585,48 @@ mod tests {
 
     fn args(line: &[&str]) -> Args {
         Args::try_parse_from([&["sidecar-bench"], line].concat()).expect("valid arguments")
+    }
+
+    #[test]
+    fn the_run_line_names_the_command_that_built_and_ran_the_binary() {
+        let root = workspace_root();
+        let pgo = root.join("target/pgo/x86_64-unknown-linux-gnu/release/sidecar-bench");
+        let plain = root.join("target/release/sidecar-bench");
+        let cases: [(&Path, &str, &str); 5] = [
+            (&plain, "", "`cargo run --release -p sidecar-bench`"),
+            (
+                &plain,
+                "--quick",
+                "`cargo run --release -p sidecar-bench -- --quick`",
+            ),
+            (
+                &pgo,
+                "",
+                "`./dev release`, then \
+                 `target/pgo/x86_64-unknown-linux-gnu/release/sidecar-bench --no-build`",
+            ),
+            (
+                &pgo,
+                "--only throughput",
+                "`./dev release`, then `target/pgo/x86_64-unknown-linux-gnu/release/sidecar-bench \
+                 --no-build --only throughput`",
+            ),
+            // A binary outside the workspace keeps its whole path.
+            (
+                Path::new("/opt/pgo/sidecar-bench"),
+                "--smoke",
+                "`./dev release`, then `/opt/pgo/sidecar-bench --no-build --smoke`",
+            ),
+        ];
+        for (bench, args, want) in cases {
+            assert_eq!(run_command(bench, args), want, "{} {args}", bench.display());
+        }
+        assert_eq!(run_args("full", &[]), "");
+        assert_eq!(run_args("quick", &[]), "--quick");
+        assert_eq!(
+            run_args("full", &[Scenario::Throughput, Scenario::Storm]),
+            "--only throughput,storm"
+        );
     }
 
     #[test]
