@@ -142,7 +142,8 @@ impl Plan {
             mode: "full",
             run: Duration::from_secs(10),
             rounds: 3,
-            pairs: 12,
+            // 24 pairs: the median's 95 % interval spans the 7th to the 18th ratio.
+            pairs: 24,
             pair_run: Duration::from_secs(3),
             warm: Duration::from_secs(2),
             replay_run: Duration::from_secs(20),

@@ -48,6 +48,9 @@ pub struct Summary {
     pub median: f64,
     /// The middle half of the pairs' ratios (lower and upper quartile).
     pub middle: (f64, f64),
+    /// Where the median of the machine's pairs lies with 95 % confidence, from these pairs
+    /// alone (the ratios at [`median_ranks`]); `None` for fewer than 6 pairs.
+    pub median_95: Option<(f64, f64)>,
     /// CPU µs per request of each proxy over all its rounds, and their ratio.
     pub sidecar_us: f64,
     pub bare_us: f64,
@@ -82,10 +85,33 @@ pub fn summarize(pairs: &[Pair]) -> Option<Summary> {
         pairs: n,
         median: median_sorted(&ratios),
         middle: (ratios[n / 4], ratios[n - 1 - n / 4]),
+        median_95: median_ranks(n).map(|(lo, hi)| (ratios[lo], ratios[hi])),
         sidecar_us,
         bare_us,
         pooled: bare_us / sidecar_us,
     })
+}
+
+/// The 0-based ranks, in `n` sorted values, of a distribution-free 95 % confidence interval
+/// for the median: the `j`-th smallest and the `j`-th largest, for the largest `j` with
+/// P(X < j) ≤ 2.5 % where X, the count of values under the median, is binomial(n, ½). It assumes
+/// nothing about how the ratios spread, only that the pairs are independent. `None` below 6
+/// values (the whole range would not reach 95 %) and above 1,000 (not needed here).
+pub fn median_ranks(n: usize) -> Option<(usize, usize)> {
+    if !(6..=1000).contains(&n) {
+        return None;
+    }
+    // P(X = k), from P(X = 0) = 2^-n, and the running P(X <= k).
+    let mut p = 0.5f64.powi(n as i32);
+    let mut below = p;
+    let mut j = 0;
+    while below <= 0.025 {
+        j += 1;
+        p *= (n - j + 1) as f64 / j as f64;
+        below += p;
+    }
+    // P(X <= j - 1) <= 2.5 % < P(X <= j): the j-th smallest (1-based) is the lower end.
+    Some((j - 1, n - j))
 }
 
 /// The median of `v`; 0 for none.
@@ -159,6 +185,41 @@ mod tests {
         // Sidecar: 70 ms over 4,000 requests; bare: 20 ms over 2,000.
         assert!((s.sidecar_us - 17.5).abs() < 1e-9 && (s.bare_us - 10.0).abs() < 1e-9);
         assert!((s.pooled - 10.0 / 17.5).abs() < 1e-9);
+    }
+
+    /// The ranks are the textbook ones (n = 12: the 3rd and 10th smallest, 96.1 %; n = 24: the
+    /// 7th and 18th), inside the range and around the median for every size, none below 6.
+    #[test]
+    fn the_median_interval_takes_the_binomial_ranks() {
+        let cases = [
+            (5, None),
+            (6, Some((0, 5))),
+            (12, Some((2, 9))),
+            (20, Some((5, 14))),
+            (24, Some((6, 17))),
+            (100, Some((39, 60))),
+            (1001, None),
+        ];
+        for (n, want) in cases {
+            assert_eq!(median_ranks(n), want, "n = {n}");
+        }
+        for n in 6..=1000 {
+            let (lo, hi) = median_ranks(n).unwrap();
+            assert!(
+                lo <= (n - 1) / 2 && hi >= n / 2 && hi < n,
+                "n = {n}: {lo}..{hi}"
+            );
+        }
+        // In a summary: the ratios at those ranks.
+        let pairs: Vec<Pair> = (0..12).map(|i| pair(100, 90 + i)).collect();
+        let s = summarize(&pairs).unwrap();
+        // Sorted ratios 0.90 ..= 1.01; ranks 2 and 9.
+        let (lo, hi) = s.median_95.unwrap();
+        assert!(
+            (lo - 0.92).abs() < 1e-9 && (hi - 0.99).abs() < 1e-9,
+            "{s:?}"
+        );
+        assert_eq!(summarize(&pairs[..5]).unwrap().median_95, None);
     }
 
     #[test]

@@ -766,14 +766,16 @@ async fn paired_cpu(
         "\nSidecar against bare Pingora by CPU per request, in {} pairs of {} s rounds per \
          connection count (the two back to back, in alternating order; bench/src/paired.rs): \
          the ratio is bare Pingora's CPU/req over the sidecar's in each pair, the median of the \
-         pairs and the middle half of them; pooled: all the pairs' CPU time over their requests.\n",
+         pairs, where the median lies with 95 % confidence (distribution-free, from the pairs' \
+         order), and the middle half of the pairs; pooled: all the pairs' CPU time over their \
+         requests.\n",
         plan.pairs,
         plan.pair_run.as_secs()
     );
     s.push_str(
-        "| conns | sidecar CPU µs/req (all pairs) | bare Pingora | sidecar/bare by CPU, median of pairs (≥ 0.95) | middle half of pairs | all pairs pooled |\n",
+        "| conns | sidecar CPU µs/req (all pairs) | bare Pingora | sidecar/bare by CPU, median of pairs (≥ 0.95) | 95 % interval of the median | middle half of pairs | all pairs pooled |\n",
     );
-    s.push_str("|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
     for &conns in conn_counts {
         let mut pairs = Vec::new();
         for round in 0..plan.pairs {
@@ -811,11 +813,13 @@ async fn paired_cpu(
             .ok_or_else(|| format!("{conns} connections: a paired round served nothing"))?;
         let _ = writeln!(
             s,
-            "| {conns} | {:.1} | {:.1} | {:.3} {} | {:.3}–{:.3} | {:.3} |",
+            "| {conns} | {:.1} | {:.1} | {:.3} {} | {} | {:.3}–{:.3} | {:.3} |",
             p.sidecar_us,
             p.bare_us,
             p.median,
             ok_mark(p.median >= 0.95),
+            p.median_95
+                .map_or_else(|| "–".into(), |(lo, hi)| format!("{lo:.3}–{hi:.3}")),
             p.middle.0,
             p.middle.1,
             p.pooled
