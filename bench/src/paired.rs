@@ -46,11 +46,8 @@ pub struct Summary {
     pub pairs: usize,
     /// Median of the pairs' ratios.
     pub median: f64,
-    /// The middle half of the pairs' ratios (lower and upper quartile).
+    /// The middle half of the pairs' ratios (the ratios at [`quartile_ranks`]).
     pub middle: (f64, f64),
-    /// Where the median of the machine's pairs lies with 95 % confidence, from these pairs
-    /// alone (the ratios at [`median_ranks`]); `None` for fewer than 6 pairs.
-    pub median_95: Option<(f64, f64)>,
     /// CPU µs per request of each proxy over all its rounds, and their ratio.
     pub sidecar_us: f64,
     pub bare_us: f64,
@@ -84,12 +81,19 @@ pub fn summarize(pairs: &[Pair]) -> Option<Summary> {
     Some(Summary {
         pairs: n,
         median: median_sorted(&ratios),
-        middle: (ratios[n / 4], ratios[n - 1 - n / 4]),
-        median_95: median_ranks(n).map(|(lo, hi)| (ratios[lo], ratios[hi])),
+        middle: {
+            let (lo, hi) = quartile_ranks(n);
+            (ratios[lo], ratios[hi])
+        },
         sidecar_us,
         bare_us,
         pooled: bare_us / sidecar_us,
     })
+}
+
+/// The 0-based ranks of the lower and upper quartile in `n` (≥ 1) sorted values.
+pub fn quartile_ranks(n: usize) -> (usize, usize) {
+    (n / 4, n - 1 - n / 4)
 }
 
 /// The 0-based ranks, in `n` sorted values, of a distribution-free 95 % confidence interval
@@ -210,16 +214,9 @@ mod tests {
                 "n = {n}: {lo}..{hi}"
             );
         }
-        // In a summary: the ratios at those ranks.
-        let pairs: Vec<Pair> = (0..12).map(|i| pair(100, 90 + i)).collect();
-        let s = summarize(&pairs).unwrap();
-        // Sorted ratios 0.90 ..= 1.01; ranks 2 and 9.
-        let (lo, hi) = s.median_95.unwrap();
-        assert!(
-            (lo - 0.92).abs() < 1e-9 && (hi - 0.99).abs() < 1e-9,
-            "{s:?}"
-        );
-        assert_eq!(summarize(&pairs[..5]).unwrap().median_95, None);
+        // With 24 pairs, the full benchmark's, it is the middle half.
+        assert_eq!(median_ranks(24), Some(quartile_ranks(24)));
+        assert_ne!(median_ranks(12), Some(quartile_ranks(12)));
     }
 
     #[test]
