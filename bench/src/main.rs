@@ -176,15 +176,22 @@ fn run_command(bench: &Path, args: &str) -> String {
     let args = args.trim();
     if profile_guided(bench) {
         let bench = bench.strip_prefix(workspace_root()).unwrap_or(bench);
-        let space = if args.is_empty() { "" } else { " " };
+        let args = if args.is_empty() {
+            ""
+        } else {
+            &format!(" {args}")
+        };
         format!(
-            "`./dev release`, then `{} --no-build{space}{args}`",
+            "`./dev release`, then `{} --no-build{args}`",
             bench.display()
         )
-    } else if args.is_empty() {
-        "`cargo run --release -p sidecar-bench`".into()
     } else {
-        format!("`cargo run --release -p sidecar-bench -- {args}`")
+        let args = if args.is_empty() {
+            ""
+        } else {
+            &format!(" -- {args}")
+        };
+        format!("`cargo run --release -p sidecar-bench{args}`")
     }
 }
 

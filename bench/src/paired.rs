@@ -118,6 +118,27 @@ pub fn median_ranks(n: usize) -> Option<(usize, usize)> {
     Some((j - 1, n - j))
 }
 
+/// The sentence the paired table's heading ends with: between which of the `n` ratios the
+/// median lies with 95 % confidence, and whether those are the middle half's ends (as with 24
+/// pairs); empty when `n` is too small for an interval.
+pub fn median_interval_note(n: usize) -> String {
+    let Some((lo, hi)) = median_ranks(n) else {
+        return String::new();
+    };
+    let middle = if (lo, hi) == quartile_ranks(n) {
+        ": the middle half's ends"
+    } else {
+        ""
+    };
+    format!(
+        " The median of the machine's pairs lies, with 95 % confidence, between the ratios \
+         ranked {} and {} of {n} from the smallest (distribution-free, from their order \
+         alone){middle}.",
+        lo + 1,
+        hi + 1,
+    )
+}
+
 /// The median of `v`; 0 for none.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -214,9 +235,20 @@ mod tests {
                 "n = {n}: {lo}..{hi}"
             );
         }
-        // With 24 pairs, the full benchmark's, it is the middle half.
+        // With 24 pairs, the full benchmark's, it is the middle half, and the heading says so.
         assert_eq!(median_ranks(24), Some(quartile_ranks(24)));
         assert_ne!(median_ranks(12), Some(quartile_ranks(12)));
+        let full = median_interval_note(24);
+        assert!(
+            full.contains("ranked 7 and 18 of 24") && full.ends_with("the middle half's ends."),
+            "{full}"
+        );
+        let quick = median_interval_note(12);
+        assert!(
+            quick.contains("ranked 3 and 10 of 12") && !quick.contains("middle half"),
+            "{quick}"
+        );
+        assert_eq!(median_interval_note(2), "");
     }
 
     #[test]

@@ -761,23 +761,7 @@ async fn paired_cpu(
         .find(|(t, _, _)| *t == Target::Bare)
         .and_then(|(_, _, a)| a.clone());
     let mut s = String::new();
-    // With 24 pairs the median's 95 % interval is the middle half's two ratios; say which.
-    let interval = match paired::median_ranks(plan.pairs) {
-        Some((lo, hi)) => format!(
-            " The median of the machine's pairs lies, with 95 % confidence, between the ratios \
-             ranked {} and {} of {} from the smallest (distribution-free, from their order \
-             alone){}.",
-            lo + 1,
-            hi + 1,
-            plan.pairs,
-            if (lo, hi) == paired::quartile_ranks(plan.pairs) {
-                ": the middle half's ends"
-            } else {
-                ""
-            }
-        ),
-        None => String::new(),
-    };
+    let interval = paired::median_interval_note(plan.pairs);
     let _ = writeln!(
         s,
         "\nSidecar against bare Pingora by CPU per request, in {} pairs of {} s rounds per \
