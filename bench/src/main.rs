@@ -174,24 +174,23 @@ fn profile_guided(binary: &Path) -> bool {
 /// profile-guided one (`bench`: this binary, relative to the workspace where it is inside it).
 fn run_command(bench: &Path, args: &str) -> String {
     let args = args.trim();
+    // The arguments after `sep`, or nothing at all.
+    let after = |sep: &str| {
+        if args.is_empty() {
+            String::new()
+        } else {
+            format!("{sep}{args}")
+        }
+    };
     if profile_guided(bench) {
         let bench = bench.strip_prefix(workspace_root()).unwrap_or(bench);
-        let args = if args.is_empty() {
-            ""
-        } else {
-            &format!(" {args}")
-        };
         format!(
-            "`./dev release`, then `{} --no-build{args}`",
-            bench.display()
+            "`./dev release`, then `{} --no-build{}`",
+            bench.display(),
+            after(" ")
         )
     } else {
-        let args = if args.is_empty() {
-            ""
-        } else {
-            &format!(" -- {args}")
-        };
-        format!("`cargo run --release -p sidecar-bench{args}`")
+        format!("`cargo run --release -p sidecar-bench{}`", after(" -- "))
     }
 }
 
